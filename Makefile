@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Users with a GPU bring their own CUDA torch; a bare machine gets the 2.13 wheel (CPU here).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,quant]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m reap_fast demo --output demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest bench -q --benchmark-json=bench/results/local.json
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,201 @@
+"""REAP statistics: the per-layer accumulator and the observation file format of Cerebras REAP.
+
+Engines (reference PyTorch or Triton) hand one :class:`BatchStats` per MoE forward call to a
+:class:`LayerAccumulator`, which folds it into int64 counts and float64 sums on the device. Nothing is
+read back to the host until :meth:`LayerAccumulator.to_upstream` builds the saved dictionary.
+
+Saved format (``torch.save``), exactly as upstream's ``MoETransformerObserver.report_state``::
+
+    {layer_index: {
+        "total_tokens": int64 scalar,                  # non-padding tokens seen by the layer
+        "expert_frequency": int64[E],                  # routed (token, expert) pairs per expert
+        "pairwise_expert_frequency": int64[E, E],      # f_i + f_j, summed per batch as upstream does
+        "ean_sum": float64[E],                         # sum ||y||
+        "weighted_ean_sum": float64[E],                # sum g * ||y||
+        "weighted_expert_frequency_sum": float64[E],   # sum g
+        "ean_mean": float32[E],                        # ean_sum / frequency (0 where unused)
+        "reap": float32[E],                            # weighted_ean_sum / frequency (0 where unused)
+        "max_activations": float32[E],                 # max(0, largest element of any y) (upstream starts at 0)
+    }}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+METRIC_DTYPES: dict[str, torch.dtype] = {
+    "total_tokens": torch.int64,
+    "expert_frequency": torch.int64,
+    "pairwise_expert_frequency": torch.int64,
+    "ean_sum": torch.float64,
+    "weighted_ean_sum": torch.float64,
+    "weighted_expert_frequency_sum": torch.float64,
+    "ean_mean": torch.float32,
+    "reap": torch.float32,
+    "max_activations": torch.float32,
+}
+
+LayerMetrics = dict[str, torch.Tensor]
+
+
+class MetricsFileError(ValueError):
+    """An observation file that is missing, unreadable or not in the REAP format."""
+
+
+@dataclass
+class BatchStats:
+    """Statistics of one MoE forward call, as an engine produces them (all on the device).
+
+    ``tokens`` is the number of non-padding tokens; the per-expert tensors have length E and cover
+    only routed, non-padding (token, expert) pairs. ``max_activation`` is -inf for unused experts.
+    """
+
+    tokens: torch.Tensor  # () int64
+    count: torch.Tensor  # (E,) int32 or int64
+    ean_sum: torch.Tensor  # (E,) float32 or float64
+    weighted_ean_sum: torch.Tensor  # (E,) float32 or float64
+    gate_sum: torch.Tensor  # (E,) float32 or float64
+    max_activation: torch.Tensor  # (E,) float32
+
+
+class LayerAccumulator:
+    """Running REAP statistics of one MoE layer: counts in int64, sums in float64, maxima in float32."""
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu") -> None:
+        self.num_experts = num_experts
+        self.total_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.expert_frequency = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self.pairwise_expert_frequency = torch.zeros(num_experts, num_experts, dtype=torch.int64, device=device)
+        self.ean_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.weighted_ean_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.weighted_expert_frequency_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        # Upstream initialises the running maximum with zeros, so the saved value is max(0, max y).
+        self.max_activations = torch.zeros(num_experts, dtype=torch.float32, device=device)
+
+    def add(self, batch: BatchStats) -> None:
+        """Fold one forward call's statistics in (no host synchronisation)."""
+        if batch.count.shape != (self.num_experts,):
+            raise ValueError(f"batch statistics have {tuple(batch.count.shape)} experts, layer has {self.num_experts}")
+        count = batch.count.to(torch.int64)
+        self.total_tokens += batch.tokens.to(torch.int64)
+        self.expert_frequency += count
+        # Upstream adds f_i + f_j of every batch; the sum over batches equals F_i + F_j of the totals.
+        self.pairwise_expert_frequency += count.unsqueeze(0) + count.unsqueeze(1)
+        self.ean_sum += batch.ean_sum.to(torch.float64)
+        self.weighted_ean_sum += batch.weighted_ean_sum.to(torch.float64)
+        self.weighted_expert_frequency_sum += batch.gate_sum.to(torch.float64)
+        torch.maximum(self.max_activations, batch.max_activation.to(torch.float32), out=self.max_activations)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The raw accumulators, for checkpoints and all-reduce (keys are stable)."""
+        return {
+            "total_tokens": self.total_tokens,
+            "expert_frequency": self.expert_frequency,
+            "pairwise_expert_frequency": self.pairwise_expert_frequency,
+            "ean_sum": self.ean_sum,
+            "weighted_ean_sum": self.weighted_ean_sum,
+            "weighted_expert_frequency_sum": self.weighted_expert_frequency_sum,
+            "max_activations": self.max_activations,
+        }
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore accumulators saved by :meth:`state_tensors` (used by resume)."""
+        for key, value in self.state_tensors().items():
+            value.copy_(state[key].to(value.device, value.dtype))
+
+    def merge(self, other: LayerAccumulator) -> None:
+        """Add another accumulator of the same layer (e.g. from another process)."""
+        for key, value in self.state_tensors().items():
+            theirs = other.state_tensors()[key].to(value.device)
+            if key == "max_activations":
+                torch.maximum(value, theirs, out=value)
+            else:
+                value += theirs
+
+    def to_upstream(self) -> LayerMetrics:
+        """The layer's dictionary in upstream's keys and dtypes, on the CPU."""
+        freq = self.expert_frequency.cpu()
+        safe = freq.clamp(min=1).to(torch.float64)
+        used = freq > 0
+        ean_sum = self.ean_sum.cpu()
+        weighted = self.weighted_ean_sum.cpu()
+        return {
+            "total_tokens": self.total_tokens.cpu().clone(),
+            "expert_frequency": freq.clone(),
+            "pairwise_expert_frequency": self.pairwise_expert_frequency.cpu().clone(),
+            "ean_sum": ean_sum.clone(),
+            "weighted_ean_sum": weighted.clone(),
+            "weighted_expert_frequency_sum": self.weighted_expert_frequency_sum.cpu().clone(),
+            "ean_mean": torch.where(used, ean_sum / safe, 0.0).to(torch.float32),
+            "reap": torch.where(used, weighted / safe, 0.0).to(torch.float32),
+            "max_activations": self.max_activations.cpu().clone(),
+        }
+
+
+def validate_metrics(metrics: object, source: str = "metrics") -> dict[int, LayerMetrics]:
+    """Check that ``metrics`` has the REAP keys, dtypes and consistent expert counts; return it."""
+    if not isinstance(metrics, dict) or not metrics:
+        raise MetricsFileError(f"{source}: expected a non-empty {{layer: {{key: tensor}}}} dictionary")
+    for layer, layer_metrics in metrics.items():
+        if not isinstance(layer, int):
+            raise MetricsFileError(f"{source}: layer key {layer!r} is not an integer")
+        if not isinstance(layer_metrics, dict):
+            raise MetricsFileError(f"{source}: layer {layer} is not a dictionary")
+        missing = [key for key in METRIC_DTYPES if key not in layer_metrics]
+        if missing:
+            raise MetricsFileError(f"{source}: layer {layer} lacks the keys {', '.join(missing)}")
+        num_experts = layer_metrics["expert_frequency"].shape[0]
+        for key, dtype in METRIC_DTYPES.items():
+            value = layer_metrics[key]
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise MetricsFileError(f"{source}: layer {layer} key {key} has {got}, expected {dtype}")
+            expected_shape = {"total_tokens": (), "pairwise_expert_frequency": (num_experts, num_experts)}.get(
+                key, (num_experts,)
+            )
+            if tuple(value.shape) != expected_shape:
+                raise MetricsFileError(
+                    f"{source}: layer {layer} key {key} has shape {tuple(value.shape)}, expected {expected_shape}"
+                )
+    return metrics
+
+
+def save_metrics(metrics: dict[int, LayerMetrics], path: str | os.PathLike) -> Path:
+    """Validate and write an observation file atomically (temporary file + rename)."""
+    validate_metrics(metrics, "metrics to save")
+    return atomic_torch_save(metrics, path)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_metrics(path: str | os.PathLike) -> dict[int, LayerMetrics]:
+    """Load and validate an observation file (ours or upstream REAP's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsFileError(f"observation file not found: {path}")
+    try:
+        metrics = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise MetricsFileError(f"cannot read observation file {path}: {exc.__class__.__name__}: {exc}") from None
+    # Upstream files may carry extra merging statistics; keep every key, validate ours.
+    return validate_metrics(metrics, str(path))
