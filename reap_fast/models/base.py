@@ -1,0 +1,132 @@
+"""The adapter interface: what reap-fast needs to know about one MoE model family.
+
+An adapter names the config keys of a family (expert count, top-k), how the router turns hidden
+states into REAP's gate value g, and which router tensors are sliced when experts are removed.
+MoE blocks are found structurally: a module with an ``experts`` child holding fused 3-D expert weights
+(``down_proj`` of shape (E, ., .)) and a router child (``gate`` or ``router``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GateMode = Literal["softmax", "model_weights"]
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+class UnsupportedModelError(ValueError):
+    """The model family has no adapter, or its structure is not what the adapter expects."""
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE block of a loaded model."""
+
+    layer_index: int  # decoder layer number (the key of the observation file)
+    name: str  # module path, e.g. "model.layers.3.mlp"
+    block: nn.Module
+    experts: nn.Module  # fused experts module (gate_up_proj / down_proj parameters)
+    router: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.down_proj.shape[0])
+
+
+@dataclass(frozen=True)
+class MoEAdapter:
+    """Facts about one MoE family. See ``families.py`` for the registered ones.
+
+    gate_mode:
+      * ``"softmax"``: g = softmax over all router logits (fp32) at the chosen experts, divided by
+        their sum when renormalisation is on (upstream REAP's definition);
+      * ``"model_weights"``: g = the model's own top-k routing weight with ``routed_scaling_factor``
+        divided out (sigmoid routers with score-correction bias: the bias only selects experts),
+        divided by the top-k sum when renormalisation is on.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    num_experts_key: str
+    top_k_key: str = "num_experts_per_tok"
+    gate_mode: GateMode = "softmax"
+    renormalize_key: str | None = "norm_topk_prob"  # config flag telling whether the model renormalises top-k
+    always_renormalizes: bool = False  # the router renormalises regardless of config (Mixtral, Qwen3.5)
+    router_tensors: tuple[str, ...] = ("weight",)  # router parameters/buffers indexed by expert on dim 0
+    scaling_factor_key: str | None = None  # e.g. "routed_scaling_factor"
+    group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for group-limited routing
+    notes: str = ""
+    extra_count_keys: tuple[str, ...] = field(default_factory=tuple)  # other config keys holding E
+
+    def text_config(self, config):
+        """The config that holds the MoE keys (nested text config for multimodal wrappers)."""
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def model_renormalizes(self, config) -> bool:
+        """Whether the model itself renormalises its top-k weights."""
+        if self.always_renormalizes:
+            return True
+        if self.renormalize_key is None:
+            return False
+        return bool(getattr(self.text_config(config), self.renormalize_key, False))
+
+    def routed_scaling_factor(self, config) -> float:
+        if self.scaling_factor_key is None:
+            return 1.0
+        return float(getattr(self.text_config(config), self.scaling_factor_key, 1.0) or 1.0)
+
+    def gate_function(self, layer: MoELayer, config, renormalize: bool) -> Callable[..., torch.Tensor]:
+        """A function (hidden_states, top_k_index, top_k_weights) -> g as fp32 (T, k)."""
+        if self.gate_mode == "softmax":
+            return _softmax_gate(layer.router, renormalize)
+        return _model_weight_gate(self.routed_scaling_factor(config), renormalize)
+
+
+def _renormalize(gates: torch.Tensor) -> torch.Tensor:
+    """Divide by the top-k sum and clamp to fp32 eps, as upstream REAP does."""
+    gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates.clamp(min=torch.finfo(torch.float32).eps)
+
+
+def _softmax_gate(router: nn.Module, renormalize: bool) -> Callable[..., torch.Tensor]:
+    def gate(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # The same op the router ran, so the logits are bit-identical to the model's own.
+        logits = F.linear(hidden_states, router.weight, getattr(router, "bias", None))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        gates = probs.gather(1, top_k_index.long())
+        return _renormalize(gates) if renormalize else gates
+
+    return gate
+
+
+def _model_weight_gate(scale: float, renormalize: bool) -> Callable[..., torch.Tensor]:
+    def gate(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        gates = top_k_weights.to(torch.float32) / scale
+        return _renormalize(gates) if renormalize else gates
+
+    return gate
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """All MoE blocks of ``model`` with fused experts, in layer order."""
+    layers = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        router = getattr(module, "gate", None) if hasattr(module, "gate") else getattr(module, "router", None)
+        if experts is None or router is None or not isinstance(router, nn.Module):
+            continue
+        down = getattr(experts, "down_proj", None)
+        if not isinstance(down, torch.Tensor) or down.dim() != 3:
+            continue
+        match = _LAYER_INDEX.search(name + ".")
+        if match is None:
+            raise UnsupportedModelError(f"cannot read a layer number from MoE block name {name!r}")
+        layers.append(MoELayer(int(match.group(1)), name, module, experts, router))
+    return sorted(layers, key=lambda layer: layer.layer_index)

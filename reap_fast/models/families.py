@@ -1,0 +1,76 @@
+"""Registered MoE families, and the lookup from a config's ``model_type`` to its adapter."""
+
+from __future__ import annotations
+
+from .base import MoEAdapter, UnsupportedModelError
+
+ADAPTERS: tuple[MoEAdapter, ...] = (
+    MoEAdapter(family="qwen3_moe", model_types=("qwen3_moe",), num_experts_key="num_experts"),
+    MoEAdapter(
+        family="qwen3_5_moe",
+        model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        num_experts_key="num_experts",
+        always_renormalizes=True,
+        notes="shared expert and its gate are left untouched",
+    ),
+    MoEAdapter(
+        family="qwen3_next",
+        model_types=("qwen3_next",),
+        num_experts_key="num_experts",
+        notes="shared expert and its gate are left untouched",
+    ),
+    MoEAdapter(
+        family="deepseek_v3",
+        model_types=("deepseek_v3", "kimi_k2"),
+        num_experts_key="n_routed_experts",
+        gate_mode="model_weights",
+        router_tensors=("weight", "e_score_correction_bias"),
+        scaling_factor_key="routed_scaling_factor",
+        group_keys=("n_group", "topk_group"),
+        notes="sigmoid router; g is the model's own weight without routed_scaling_factor",
+    ),
+    MoEAdapter(
+        family="glm4_moe",
+        model_types=("glm4_moe",),
+        num_experts_key="n_routed_experts",
+        gate_mode="model_weights",
+        router_tensors=("weight", "e_score_correction_bias"),
+        scaling_factor_key="routed_scaling_factor",
+        group_keys=("n_group", "topk_group"),
+        notes="sigmoid router; g is the model's own weight without routed_scaling_factor",
+    ),
+    MoEAdapter(
+        family="mixtral", model_types=("mixtral",), num_experts_key="num_local_experts", always_renormalizes=True
+    ),
+    MoEAdapter(family="olmoe", model_types=("olmoe",), num_experts_key="num_experts"),
+    MoEAdapter(
+        family="gpt_oss",
+        model_types=("gpt_oss",),
+        num_experts_key="num_local_experts",
+        renormalize_key=None,
+        always_renormalizes=True,
+        router_tensors=("weight", "bias"),
+        notes="softmax over the top-k logits equals renormalised full softmax; router bias sliced",
+    ),
+)
+
+_BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
+
+
+def supported_model_types() -> list[str]:
+    """The ``model_type`` values reap-fast has an adapter for."""
+    return sorted(_BY_MODEL_TYPE)
+
+
+def get_adapter(config) -> MoEAdapter:
+    """The adapter for a transformers config (outer or text config), or a clear error."""
+    candidates = [getattr(config, "model_type", None)]
+    if hasattr(config, "get_text_config"):
+        candidates.append(getattr(config.get_text_config(), "model_type", None))
+    for model_type in candidates:
+        if model_type in _BY_MODEL_TYPE:
+            return _BY_MODEL_TYPE[model_type]
+    raise UnsupportedModelError(
+        f"model type {candidates[0]!r} is not a supported MoE family; supported: {', '.join(supported_model_types())} "
+        "(see 'Adding a model family' in the README)"
+    )

@@ -1,0 +1,116 @@
+"""The reference engine: a plain PyTorch routed MoE forward that also returns REAP statistics.
+
+Only routed (token, expert) pairs are computed. Rows are sorted by expert once; each expert that
+received tokens runs its projections on its contiguous slice (one host synchronisation per call for
+the slice sizes, none per expert); the statistics are then reduced for all experts at once with
+``index_add_`` / ``scatter_reduce_``. The weighted combination repeats the stock transformers
+implementation's operations, so the layer output is the one the model computes without reap-fast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..metrics import BatchStats
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ weight if transposed else F.linear(x, weight)
+    return out + bias if bias is not None else out
+
+
+def expert_output_rows(experts: nn.Module, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Unweighted expert outputs y for ``rows`` sorted by expert (``counts[e]`` rows for expert e)."""
+    has_gate = getattr(experts, "has_gate", True)
+    transposed = getattr(experts, "is_transposed", False)
+    has_bias = getattr(experts, "has_bias", False)
+    first_proj = experts.gate_up_proj if has_gate else experts.up_proj
+    first_bias = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
+    out = rows.new_empty(rows.shape[0], rows.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        stop = start + count
+        x = rows[start:stop]
+        hidden = _linear(x, first_proj[expert], first_bias[expert] if has_bias else None, transposed)
+        hidden = experts._apply_gate(hidden) if has_gate else experts.act_fn(hidden)
+        down_bias = experts.down_proj_bias[expert] if has_bias else None
+        y = _linear(hidden, experts.down_proj[expert], down_bias, transposed)
+        if getattr(experts, "has_post_expert_norm", False):
+            y = experts.post_expert_norm(y)
+        out[start:stop] = y
+        start = stop
+    return out
+
+
+def expert_statistics(
+    y: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gates: torch.Tensor,
+    valid: torch.Tensor,
+    num_experts: int,
+    tokens: torch.Tensor,
+) -> BatchStats:
+    """Per-expert REAP sums over the rows ``y`` (S, H) of routed pairs; ``valid`` excludes padding."""
+    norms = torch.linalg.vector_norm(y.float(), dim=-1)  # (S,) fp32, as upstream's fp32 activations
+    weight = valid.to(torch.float64)
+    norms64 = norms.to(torch.float64) * weight
+    gates64 = gates.to(torch.float64) * weight
+    zeros = torch.zeros(num_experts, dtype=torch.float64, device=y.device)
+    row_max = torch.where(valid, y.float().amax(dim=-1), float("-inf"))
+    max_activation = torch.full((num_experts,), float("-inf"), device=y.device).scatter_reduce_(
+        0, expert_ids, row_max, reduce="amax"
+    )
+    return BatchStats(
+        tokens=tokens,
+        count=torch.zeros(num_experts, dtype=torch.int64, device=y.device).index_add_(0, expert_ids, valid.long()),
+        ean_sum=zeros.clone().index_add_(0, expert_ids, norms64),
+        weighted_ean_sum=zeros.clone().index_add_(0, expert_ids, norms64 * gates64),
+        gate_sum=zeros.clone().index_add_(0, expert_ids, gates64),
+        max_activation=max_activation,
+    )
+
+
+def reference_experts_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gates: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, BatchStats | None]:
+    """Routed MoE forward of ``experts`` for (T, H) ``hidden_states``; statistics when ``gates`` is given.
+
+    ``gates`` (T, k) fp32 is REAP's g per routed pair; ``token_mask`` (T,) bool marks the tokens counted
+    in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` or None.
+    """
+    num_tokens, top_k = top_k_index.shape
+    num_experts = int(experts.down_proj.shape[0])
+    expert_ids = top_k_index.reshape(-1)
+    sorted_ids, order = torch.sort(expert_ids, stable=True)
+    counts = torch.bincount(sorted_ids, minlength=num_experts).tolist()  # the one host sync
+    rows = hidden_states[order // top_k]
+    y_sorted = expert_output_rows(experts, rows, counts)
+
+    stats = None
+    if gates is not None:
+        if token_mask is None:
+            token_mask = torch.ones(num_tokens, dtype=torch.bool, device=hidden_states.device)
+        valid = token_mask.reshape(-1)[order // top_k]
+        stats = expert_statistics(
+            y_sorted,
+            sorted_ids,
+            gates.reshape(-1)[order],
+            valid,
+            num_experts,
+            token_mask.sum().to(torch.int64),
+        )
+
+    y = torch.empty_like(y_sorted)
+    y[order] = y_sorted
+    weighted = y * top_k_weights.reshape(-1, 1)
+    out = weighted.view(num_tokens, top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype), stats

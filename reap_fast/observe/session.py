@@ -1,0 +1,147 @@
+"""Observation of a loaded model: the model's own forward computes the REAP statistics.
+
+``Observer`` switches the model's experts implementation to a reap-fast engine and gives every MoE
+experts module a probe (its layer's accumulator and gate function). There are no forward hooks: the
+experts function receives the routed tokens, computes the layer output and the statistics together.
+The token mask (padding and packing separators excluded) is handed to the probes for each forward
+call by the observer that runs it, never through a module-level global.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..metrics import LayerAccumulator, LayerMetrics
+from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
+from .engines import get_engine, register_engine
+
+logger = logging.getLogger(__name__)
+
+
+class LayerProbe:
+    """What one experts module needs to observe: its accumulator, gate function and observer."""
+
+    def __init__(self, layer: MoELayer, gate_fn, accumulator: LayerAccumulator, observer: "Observer") -> None:
+        self.layer = layer
+        self.gate_fn = gate_fn
+        self.accumulator = accumulator
+        self.observer = observer
+
+    def observe(self, engine, experts: nn.Module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        token_mask = self.observer.token_mask_for(hidden_states.shape[0], self.layer)
+        with torch.no_grad():
+            gates = self.gate_fn(hidden_states, top_k_index, top_k_weights)
+        output, stats = engine(experts, hidden_states, top_k_index, top_k_weights, gates, token_mask)
+        with torch.no_grad():
+            self.accumulator.add(stats)
+        return output
+
+
+class Observer:
+    """Observe REAP statistics through a model's forward.
+
+    Example::
+
+        with Observer(model, engine="reference") as observer:
+            observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
+        metrics = observer.metrics()  # {layer: {upstream keys}}
+    """
+
+    def __init__(self, model: nn.Module, engine: str = "reference", renormalize: bool = True) -> None:
+        self.model = model
+        self.adapter: MoEAdapter = get_adapter(model.config)
+        self.layers: list[MoELayer] = find_moe_layers(model)
+        if not self.layers:
+            raise UnsupportedModelError(
+                f"no MoE blocks with fused experts found in {model.__class__.__name__} ({self.adapter.family})"
+            )
+        self.engine = engine
+        get_engine(engine)  # fail early with a clear message
+        self.renormalize = renormalize
+        device = self.layers[0].experts.down_proj.device
+        self.accumulators = {
+            layer.layer_index: LayerAccumulator(layer.num_experts, layer.experts.down_proj.device) for layer in self.layers
+        }
+        self._device = device
+        self._token_mask: torch.Tensor | None = None
+        self._previous_implementation: dict | None = None
+
+    def __enter__(self) -> "Observer":
+        key = register_engine(self.engine)
+        self._previous_implementation = self.model.get_experts_implementation()
+        self.model.set_experts_implementation(key)
+        for layer in self.layers:
+            gate_fn = self.adapter.gate_function(layer, self.model.config, self.renormalize)
+            probe = LayerProbe(layer, gate_fn, self.accumulators[layer.layer_index], self)
+            object.__setattr__(layer.experts, "_reap_probe", probe)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for layer in self.layers:
+            if "_reap_probe" in layer.experts.__dict__:
+                object.__delattr__(layer.experts, "_reap_probe")
+        if self._previous_implementation is not None:
+            self.model.set_experts_implementation(self._previous_implementation)
+        self._token_mask = None
+
+    def token_mask_for(self, num_tokens: int, layer: MoELayer) -> torch.Tensor | None:
+        """The current forward call's flattened statistics mask, checked against the layer's tokens."""
+        mask = self._token_mask
+        if mask is not None and mask.numel() != num_tokens:
+            raise ValueError(
+                f"layer {layer.layer_index} received {num_tokens} tokens but the statistics mask has {mask.numel()}"
+            )
+        return mask
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        stats_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Run one batch through the model; tokens where ``stats_mask`` is False are not counted.
+
+        ``stats_mask`` defaults to ``attention_mask`` (padding excluded).
+        """
+        if stats_mask is None and attention_mask is not None:
+            stats_mask = attention_mask.bool()
+        self._token_mask = None if stats_mask is None else stats_mask.reshape(-1).to(self._device, torch.bool)
+        try:
+            self.model(
+                input_ids=input_ids.to(self._input_device()),
+                attention_mask=None if attention_mask is None else attention_mask.to(self._input_device()),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        finally:
+            self._token_mask = None
+
+    def _input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def run(self, batches: Iterable, total: int | None = None, progress: bool = True) -> dict[int, LayerMetrics]:
+        """Observe every batch (objects with input_ids, attention_mask, stats_mask); return the metrics."""
+        start, tokens, seen = time.perf_counter(), 0, 0
+        with tqdm(total=total, desc=f"observe ({self.engine})", unit="batch", disable=not progress) as bar:
+            for batch in batches:
+                self.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
+                tokens += int(batch.attention_mask.sum())
+                seen += 1
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+                bar.update(1)
+        if seen == 0:
+            raise ValueError("no calibration batches to observe")
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        logger.info("observed %d tokens in %.1f s (%.0f tokens/s)", tokens, elapsed, tokens / elapsed)
+        return self.metrics()
+
+    def metrics(self) -> dict[int, LayerMetrics]:
+        """The statistics so far, in upstream REAP's format."""
+        return {index: acc.to_upstream() for index, acc in sorted(self.accumulators.items())}
