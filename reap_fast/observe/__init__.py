@@ -1,0 +1,15 @@
+"""Observation: REAP statistics computed inside the MoE forward (reference or Triton engine)."""
+
+from .engines import ENGINE_NAMES, EngineUnavailableError, get_engine, register_engine
+from .runner import load_model, run_observation
+from .session import Observer
+
+__all__ = [
+    "ENGINE_NAMES",
+    "EngineUnavailableError",
+    "Observer",
+    "get_engine",
+    "load_model",
+    "register_engine",
+    "run_observation",
+]
