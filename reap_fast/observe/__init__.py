@@ -1,7 +1,7 @@
 """Observation: REAP statistics computed inside the MoE forward (reference or Triton engine)."""
 
 from .engines import ENGINE_NAMES, EngineUnavailableError, get_engine, register_engine
-from .runner import load_model, run_observation
+from .runner import load_model, observe_checkpoint, run_observation
 from .session import Observer
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Observer",
     "get_engine",
     "load_model",
+    "observe_checkpoint",
     "register_engine",
     "run_observation",
 ]

@@ -73,6 +73,47 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
+def observe_checkpoint(
+    model_path: str,
+    dataset: str,
+    samples_per_category: int | None,
+    model_max_length: int = 2048,
+    batch_size: int = 1,
+    seed: int = 42,
+    engine: str = "auto",
+    renormalize: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict[int, LayerMetrics]:
+    """Load a checkpoint and observe it; every input is checked before any weight is read."""
+    from ..data import build_calibration_set
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    load_config(model_path)
+    device = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    calibration = build_calibration_set(
+        dataset, tokenizer, samples_per_category=samples_per_category, model_max_length=model_max_length, seed=seed
+    )
+    model, _ = load_model(model_path, device=device, dtype=dtype)
+    return observe_calibration(model, calibration, batch_size, engine, renormalize, progress)
+
+
+def observe_calibration(model, calibration, batch_size: int, engine: str, renormalize: bool, progress: bool = True):
+    """Observe a built calibration set with ``model``."""
+    device = str(model.get_input_embeddings().weight.device)
+    engine = resolve_engine(engine, device)
+    logger.info(
+        "observing %d sequences of %d tokens (%d counted) with the %s engine",
+        len(calibration), calibration.input_ids.shape[1], calibration.num_stat_tokens(), engine,
+    )
+    total = -(-len(calibration) // batch_size)
+    with Observer(model, engine=engine, renormalize=renormalize) as observer:
+        return observer.run(calibration.batches(batch_size), total=total, progress=progress)
+
+
 def run_observation(
     model,
     tokenizer,
@@ -93,12 +134,4 @@ def run_observation(
     calibration = build_calibration_set(
         dataset, tokenizer, samples_per_category=samples_per_category, model_max_length=model_max_length, seed=seed
     )
-    device = str(model.get_input_embeddings().weight.device)
-    engine = resolve_engine(engine, device)
-    logger.info(
-        "observing %d sequences of %d tokens (%d counted) with the %s engine",
-        len(calibration), model_max_length, calibration.num_stat_tokens(), engine,
-    )
-    total = -(-len(calibration) // batch_size)
-    with Observer(model, engine=engine, renormalize=renormalize) as observer:
-        return observer.run(calibration.batches(batch_size), total=total, progress=progress)
+    return observe_calibration(model, calibration, batch_size, engine, renormalize, progress)
