@@ -36,6 +36,10 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--renormalize-router-weights", type=parse_bool, default=True, metavar="{true,false}")
     parser.add_argument("--engine", default="auto", choices=["auto", "reference", "triton"])
+    parser.add_argument("--layerwise", action="store_true", help="stream one decoder layer at a time from disk")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted observation")
+    parser.add_argument("--checkpoint-dir", default=None, help="where partial statistics are checkpointed")
+    parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +75,7 @@ def format_expert_table(metrics: dict[int, LayerMetrics], top: int = 3) -> str:
 def cmd_observe(args: argparse.Namespace) -> int:
     from .metrics import save_metrics
     from .observe import observe_checkpoint
+    from .observe.distributed import is_main_process
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -86,7 +91,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
         renormalize=args.renormalize_router_weights,
         device=args.device,
         dtype=args.dtype,
+        layerwise=args.layerwise,
+        resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir or f"{output}.partial",
+        checkpoint_every=args.checkpoint_every,
     )
+    if not is_main_process():
+        return 0
     save_metrics(metrics, output)
     print(format_expert_table(metrics, args.top))
     print(f"saved {len(metrics)} layers of REAP statistics to {output}")

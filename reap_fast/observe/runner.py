@@ -85,6 +85,10 @@ def observe_checkpoint(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    layerwise: bool = False,
+    resume: bool = False,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: float = 300.0,
 ) -> dict[int, LayerMetrics]:
     """Load a checkpoint and observe it; every input is checked before any weight is read."""
     from ..data import build_calibration_set
