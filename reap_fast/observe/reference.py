@@ -99,6 +99,7 @@ def reference_experts_forward(
     if gates is not None:
         if token_mask is None:
             token_mask = torch.ones(num_tokens, dtype=torch.bool, device=hidden_states.device)
+        token_mask = token_mask.to(hidden_states.device)  # layers may sit on different GPUs
         valid = token_mask.reshape(-1)[order // top_k]
         stats = expert_statistics(
             y_sorted,

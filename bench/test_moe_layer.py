@@ -1,0 +1,196 @@
+"""One MoE layer, five ways: what REAP observation costs on top of the plain forward.
+
+Variants (all on the same routed inputs, statistics mask with ~10 % padding):
+
+    upstream_hook      the stock forward + Cerebras REAP's observer hook (every expert on every token
+                       into an (E, T, H) fp32 buffer, then a Python loop over experts with host syncs)
+    hf_fastest         transformers' fastest experts implementation, no observation (grouped_mm where
+                       available, else batched_mm, else the module's eager loop)
+    reference_stats    reap_fast's reference engine with statistics
+    triton_stats       reap_fast's Triton engine with statistics
+    triton_plain       the Triton engine without statistics (a plain fused MoE forward)
+
+On a GPU: the Qwen3-30B-A3B layer (E=128, k=8, H=2048, I=768) in bf16 at T=2048 and 8192. On a
+CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (numpy, very slow): only a tiny
+shape (E=8, k=2, H=64, I=32, T=64, fp32) is timed, to check that the suite runs, never for speed.
+
+Run: ``pytest bench/test_moe_layer.py --benchmark-json=bench/results/moe_layer.json``. Without
+pytest-benchmark: ``python bench/test_moe_layer.py --json out.json`` (a simple timer, same variants).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import lru_cache
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # also when run as a script (conftest not loaded)
+
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from reap_fast.observe.reference import reference_experts_forward
+from reap_fast.observe.triton_engine import triton_experts_forward
+from reap_fast.tiny import tiny_qwen3_moe_config
+
+CUDA = torch.cuda.is_available()
+if CUDA:
+    SHAPE = dict(E=128, k=8, H=2048, I=768)
+    TOKENS = [2048, 8192]
+    DTYPE = torch.bfloat16
+    ROUNDS = {"upstream_hook": 3}
+    DEFAULT_ROUNDS = 20
+else:
+    SHAPE = dict(E=8, k=2, H=64, I=32)
+    TOKENS = [64]
+    DTYPE = torch.float32
+    ROUNDS = {}
+    DEFAULT_ROUNDS = 2
+DEVICE = "cuda" if CUDA else "cpu"
+VARIANTS = ["upstream_hook", "hf_fastest", "reference_stats", "triton_stats", "triton_plain"]
+
+
+@lru_cache(maxsize=None)
+def layer():
+    config = tiny_qwen3_moe_config(
+        hidden_size=SHAPE["H"], moe_intermediate_size=SHAPE["I"], num_experts=SHAPE["E"], num_experts_per_tok=SHAPE["k"]
+    )
+    with torch.device(DEVICE):
+        experts = Qwen3MoeExperts(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0.0, 2 * SHAPE["H"] ** -0.5)
+        experts.down_proj.normal_(0.0, 2 * SHAPE["I"] ** -0.5)
+    return experts.to(DTYPE).eval()
+
+
+@lru_cache(maxsize=None)
+def inputs(num_tokens: int):
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(num_tokens, SHAPE["H"], device=DEVICE, generator=generator)
+    router = torch.randn(SHAPE["E"], SHAPE["H"], device=DEVICE, generator=generator) * SHAPE["H"] ** -0.5
+    logits = x @ router.T
+    weights, index = torch.softmax(logits, -1).topk(SHAPE["k"], dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    mask = torch.rand(num_tokens, device=DEVICE, generator=generator) > 0.1
+    return x.to(DTYPE), index, weights.to(DTYPE), weights.float(), mask, logits.to(DTYPE)
+
+
+def hf_fastest_name(experts, x, index, weights) -> str:
+    """The fastest transformers experts implementation that runs here."""
+    for name in ("grouped_mm", "batched_mm"):
+        try:
+            ALL_EXPERTS_FUNCTIONS[name](experts, x[:4], index[:4], weights[:4])
+            return name
+        except Exception:  # not available on this device / torch version
+            continue
+    return "eager"
+
+
+def hf_forward(name, experts, x, index, weights):
+    if name == "eager":
+        return type(experts).forward.__wrapped__(experts, x, index, weights)
+    return ALL_EXPERTS_FUNCTIONS[name](experts, x, index, weights)
+
+
+def upstream_hook(experts, x, index, weights, mask, router_logits, hf_name):
+    """Stock forward, then REAP's hook: every expert on every token, per-expert loop with host syncs."""
+    out = hf_forward(hf_name, experts, x, index, weights)
+    num_experts, top_k = experts.down_proj.shape[0], index.shape[1]
+    activations = torch.zeros((num_experts, *x.shape), device=x.device)  # fp32, as upstream
+    for e in range(num_experts):
+        h = experts._apply_gate(torch.nn.functional.linear(x, experts.gate_up_proj[e]))
+        activations[e] = torch.nn.functional.linear(h, experts.down_proj[e])
+    num_tokens = mask.sum().item()  # host sync
+    selected, logits = index[mask], router_logits[mask]
+    activations = activations[:, mask, :]
+    frequency = torch.bincount(selected.view(-1), minlength=num_experts)
+    routing = torch.softmax(logits, dim=1, dtype=torch.float)
+    routing = routing / torch.gather(routing, 1, selected).sum(-1, keepdim=True)
+    ean_sum = torch.zeros(num_experts, dtype=torch.float64, device=x.device)
+    weighted = torch.zeros_like(ean_sum)
+    gate_sum = torch.zeros_like(ean_sum)
+    max_act = torch.zeros(num_experts)
+    for i in range(num_experts):
+        active = (selected == i).any(dim=-1)
+        if not active.any():  # host sync per expert
+            continue
+        norms = torch.linalg.norm(activations[i, active, :], dim=-1)
+        ean_sum[i] = norms.sum()
+        weighted[i] = (norms * routing[active, i]).sum()
+        gate_sum[i] = routing[active, i].sum()
+        current = activations[i, active, :].max().to("cpu")  # host sync per expert
+        if current > max_act[i]:
+            max_act[i] = current
+    return out, (num_tokens, frequency.cpu(), ean_sum.cpu(), weighted.cpu(), gate_sum.cpu(), max_act)
+
+
+def make_call(variant: str, num_tokens: int):
+    experts = layer()
+    x, index, weights, gates, mask, logits = inputs(num_tokens)
+    hf_name = hf_fastest_name(experts, x, index, weights)
+    calls = {
+        "upstream_hook": lambda: upstream_hook(experts, x, index, weights, mask, logits, hf_name),
+        "hf_fastest": lambda: hf_forward(hf_name, experts, x, index, weights),
+        "reference_stats": lambda: reference_experts_forward(experts, x, index, weights, gates, mask),
+        "triton_stats": lambda: triton_experts_forward(experts, x, index, weights, gates, mask),
+        "triton_plain": lambda: triton_experts_forward(experts, x, index, weights),
+    }
+    call = calls[variant]
+
+    @torch.no_grad()
+    def run():
+        result = call()
+        if CUDA:
+            torch.cuda.synchronize()
+        return result
+
+    info = {"variant": variant, "T": num_tokens, **SHAPE, "dtype": str(DTYPE).replace("torch.", ""),
+            "device": torch.cuda.get_device_name() if CUDA else "cpu (TRITON_INTERPRET=1)", "hf_impl": hf_name}
+    return run, info
+
+
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_layer(benchmark, variant, num_tokens):
+    run, info = make_call(variant, num_tokens)
+    benchmark.extra_info.update(info)
+    benchmark.group = f"moe_layer T={num_tokens}"
+    run()  # warm-up: Triton compilation, cuBLAS heuristics
+    benchmark.pedantic(run, rounds=ROUNDS.get(variant, DEFAULT_ROUNDS), iterations=1, warmup_rounds=1)
+
+
+def main(argv: list[str]) -> int:
+    """Fallback without pytest-benchmark: median wall time of each variant, written as JSON."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import environment_info
+
+    path = argv[argv.index("--json") + 1] if "--json" in argv else None
+    rows = []
+    for num_tokens in TOKENS:
+        for variant in VARIANTS:
+            run, info = make_call(variant, num_tokens)
+            run()
+            times = []
+            for _ in range(ROUNDS.get(variant, DEFAULT_ROUNDS)):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            times.sort()
+            rows.append({**info, "median_s": times[len(times) // 2], "min_s": times[0], "rounds": len(times)})
+            print(f"T={num_tokens:6d} {variant:16s} median {rows[-1]['median_s'] * 1e3:9.3f} ms", flush=True)
+    result = {"machine_info": {"reap_fast": environment_info()}, "results": rows}
+    if path:
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,152 @@
+"""Grouped down-projection GEMM: the unweighted expert output rows y = h W_down^T (+ bias), per routed pair.
+
+One program computes a (BLOCK_M, BLOCK_N) tile of y for one block of expert-sorted rows (see
+``align.py``): it reads the block's rows of the intermediate written by ``gate_up.py`` (row = pair id),
+multiplies by the block's expert ``down_proj`` and stores the tile, in the input dtype, at the pair's
+row of y (S, H). The rows are NOT multiplied by the routing weight: REAP's statistics need the
+unweighted y, and ``combine.py`` applies the weights when it sums a token's k rows.
+
+Layouts: ``down_proj`` (E, H, I) (not transposed) or (E, I, H) (transposed, gpt-oss, with
+``down_proj_bias`` (E, H)). The result is rounded to the input dtype, and again after the bias, as
+``F.linear(...) + bias`` does in the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gate_up import dot_precision
+
+
+@triton.jit
+def _down_proj_kernel(
+    h_ptr,  # (S, I) fp16/bf16/fp32: activated intermediate, row = pair id
+    w_ptr,  # (E, H, I) or, transposed, (E, I, H); same dtype as h: down_proj
+    b_ptr,  # (E, H) same dtype as h: down_proj_bias (read only when HAS_BIAS)
+    y_ptr,  # (S, H) same dtype as h: unweighted expert output rows, row = pair id
+    sorted_pair_ids_ptr,  # (max_blocks * BLOCK_M,) int32: expert-sorted, padded pair ids (S = padding)
+    block_expert_ptr,  # (max_blocks,) int32: expert of each block (E = empty block)
+    num_pairs,  # S
+    num_experts,
+    inter_size,  # I (reduction length)
+    hidden_size,  # H (output columns)
+    max_blocks,
+    stride_hs,
+    stride_hi,
+    stride_we,
+    stride_wn,  # stride along H (output columns)
+    stride_wk,  # stride along I
+    stride_be,
+    stride_bn,
+    stride_ys,
+    stride_yh,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(hidden_size, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m)
+    row_ok = pair < num_pairs
+    pair64 = pair.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < hidden_size
+    offs_k = tl.arange(0, BLOCK_K)
+
+    h_ptrs = h_ptr + pair64[:, None] * stride_hs + offs_k[None, :] * stride_hi
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, inter_size, BLOCK_K):
+        k_ok = offs_k < inter_size - k_start
+        a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K * stride_hi
+        w_ptrs += BLOCK_K * stride_wk
+
+    io_dtype = y_ptr.dtype.element_ty
+    y = acc.to(io_dtype)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=col_ok, other=0.0)
+        y = (y.to(tl.float32) + bias.to(tl.float32)[None, :]).to(io_dtype)
+    y_ptrs = y_ptr + pair64[:, None] * stride_ys + offs_n[None, :] * stride_yh
+    tl.store(y_ptrs, y, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def down_projection(
+    intermediate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sorted_pair_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    max_blocks: int,
+    *,
+    transposed: bool,
+    gemm,  # reap_kernels.config.GemmConfig
+    block_m: int,
+    upcast: bool,
+) -> torch.Tensor:
+    """Launch the grouped down projection; returns y (S, H) in the input dtype (rows = pair ids)."""
+    num_pairs, inter_size = intermediate.shape
+    num_experts = weight.shape[0]
+    hidden_size = weight.shape[2] if transposed else weight.shape[1]
+    y = torch.empty(num_pairs, hidden_size, dtype=intermediate.dtype, device=intermediate.device)
+    if num_pairs == 0:
+        return y
+    stride_wn, stride_wk = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
+    bias_arg = bias if bias is not None else weight
+    stride_be, stride_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    grid = (max_blocks * triton.cdiv(hidden_size, gemm.block_n),)
+    _down_proj_kernel[grid](
+        intermediate,
+        weight,
+        bias_arg,
+        y,
+        sorted_pair_ids,
+        block_expert,
+        num_pairs,
+        num_experts,
+        inter_size,
+        hidden_size,
+        max_blocks,
+        stride_hs=intermediate.stride(0),
+        stride_hi=intermediate.stride(1),
+        stride_we=weight.stride(0),
+        stride_wn=stride_wn,
+        stride_wk=stride_wk,
+        stride_be=stride_be,
+        stride_bn=stride_bn,
+        stride_ys=y.stride(0),
+        stride_yh=y.stride(1),
+        HAS_BIAS=bias is not None,
+        UPCAST=upcast,
+        DOT_PRECISION=dot_precision(intermediate.dtype, upcast),
+        BLOCK_M=block_m,
+        BLOCK_N=gemm.block_n,
+        BLOCK_K=gemm.block_k,
+        GROUP_M=gemm.group_m,
+        num_warps=gemm.num_warps,
+        num_stages=gemm.num_stages,
+    )
+    return y

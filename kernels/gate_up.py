@@ -1,0 +1,227 @@
+"""Grouped gate_up GEMM with the gated activation fused: h = act(x W_gate^T) * (x W_up^T), per routed pair.
+
+One program computes a (BLOCK_M, BLOCK_N) tile of the activated intermediate for one block of
+expert-sorted rows (see ``align.py``): it gathers the block's token rows of ``hidden_states``,
+multiplies them by the gate and the up columns of that block's expert (two fp32 accumulators),
+applies the activation in fp32 and stores the tile, in the input dtype, at the rows of the pairs
+(row = t * k + slot), so the down projection and the combine step can address pairs directly.
+
+Layouts (``transformers.integrations.moe`` flags):
+
+    concatenated, not transposed  gate_up_proj (E, 2I, H): gate = rows [0, I), up = rows [I, 2I)
+                                  (Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4-MoE, OLMoE, ...)
+    interleaved, transposed       gate_up_proj (E, H, 2I): gate = columns 0, 2, 4..., up = 1, 3, 5...
+                                  plus gate_up_proj_bias (E, 2I) (gpt-oss)
+
+Activations (``ACTIVATION`` constexpr):
+
+    0 "silu"            h = silu(gate) * up                          (transformers' default _apply_gate)
+    1 "gpt_oss_swiglu"  g = min(gate, limit); u = clamp(up, -limit, limit)
+                        h = (u + 1) * g * sigmoid(alpha * g)          (GptOssExperts._apply_gate)
+
+Rounding follows the PyTorch path: the GEMM result (and the result after the bias) is rounded to the
+input dtype before the activation, as ``F.linear`` returns it, and every elementwise step of the
+activation is rounded where PyTorch rounds it (silu(gate) before the product; each op of the gpt-oss
+swiglu). For fp32 inputs every rounding is a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"silu": 0, "gpt_oss_swiglu": 1}
+
+
+def dot_precision(dtype: torch.dtype, upcast: bool) -> str:
+    """tl.dot input precision: IEEE for fp32 operands (matches torch's default, which disables TF32)."""
+    return "ieee" if dtype == torch.float32 or upcast else "tf32"  # ignored for fp16/bf16 operands
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,  # (T, H) fp16/bf16/fp32: hidden states
+    w_ptr,  # (E, 2I, H) or, transposed, (E, H, 2I); same dtype as x: gate_up_proj
+    b_ptr,  # (E, 2I) same dtype as x: gate_up_proj_bias (read only when HAS_BIAS)
+    out_ptr,  # (S, I) same dtype as x: activated intermediate, row = pair id t*k+slot
+    sorted_pair_ids_ptr,  # (max_blocks * BLOCK_M,) int32: expert-sorted, padded pair ids (S = padding)
+    block_expert_ptr,  # (max_blocks,) int32: expert of each block (E = empty block)
+    num_pairs,  # S = T * k
+    top_k,
+    num_experts,
+    hidden_size,  # H (reduction length)
+    inter_size,  # I (output columns)
+    max_blocks,
+    alpha,  # fp32 scalar (gpt-oss swiglu only)
+    limit,  # fp32 scalar (gpt-oss swiglu only)
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wn,  # stride between output columns (gate/up index) of one expert's weight
+    stride_wk,  # stride along H
+    stride_be,
+    stride_bn,
+    stride_os,
+    stride_oi,
+    ACTIVATION: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # convert tiles to fp32 before tl.dot (interpreter, fp32 inputs)
+    DOT_PRECISION: tl.constexpr,  # "ieee" keeps fp32 GEMMs exact (no tf32)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M consecutive blocks (mostly of the same expert) sweep one column tile
+    # together, so an expert's weight tile is read from DRAM once and then hit in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(inter_size, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:  # block past the last expert's padded segment
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m)
+    row_ok = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < inter_size
+    if INTERLEAVED:
+        gate_col = 2 * offs_n
+        up_col = 2 * offs_n + 1
+    else:
+        gate_col = offs_n
+        up_col = offs_n + inter_size
+    offs_k = tl.arange(0, BLOCK_K)
+
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    wg_ptrs = w_base + offs_k[:, None] * stride_wk + gate_col[None, :] * stride_wn
+    wu_ptrs = w_base + offs_k[:, None] * stride_wk + up_col[None, :] * stride_wn
+
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, hidden_size, BLOCK_K):
+        k_ok = offs_k < hidden_size - k_start
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            wg = wg.to(tl.float32)
+            wu = wu.to(tl.float32)
+        acc_gate = tl.dot(a, wg, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+
+    io_dtype = out_ptr.dtype.element_ty
+    gate = acc_gate.to(io_dtype).to(tl.float32)  # F.linear's output is in the input dtype
+    up = acc_up.to(io_dtype).to(tl.float32)
+    if HAS_BIAS:
+        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        gate_bias = tl.load(b_base + gate_col * stride_bn, mask=col_ok, other=0.0).to(tl.float32)
+        up_bias = tl.load(b_base + up_col * stride_bn, mask=col_ok, other=0.0).to(tl.float32)
+        gate = (gate + gate_bias[None, :]).to(io_dtype).to(tl.float32)
+        up = (up + up_bias[None, :]).to(io_dtype).to(tl.float32)
+
+    if ACTIVATION == 0:
+        act = (gate * tl.sigmoid(gate)).to(io_dtype).to(tl.float32)
+        h = act * up
+    else:
+        # every elementwise op of GptOssExperts._apply_gate rounds to the input dtype in PyTorch
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        scaled = (gate * alpha).to(io_dtype).to(tl.float32)
+        sig = tl.sigmoid(scaled).to(io_dtype).to(tl.float32)
+        glu = (gate * sig).to(io_dtype).to(tl.float32)
+        h = (up + 1.0).to(io_dtype).to(tl.float32) * glu
+
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_os + offs_n[None, :] * stride_oi
+    tl.store(out_ptrs, h.to(io_dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def gate_up_activation(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sorted_pair_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    max_blocks: int,
+    top_k: int,
+    *,
+    transposed: bool,
+    interleaved: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    gemm,  # reap_kernels.config.GemmConfig
+    block_m: int,
+    upcast: bool,
+) -> torch.Tensor:
+    """Launch the fused gate_up + activation kernel; returns the (S, I) intermediate in the input dtype.
+
+    Inputs are validated by ``reap_kernels.moe.fused_moe``; this launcher only derives strides.
+    """
+    num_tokens, hidden_size = hidden_states.shape
+    num_experts = weight.shape[0]
+    two_i = weight.shape[2] if transposed else weight.shape[1]
+    inter_size = two_i // 2
+    num_pairs = num_tokens * top_k
+    out = torch.empty(num_pairs, inter_size, dtype=hidden_states.dtype, device=hidden_states.device)
+    if num_pairs == 0:
+        return out
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    stride_wn, stride_wk = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
+    bias_arg = bias if bias is not None else weight
+    stride_be, stride_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    grid = (max_blocks * triton.cdiv(inter_size, gemm.block_n),)
+    _gate_up_kernel[grid](
+        hidden_states,
+        weight,
+        bias_arg,
+        out,
+        sorted_pair_ids,
+        block_expert,
+        num_pairs,
+        top_k,
+        num_experts,
+        hidden_size,
+        inter_size,
+        max_blocks,
+        float(alpha),
+        float(limit),
+        stride_xt=hidden_states.stride(0),
+        stride_xh=hidden_states.stride(1),
+        stride_we=weight.stride(0),
+        stride_wn=stride_wn,
+        stride_wk=stride_wk,
+        stride_be=stride_be,
+        stride_bn=stride_bn,
+        stride_os=out.stride(0),
+        stride_oi=out.stride(1),
+        ACTIVATION=ACTIVATIONS[activation],
+        INTERLEAVED=interleaved,
+        HAS_BIAS=bias is not None,
+        UPCAST=upcast,
+        DOT_PRECISION=dot_precision(hidden_states.dtype, upcast),
+        BLOCK_M=block_m,
+        BLOCK_N=gemm.block_n,
+        BLOCK_K=gemm.block_k,
+        GROUP_M=gemm.group_m,
+        num_warps=gemm.num_warps,
+        num_stages=gemm.num_stages,
+    )
+    return out

@@ -1,0 +1,307 @@
+"""The Triton engine (reap_kernels) against the reference engine and the float64 oracle.
+
+Runs on the CPU under TRITON_INTERPRET=1 (set by conftest.py when there is no GPU) with tiny shapes,
+and unchanged on a GPU. Experts modules are real transformers classes (Qwen3MoeExperts, GptOssExperts),
+so the layout flags (is_transposed, is_concatenated, has_bias) are the ones the models use.
+
+Tolerances (each states the error it covers; outputs have |out| up to ~30, rows |y| ~ 1-10):
+* fp32, triton vs reference: both round only at fp32 precision but sum the GEMM products in another
+  order; measured max |diff| ~1e-5 at |out| ~ 22 (a few fp32 ulps) -> rtol 1e-5 + atol 1e-5 on outputs,
+  rtol 1e-5 on the statistics (fp32 sums of <= 100 terms; measured <= 5e-7).
+* fp32 vs the float64 oracle: the same fp32 rounding against exact arithmetic (measured <= 2e-7
+  relative) -> rtol 1e-4, atol 1e-5.
+* fp16, triton vs the reference run on the same fp16 inputs: the kernels round at the same points as
+  the PyTorch path (GEMM output, silu, product, weighted sum), but a different fp32 accumulation order
+  can move an intermediate to the neighbouring fp16 value; measured max |diff| 4e-3 at |out| ~ 27,
+  i.e. below one fp16 ulp there (2^-6) -> rtol 2e-3 (two fp16 ulps) + atol 2e-3 on outputs; the norm
+  sums and maxima (measured <= 7e-7 relative) -> rtol 1e-4 (allows a few rows one ulp apart).
+* fp16 vs the float64 oracle (no intermediate rounding at all): the fp16 rounding of x@W, silu, h and y
+  (each <= 2^-11 relative) compounds per element; measured <= 7.4e-4 relative on the maxima (a single
+  element) and <= 1.6e-4 on the norm sums -> rtol 5e-3, atol 5e-3.
+bf16 is not tested here: the interpreter's bf16 arithmetic is wrong (see tests/test_kernels_gpu.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from oracle import assert_metrics_close, oracle_layer_stats
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+import reap_kernels
+from reap_fast.families_tiny import tiny_family_config
+from reap_fast.metrics import LayerAccumulator
+from reap_fast.observe.engines import EngineUnavailableError, register_engine
+from reap_fast.observe.reference import reference_experts_forward
+from reap_fast.observe.session import Observer
+from reap_fast.observe.triton_engine import triton_experts_forward
+from reap_fast.tiny import build_model, tiny_qwen3_moe_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the same tests run compiled kernels
+STAT_KEYS = ("count", "ean_sum", "weighted_ean_sum", "gate_sum", "max_activation")
+TOL = {  # (out rtol, out atol, stats rtol, oracle rtol, oracle atol) -- justified in the module docstring
+    torch.float32: (1e-5, 1e-5, 1e-5, 1e-4, 1e-5),
+    torch.float16: (2e-3, 2e-3, 1e-4, 5e-3, 5e-3),
+}
+
+
+def qwen3_experts(num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
+    config = tiny_qwen3_moe_config(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=num_experts, num_experts_per_tok=top_k
+    )
+    experts = Qwen3MoeExperts(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # scales keep |h| and |y| around 1, so fp16 tolerances are meaningful
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=generator) * hidden**-0.5 * 2)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=generator) * inter**-0.5 * 2)
+    return experts.to(DEVICE, dtype).eval()
+
+
+def gpt_oss_experts(num_experts: int, dtype: torch.dtype, seed: int = 0):
+    config = tiny_family_config("gpt_oss", num_experts=num_experts, top_k=2)
+    experts = GptOssExperts(config)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    with torch.no_grad():
+        # large enough that some gate/up values pass the +-limit clamp (limit 7)
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=generator) * hidden**-0.5 * 4)
+        experts.gate_up_proj_bias.copy_(torch.randn(experts.gate_up_proj_bias.shape, generator=generator))
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=generator) * inter**-0.5)
+        experts.down_proj_bias.copy_(torch.randn(experts.down_proj_bias.shape, generator=generator) * 0.1)
+    return experts.to(DEVICE, dtype).eval()
+
+
+def routing(num_tokens: int, num_experts: int, top_k: int, kind: str, seed: int = 1):
+    """(top_k_index, top_k_weights, gates, hidden generator) with distinct experts per token."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = num_experts
+    if kind == "unused":  # only the first half of the experts receive tokens
+        pool = max(top_k, num_experts // 2)
+    scores = torch.rand(num_tokens, pool, generator=generator)
+    if kind == "one_expert":  # every token routes to expert `num_experts - 1` (in a random slot)
+        scores[:, pool - 1] = 2.0
+    index = scores.topk(top_k, dim=-1).indices
+    if kind == "one_expert":
+        index = index[:, torch.randperm(top_k, generator=generator)]
+    logits = torch.randn(num_tokens, top_k, generator=generator)
+    weights = torch.softmax(logits, dim=-1)
+    gates = torch.softmax(logits + 0.1 * torch.randn(num_tokens, top_k, generator=generator), dim=-1)
+    return index.to(DEVICE), weights.to(DEVICE), gates.float().to(DEVICE), generator
+
+
+def run_case(experts, num_tokens, top_k, kind, masked, dtype, seed=1):
+    num_experts, hidden = experts.down_proj.shape[0], experts.hidden_dim if hasattr(experts, "hidden_dim") else experts.hidden_size
+    index, weights, gates, generator = routing(num_tokens, num_experts, top_k, kind, seed)
+    x = torch.randn(num_tokens, hidden, generator=generator).to(DEVICE, dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(num_tokens, generator=generator) > 0.3
+        mask[0] = False  # at least one padding token
+    weights = weights.to(DEVICE, dtype)
+    index_cpu, gates_cpu, mask_cpu = index.cpu(), gates.cpu(), mask
+    mask = None if mask is None else mask.to(DEVICE)
+    with torch.no_grad():
+        out, stats = triton_experts_forward(experts, x, index, weights, gates, mask)
+        ref_out, ref_stats = reference_experts_forward(experts, x, index, weights, gates, mask)
+    out_rtol, out_atol, stats_rtol, oracle_rtol, oracle_atol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == (num_tokens, hidden)
+    torch.testing.assert_close(out, ref_out, rtol=out_rtol, atol=out_atol)
+    assert stats.count.dtype == torch.int32 and stats.ean_sum.dtype == torch.float32
+    assert int(stats.tokens) == int(ref_stats.tokens)
+    assert torch.equal(stats.count.long(), ref_stats.count.long())
+    for key in STAT_KEYS[1:]:
+        torch.testing.assert_close(getattr(stats, key).double(), getattr(ref_stats, key).double(),
+                                   rtol=stats_rtol, atol=stats_rtol, msg=key)
+    unused = ref_stats.count == 0
+    assert torch.all(stats.max_activation[unused] == float("-inf"))
+    accumulator = LayerAccumulator(num_experts, DEVICE)
+    accumulator.add(stats)
+    with torch.no_grad():
+        oracle = oracle_layer_stats(experts, x, index_cpu, gates_cpu, mask_cpu)
+    assert_metrics_close(accumulator.to_upstream(), oracle, rtol=oracle_rtol, atol=oracle_atol, context=f"{dtype} {kind}")
+    return stats
+
+
+# (E, k, H, I, T, routing kind, token mask): each shape names the edge case it covers
+CASES = [
+    pytest.param(8, 2, 64, 32, 37, "random", True, id="T37-not-multiple-of-BLOCK_M-with-padding"),
+    pytest.param(6, 1, 33, 23, 21, "random", False, id="k1-odd-H-odd-I"),
+    pytest.param(4, 4, 48, 40, 19, "random", True, id="k-equals-E"),
+    pytest.param(8, 2, 32, 16, 25, "unused", True, id="experts-without-tokens"),
+    pytest.param(5, 3, 24, 20, 17, "one_expert", False, id="all-tokens-on-one-expert"),
+    pytest.param(8, 2, 64, 32, 3, "random", False, id="T-smaller-than-BLOCK_M"),
+    pytest.param(3, 2, 40, 72, 40, "random", True, id="I-larger-than-BLOCK_N-H-multi-chunk"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("num_experts,top_k,hidden,inter,num_tokens,kind,masked", CASES)
+def test_qwen3_layer_matches_reference_and_oracle(num_experts, top_k, hidden, inter, num_tokens, kind, masked, dtype):
+    experts = qwen3_experts(num_experts, top_k, hidden, inter, dtype)
+    stats = run_case(experts, num_tokens, top_k, kind, masked, dtype)
+    if kind == "unused":
+        assert int((stats.count == 0).sum()) >= num_experts // 2
+    if kind == "one_expert":
+        assert int(stats.count[num_experts - 1]) == num_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gpt_oss_transposed_biased_interleaved_swiglu(dtype):
+    experts = gpt_oss_experts(8, dtype)
+    run_case(experts, 29, 2, "random", True, dtype)
+
+
+def test_stats_off_same_output_no_stats():
+    experts = qwen3_experts(8, 2, 64, 32, torch.float32)
+    index, weights, gates, generator = routing(37, 8, 2, "random")
+    x = torch.randn(37, 64, generator=generator).to(DEVICE)
+    with torch.no_grad():
+        plain, none = triton_experts_forward(experts, x, index, weights)
+        observed, stats = triton_experts_forward(experts, x, index, weights, gates, None)
+    assert none is None and stats is not None
+    assert torch.equal(plain, observed)
+    assert int(stats.tokens) == 37 and int(stats.count.sum()) == 37 * 2
+
+
+def test_all_tokens_masked_gives_empty_statistics():
+    experts = qwen3_experts(4, 2, 32, 16, torch.float32)
+    index, weights, gates, generator = routing(9, 4, 2, "random")
+    x = torch.randn(9, 32, generator=generator).to(DEVICE)
+    out, stats = triton_experts_forward(experts, x, index, weights, gates, torch.zeros(9, dtype=torch.bool, device=DEVICE))
+    ref_out, _ = reference_experts_forward(experts, x, index, weights)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)  # the output ignores the mask
+    assert int(stats.tokens) == 0 and int(stats.count.sum()) == 0
+    assert float(stats.ean_sum.abs().sum()) == 0.0 and torch.all(stats.max_activation == float("-inf"))
+
+
+def test_zero_tokens():
+    experts = qwen3_experts(4, 2, 32, 16, torch.float32)
+    with torch.device(DEVICE):
+        x = torch.zeros(0, 32)
+        out, stats = triton_experts_forward(experts, x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2),
+                                            torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool))
+    assert out.shape == (0, 32) and int(stats.count.sum()) == 0 and int(stats.tokens) == 0
+
+
+def test_align_docstring_example():
+    index = torch.tensor([[0, 2], [2, 1], [0, 2], [2, 0]])
+    alignment = reap_kernels.align_by_expert(index, num_experts=3, block_m=4)
+    assert alignment.max_blocks == 5
+    assert alignment.sorted_pair_ids.tolist() == [0, 4, 7, 8, 3, 8, 8, 8, 1, 2, 5, 6] + [8] * 8
+    assert alignment.block_expert.tolist() == [0, 1, 2, 3, 3]
+    assert alignment.counts.tolist() == [3, 1, 4]
+
+
+def test_align_random_is_a_padded_permutation():
+    generator = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 7, (53, 3), generator=generator)  # duplicates within a token are allowed here
+    alignment = reap_kernels.align_by_expert(index, num_experts=7, block_m=16)
+    ids = alignment.sorted_pair_ids.view(alignment.max_blocks, 16)
+    real = ids[ids < 53]
+    assert sorted(real.tolist()) == list(range(53))
+    flat = index.reshape(-1)
+    for block, expert in enumerate(alignment.block_expert.tolist()):
+        rows = ids[block][ids[block] < 53]
+        if expert == 7:
+            assert rows.numel() == 0
+        else:
+            assert torch.all(flat[rows.long()] == expert)
+
+
+def test_bad_inputs_raise_clear_errors():
+    experts = qwen3_experts(4, 2, 32, 16, torch.float32)
+    index, weights, gates, generator = routing(5, 4, 2, "random")
+    x = torch.randn(5, 32, generator=generator).to(DEVICE)
+    w_gu, w_d = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    with pytest.raises(ValueError, match="dtype"):
+        reap_kernels.fused_moe(x.half(), w_gu, w_d, index, weights)
+    with pytest.raises(ValueError, match="top_k_weights shape"):
+        reap_kernels.fused_moe(x, w_gu, w_d, index, weights[:, :1])
+    with pytest.raises(ValueError, match="hidden size"):
+        reap_kernels.fused_moe(x[:, :16], w_gu, w_d, index, weights)
+    with pytest.raises(ValueError, match="w_down shape"):
+        reap_kernels.fused_moe(x, w_gu, w_d[:, :, :8], index, weights)
+    with pytest.raises(ValueError, match="token_mask has"):
+        reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=gates, token_mask=torch.ones(4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="integer expert ids"):
+        reap_kernels.fused_moe(x, w_gu, w_d, index.float(), weights)
+    with pytest.raises(ValueError, match="not supported"):
+        reap_kernels.fused_moe(x.double(), w_gu.double(), w_d.double(), index, weights)
+    with pytest.raises((RuntimeError, IndexError)):  # expert id out of range: loud, never silent
+        reap_kernels.fused_moe(x.cpu(), w_gu.cpu(), w_d.cpu(), index.cpu() + 4, weights.cpu())  # (CUDA: device assert)
+
+
+def test_engine_unavailable(monkeypatch):
+    experts = qwen3_experts(4, 2, 32, 16, torch.float32)
+    index, weights, _, generator = routing(5, 4, 2, "random")
+    x = torch.randn(5, 32, generator=generator).to(DEVICE)
+    experts.act_fn = torch.nn.GELU()
+    with pytest.raises(EngineUnavailableError, match="GELU"):
+        triton_experts_forward(experts, x, index, weights)
+    experts.act_fn = torch.nn.SiLU()
+    experts.has_gate = False
+    with pytest.raises(EngineUnavailableError, match="without a gate"):
+        triton_experts_forward(experts, x, index, weights)
+    experts.has_gate = True
+    monkeypatch.setattr(reap_kernels, "INTERPRET", False)
+    with pytest.raises(EngineUnavailableError, match="CUDA"):
+        triton_experts_forward(experts, x.cpu(), index.cpu(), weights.cpu())
+
+
+def test_whole_tiny_model_through_observer():
+    """Observer(engine='triton') == Observer(engine='reference'); plain triton logits == stock logits."""
+    model = build_model(tiny_qwen3_moe_config(), seed=0).to(DEVICE)
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, 256, (2, 11), generator=generator)
+    attention_mask = torch.ones(2, 11, dtype=torch.long)
+    attention_mask[1, 7:] = 0  # right padding in the second row
+    input_ids[1, 7:] = 257
+    input_ids, attention_mask = input_ids.to(DEVICE), attention_mask.to(DEVICE)
+    metrics = {}
+    for engine in ("reference", "triton"):
+        with Observer(model, engine=engine) as observer:
+            observer.forward(input_ids, attention_mask)
+        metrics[engine] = observer.metrics()
+    assert metrics["triton"].keys() == metrics["reference"].keys() and len(metrics["triton"]) == 2
+    for layer, reference in metrics["reference"].items():
+        ours = metrics["triton"][layer]
+        assert int(ours["total_tokens"]) == 18
+        # fp32 model: both engines compute the same routing; sums agree to fp32 rounding
+        assert_metrics_close(ours, {k: v.double() if v.is_floating_point() else v for k, v in reference.items()},
+                             rtol=1e-5, atol=1e-6, context=f"layer {layer}")
+
+    with torch.no_grad():
+        stock = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        previous = model.get_experts_implementation()
+        model.set_experts_implementation(register_engine("triton"))
+        try:
+            ours = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            model.set_experts_implementation(previous)
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
+
+
+def test_config_table_lookup(monkeypatch, tmp_path):
+    """default.json covers every shape; a device file entry wins when it matches; fp32 shrinks tiles."""
+    from reap_kernels import config as kconfig
+
+    monkeypatch.setattr(kconfig, "INTERPRET", False)
+    small = kconfig.get_config(128, 2048, 768, 8, 16, torch.bfloat16, device_name="Some GPU")
+    large = kconfig.get_config(128, 2048, 768, 8, 8192, torch.bfloat16, device_name="Some GPU")
+    assert small.block_m == 16 and large.block_m == 64
+    assert kconfig.get_config(128, 2048, 768, 8, 8192, torch.float32, device_name="Some GPU").gate_up.block_k == 32
+    tuned = {"block_m": 128, "gate_up": {"block_n": 128, "block_k": 64}, "down": {"block_n": 256, "block_k": 64}}
+    (tmp_path / "My_GPU.json").write_text(
+        '{"entries": [{"match": {"E": 128, "H": 2048, "I": 768, "k": 8}, "T": 4096, "config": %s}]}'
+        % __import__("json").dumps(tuned)
+    )
+    monkeypatch.setattr(kconfig, "CONFIG_DIR", tmp_path)
+    (tmp_path / "default.json").write_text((kconfig.Path(kconfig.__file__).parent / "configs" / "default.json").read_text())
+    assert kconfig.get_config(128, 2048, 768, 8, 2048, torch.bfloat16, device_name="My GPU").block_m == 128
+    assert kconfig.get_config(64, 2048, 768, 8, 2048, torch.bfloat16, device_name="My GPU").block_m == 64
+    with pytest.raises(ValueError, match="powers of two"):
+        kconfig.MoEConfig.from_dict({**tuned, "block_m": 24})
