@@ -24,6 +24,7 @@ def _oracle(model, batches, renormalize: bool):
     adapter = get_adapter(model.config)
     layers = find_moe_layers(model)
     captured = {}
+    renormalize = renormalize and adapter.model_renormalizes(model.config)
 
     def capture(layer):
         def hook(module, args, output):

@@ -63,7 +63,9 @@ class Observer:
             )
         self.engine = engine
         get_engine(engine)  # fail early with a clear message
-        self.renormalize = renormalize
+        # As upstream: renormalisation applies only where the model itself renormalises its top-k weights
+        # (norm_topk_prob, or a router that always does, as Mixtral's and Qwen3.5's).
+        self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)
         device = self.layers[0].experts.down_proj.device
         self.accumulators = {
             layer.layer_index: LayerAccumulator(layer.num_experts, layer.experts.down_proj.device) for layer in self.layers

@@ -1,0 +1,144 @@
+"""REAP expert pruning: select the experts to keep from an observation, slice the model, save it.
+
+Public API::
+
+    keep = select_experts(metrics, method="reap", compression_ratio=0.5, top_k=8)   # {layer: kept indices}
+    prune_model(model, keep)                                                        # in place
+    save_pruned(model, tokenizer, "out/", keep, {"method": "reap"})                 # atomic
+    prune_checkpoint("model/", "observations.pt", "out/", compression_ratio=0.5)    # all of the above
+
+Drop-in command lines: ``python -m reap_fast.prune`` and ``python -m reap_fast.layerwise_prune`` accept
+upstream REAP's flags (see :mod:`reap_fast.prune.compat`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..metrics import LayerMetrics, load_metrics
+from ..models import get_adapter
+from .save import OutputExistsError, holds_model, prepare_output_dir, save_pruned
+from .scores import DEFAULT_METHOD, METHOD_CHOICES, UnknownMethodError, layer_scores, super_expert_mask
+from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts
+from .slicing import KeepIndexError, UnevenPruningError, expert_counts, prune_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHOD_CHOICES",
+    "KeepIndexError",
+    "MetricsMismatchError",
+    "OutputExistsError",
+    "SelectionError",
+    "UnevenPruningError",
+    "UnknownMethodError",
+    "check_metrics_match",
+    "experts_to_prune",
+    "expert_counts",
+    "holds_model",
+    "layer_scores",
+    "model_routing",
+    "prune_checkpoint",
+    "prune_model",
+    "removal_order",
+    "removed_experts",
+    "save_pruned",
+    "select_experts",
+    "super_expert_mask",
+]
+
+
+class MetricsMismatchError(ValueError):
+    """The observation file was recorded on another model (layer set or expert count differ)."""
+
+
+def check_metrics_match(model, metrics: dict[int, LayerMetrics], source: str = "observation") -> None:
+    """Raise :class:`MetricsMismatchError` unless ``metrics`` has the model's MoE layers and expert counts."""
+    model_counts = expert_counts(model)
+    metric_counts = {layer: int(metrics[layer]["expert_frequency"].shape[0]) for layer in sorted(metrics)}
+    if sorted(model_counts) != sorted(metric_counts):
+        raise MetricsMismatchError(
+            f"{source}: metrics file of another model: it has MoE layers {sorted(metric_counts)}, the model has "
+            f"{sorted(model_counts)}"
+        )
+    differing = {layer: (metric_counts[layer], count) for layer, count in model_counts.items() if metric_counts[layer] != count}
+    if differing:
+        detail = ", ".join(f"layer {layer}: {m} in the file vs {c} in the model" for layer, (m, c) in differing.items())
+        raise MetricsMismatchError(f"{source}: metrics file of another model: expert counts differ ({detail})")
+
+
+def model_routing(model) -> dict[str, Any]:
+    """The model's top-k and group-limited routing settings: ``{"top_k": k, "groups": (n_group, topk_group) | None}``."""
+    adapter = get_adapter(model.config)
+    config = adapter.text_config(model.config)
+    top_k = getattr(config, adapter.top_k_key, None)
+    groups = None
+    if adapter.group_keys is not None:
+        n_group, topk_group = (getattr(config, key, None) for key in adapter.group_keys)
+        if n_group is not None:
+            groups = (int(n_group), int(topk_group) if topk_group is not None else int(n_group))
+    return {"top_k": int(top_k) if top_k is not None else None, "groups": groups}
+
+
+def prune_checkpoint(
+    model_path: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    method: str = DEFAULT_METHOD,
+    compression_ratio: float | None = None,
+    n_experts_to_prune: int | None = None,
+    seed: int = 42,
+    global_ranking: bool = False,
+    min_experts_per_layer: int | None = None,
+    preserve_super_experts: bool = False,
+    preserve_outliers: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Load a checkpoint and an observation file, select, slice and save the pruned model; returns the folder.
+
+    ``compression_ratio`` defaults to 0.5 (upstream's default) when neither it nor ``n_experts_to_prune``
+    is given.
+    """
+    from ..observe.runner import load_model
+
+    if compression_ratio is None and n_experts_to_prune is None:
+        compression_ratio = 0.5
+    prepare_output_dir(output_dir, overwrite)  # fail before loading anything
+    metrics = load_metrics(metrics_path)
+    model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
+    check_metrics_match(model, metrics, str(metrics_path))
+    routing = model_routing(model)
+    keep = select_experts(
+        metrics,
+        method=method,
+        compression_ratio=compression_ratio,
+        n_experts_to_prune=n_experts_to_prune,
+        seed=seed,
+        global_ranking=global_ranking,
+        min_experts_per_layer=min_experts_per_layer,
+        preserve_super_experts=preserve_super_experts,
+        preserve_outliers=preserve_outliers,
+        top_k=routing["top_k"],
+        groups=routing["groups"],
+    )
+    prune_model(model, keep)
+    info = {
+        "method": method,
+        "compression_ratio": compression_ratio,
+        "n_experts_to_prune": n_experts_to_prune,
+        "seed": seed,
+        "global_ranking": global_ranking,
+        "preserve_super_experts": preserve_super_experts,
+        "preserve_outliers": preserve_outliers,
+        "source_model": str(model_path),
+        "observation_file": str(metrics_path),
+        **(metadata or {}),
+    }
+    return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)

@@ -1,0 +1,147 @@
+"""Write a pruned model: weights, config, tokenizer, ``pruned_experts.json`` and ``reap_args.yaml``.
+
+Everything is written into a temporary sibling folder (``.<name>.tmp-<random>``) that is renamed to the
+output directory once complete, so an interrupted save never leaves a half-written model behind.
+
+``pruned_experts.json``::
+
+    {"method": "reap", "compression_ratio": 0.5, "n_experts_to_prune": 4,
+     "layers": {"0": {"kept": [0, 2, ...], "removed": [1, 3, ...]}, ...}, ...other metadata}
+
+``reap_args.yaml`` holds ``metadata["args"]`` when given (the CLI passes upstream's sections
+``reap_args``, ``ds_args``, ``obs_args``, ``model_args``, ``eval_args``, ``prune_args``, ``cluster_args``,
+as upstream ``dump_args_to_yaml`` writes them), else the rest of ``metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds a model (or other files) and overwrite was not asked for."""
+
+
+def holds_model(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` already contains a saved model (config or weights)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in MODEL_FILE_PATTERNS)
+
+
+def _plain(value: Any) -> Any:
+    """YAML/JSON-safe copy: paths to strings, tuples to lists, tensors to lists."""
+    if isinstance(value, Mapping):
+        return {str(k) if not isinstance(k, (int, str)) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def expert_report(keep: Mapping[int, torch.Tensor], original_counts: Mapping[int, int]) -> dict[str, dict[str, list[int]]]:
+    """``{"layer": {"kept": [...], "removed": [...]}}`` for ``pruned_experts.json``."""
+    report = {}
+    for layer in sorted(keep):
+        kept = sorted(int(i) for i in torch.as_tensor(keep[layer]).flatten().tolist())
+        count = int(original_counts[layer])
+        kept_set = set(kept)
+        report[str(layer)] = {"kept": kept, "removed": [i for i in range(count) if i not in kept_set]}
+    return report
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that ``output_dir`` may be written; return it as a Path."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputExistsError(f"output path {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and not overwrite:
+        if holds_model(output_dir):
+            raise OutputExistsError(
+                f"output directory {output_dir} already holds a model; pass overwrite=True "
+                "(CLI: --overwrite_pruned_model) to replace it"
+            )
+        if any(output_dir.iterdir()):
+            raise OutputExistsError(
+                f"output directory {output_dir} is not empty; pass overwrite=True (CLI: --overwrite_pruned_model) "
+                "to replace it"
+            )
+    return output_dir
+
+
+def save_pruned(
+    model,
+    tokenizer,
+    output_dir: str | os.PathLike,
+    keep: Mapping[int, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a model pruned by :func:`reap_fast.prune.prune_model` into ``output_dir`` (atomically)."""
+    metadata = dict(metadata or {})
+    output_dir = prepare_output_dir(output_dir, overwrite)
+    counts = expert_counts(model)
+    if len(set(counts.values())) > 1:
+        raise UnevenPruningError(
+            f"the model's layers hold different expert counts ({counts}); such a checkpoint cannot be saved in a "
+            "format its family can load"
+        )
+    original = metadata.pop("original_num_experts", None) or getattr(model, ORIGINAL_COUNTS_ATTRIBUTE, None)
+    if original is None:
+        raise ValueError("the original expert counts are unknown: prune with prune_model() or pass original_num_experts")
+    if isinstance(original, int):
+        original = {layer: original for layer in keep}
+    args = metadata.pop("args", None)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        report = {**_plain(metadata), "layers": expert_report(keep, original)}
+        with open(staging / "pruned_experts.json", "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        with open(staging / "reap_args.yaml", "w", encoding="utf-8") as handle:
+            yaml.dump(_plain(args if args is not None else metadata), handle, default_flow_style=False)
+        _publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("pruned model saved to %s", output_dir)
+    return output_dir
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Rename ``staging`` to ``output_dir``, replacing an existing directory (checked by the caller)."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    backup = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(output_dir, backup)
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        os.replace(backup, output_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

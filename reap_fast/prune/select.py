@@ -1,0 +1,242 @@
+"""Which experts to keep: vectorized over all layers at once.
+
+Rules (where upstream REAP is silent, the choice made here is stated):
+
+* **Lowest scores are removed.** Upstream calls ``torch.topk(score, n, largest=False)``, whose choice
+  among equal scores is unspecified. reap-fast is deterministic: **among equal scores the lowest expert
+  index is kept** (the removal order is a stable sort on ``(score ascending, expert index descending)``).
+* **Budget.** ``compression_ratio r`` in (0, 1) removes ``n = int(E * r)`` experts per layer (upstream
+  ``prune.main``); ``n_experts_to_prune n`` removes ``n`` (0 <= n < E). A layer never keeps fewer experts
+  than the model's top-k, nor fewer than ``min_experts_per_layer``: a clear error names the numbers.
+* **Group-limited routing** (DeepSeek-V3 / GLM-4.5 ``n_group``/``topk_group``): the router views the
+  experts as ``n_group`` contiguous groups of equal size, so the same number is removed from every
+  group (the lowest scores *within* each group). When ``n`` is not a multiple of ``n_group`` it is
+  **rounded down** to one, with a warning. Every group keeps at least 2 experts (the router ranks
+  groups by their two best experts) and ``topk_group * kept_per_group >= top_k``.
+* **Global ranking** (``global_ranking=True``): the same total ``n * L`` is removed, but chosen across
+  layers. Scores are made comparable by dividing each layer's scores by **the layer's mean score**
+  (score / (layer sum / E); a layer whose mean is 0 or not finite is left unscaled), so a score of 1.0
+  means "an average expert of its layer". Each layer keeps at least ``max(top_k, min_experts_per_layer)``
+  experts (the floor). Ties across layers: the later layer loses first; within a layer, the rule above.
+  Global ranking is refused together with group-limited routing (``n_group > 1``).
+* **Super experts** (``preserve_super_experts``, upstream ``--perserve_super_experts``; and
+  ``preserve_outliers``, upstream ``--perserve_outliers``): see :func:`.scores.super_expert_mask`; their
+  score is set to +inf before ranking, as upstream does. Upstream only does so for some score keys
+  (not ``expert_frequency`` nor ``max_activations``); reap-fast protects them for every method.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from ..metrics import LayerMetrics
+from .scores import DEFAULT_METHOD, layer_scores, num_experts_of, sorted_layers, super_expert_mask
+
+logger = logging.getLogger(__name__)
+
+
+class SelectionError(ValueError):
+    """An impossible pruning request (bad ratio or count, too few experts left, bad groups)."""
+
+
+def removal_order(scores: torch.Tensor) -> torch.Tensor:
+    """Expert indices along the last dim, first to remove first: score ascending, ties -> higher index first."""
+    num_experts = scores.shape[-1]
+    flipped_order = torch.sort(scores.flip(-1), dim=-1, stable=True).indices
+    return (num_experts - 1) - flipped_order
+
+
+def experts_to_prune(
+    num_experts: int, compression_ratio: float | None = None, n_experts_to_prune: int | None = None
+) -> int:
+    """The per-layer number of experts to remove, from a ratio (``int(E * r)``, as upstream) or a count."""
+    if compression_ratio is not None and n_experts_to_prune is not None:
+        raise SelectionError("give either compression_ratio or n_experts_to_prune, not both")
+    if n_experts_to_prune is not None:
+        if isinstance(n_experts_to_prune, bool) or not isinstance(n_experts_to_prune, int):
+            raise SelectionError(f"n_experts_to_prune must be an integer, got {n_experts_to_prune!r}")
+        if not 0 <= n_experts_to_prune < num_experts:
+            raise SelectionError(
+                f"n_experts_to_prune={n_experts_to_prune} is out of range: the model has {num_experts} experts "
+                f"per layer, so it must be between 0 and {num_experts - 1}"
+            )
+        count = n_experts_to_prune
+    elif compression_ratio is not None:
+        ratio = float(compression_ratio)
+        if not 0.0 < ratio < 1.0:
+            raise SelectionError(
+                f"compression_ratio={compression_ratio} is outside (0, 1): it is the fraction of experts removed"
+            )
+        count = int(num_experts * ratio)
+    else:
+        raise SelectionError("either compression_ratio or n_experts_to_prune must be set for pruning")
+    if count == 0:
+        logger.warning("pruning budget is 0 of %d experts per layer: nothing will be removed", num_experts)
+    return count
+
+
+def _group_settings(groups: int | Sequence[int] | None) -> tuple[int, int | None]:
+    if groups is None:
+        return 1, None
+    if isinstance(groups, int):
+        return int(groups), None
+    values = tuple(int(v) for v in groups)
+    if len(values) != 2:
+        raise SelectionError(f"groups must be n_group or (n_group, topk_group), got {groups!r}")
+    return values[0], values[1]
+
+
+def _keep_dict(layers: list[int], keep_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    counts = keep_mask.sum(dim=1).tolist()
+    indices = torch.arange(keep_mask.shape[1]).expand_as(keep_mask)[keep_mask]
+    return {layer: part.clone() for layer, part in zip(layers, torch.split(indices, counts))}
+
+
+def _uniform_mask(scores: torch.Tensor, count: int, num_groups: int) -> torch.Tensor:
+    """(L, E) keep mask removing ``count`` per layer (``count / num_groups`` from each group)."""
+    num_layers, num_experts = scores.shape
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count == 0:
+        return keep
+    group_size = num_experts // num_groups
+    grouped = scores.reshape(num_layers, num_groups, group_size)
+    removed_in_group = removal_order(grouped)[..., : count // num_groups]
+    offsets = (torch.arange(num_groups) * group_size).view(1, num_groups, 1)
+    removed = (removed_in_group + offsets).reshape(num_layers, -1)
+    keep.scatter_(1, removed, False)
+    return keep
+
+
+def _global_mask(scores: torch.Tensor, total: int, floor: int) -> torch.Tensor:
+    """(L, E) keep mask removing ``total`` experts ranked across layers, keeping >= ``floor`` per layer."""
+    num_layers, num_experts = scores.shape
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if total == 0:
+        return keep
+    # within-layer removal rank of every expert (0 = first to go)
+    order = removal_order(scores)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_experts).expand_as(order).contiguous())
+    eligible = rank < (num_experts - floor)
+    capacity = int(eligible.sum())
+    if capacity < total:
+        raise SelectionError(
+            f"cannot remove {total} experts in total while keeping at least {floor} of {num_experts} experts in "
+            f"each of {num_layers} layers (at most {capacity} can go)"
+        )
+    # Global order: score ascending; ties -> later layer first, then higher expert index first (the flipped
+    # layout puts those earlier, and both sorts are stable). Ineligible experts go to the end.
+    flipped = scores.flip(0).flip(1).reshape(-1)
+    by_score = torch.sort(flipped, stable=True).indices
+    ineligible = (~eligible).flip(0).flip(1).reshape(-1)[by_score].to(torch.int8)
+    final = by_score[torch.sort(ineligible, stable=True).indices][:total]
+    rows = (num_layers - 1) - torch.div(final, num_experts, rounding_mode="floor")
+    cols = (num_experts - 1) - final % num_experts
+    keep[rows, cols] = False
+    return keep
+
+
+def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:
+    """Divide each layer's scores by the layer's mean score (1 where the mean is 0 or not finite)."""
+    mean = scores.mean(dim=1, keepdim=True)
+    usable = torch.isfinite(mean) & (mean > 0)
+    return scores / torch.where(usable, mean, torch.ones_like(mean))
+
+
+def select_experts(
+    metrics: dict[int, LayerMetrics],
+    method: str = DEFAULT_METHOD,
+    compression_ratio: float | None = None,
+    n_experts_to_prune: int | None = None,
+    seed: int = 42,
+    global_ranking: bool = False,
+    min_experts_per_layer: int | None = None,
+    preserve_super_experts: bool = False,
+    top_k: int | None = None,
+    groups: int | Sequence[int] | None = None,
+    preserve_outliers: bool = False,
+) -> dict[int, torch.Tensor]:
+    """The experts to keep in every layer: ``{layer: sorted int64 indices}``. See the module docstring."""
+    layers = sorted_layers(metrics)
+    if not layers:
+        raise SelectionError("the observation has no layers")
+    num_experts = num_experts_of(metrics)
+    count = experts_to_prune(num_experts, compression_ratio, n_experts_to_prune)
+    num_groups, topk_group = _group_settings(groups)
+    scores = layer_scores(metrics, method, seed)
+
+    if preserve_super_experts and preserve_outliers:
+        raise SelectionError("only one of preserve_super_experts or preserve_outliers can be set")
+    protected = None
+    if preserve_super_experts or preserve_outliers:
+        protected = super_expert_mask(metrics, include_last_layers=preserve_outliers)
+        logger.info("preserving %d super experts", int(protected.sum()))
+
+    floor = max(top_k or 1, min_experts_per_layer or 0, 2 if groups is not None else 1)
+    if global_ranking:
+        if num_groups > 1:
+            raise SelectionError(
+                f"global ranking gives layers different expert counts, which group-limited routing "
+                f"(n_group={num_groups}) cannot take; use uniform pruning"
+            )
+        if floor > num_experts:
+            raise SelectionError(f"the per-layer floor {floor} exceeds the {num_experts} experts of a layer")
+        normalized = normalize_per_layer(scores)
+        if protected is not None:
+            normalized = normalized.masked_fill(protected, float("inf"))
+        keep = _global_mask(normalized, count * len(layers), floor)
+        return _keep_dict(layers, keep)
+
+    if num_groups > 1:
+        if num_experts % num_groups:
+            raise SelectionError(f"{num_experts} experts cannot form {num_groups} equal routing groups")
+        if count % num_groups:
+            rounded = count - count % num_groups
+            logger.warning(
+                "group-limited routing (n_group=%d): removing %d experts per layer instead of %d so that every "
+                "group loses the same number (%d)",
+                num_groups, rounded, count, rounded // num_groups,
+            )
+            count = rounded
+    kept = num_experts - count
+    if top_k is not None and kept < top_k:
+        raise SelectionError(
+            f"pruning {count} of {num_experts} experts leaves {kept} per layer, fewer than the model's top-k of "
+            f"{top_k} experts per token; prune at most {num_experts - top_k}"
+        )
+    if min_experts_per_layer is not None and kept < min_experts_per_layer:
+        raise SelectionError(
+            f"pruning {count} of {num_experts} experts leaves {kept} per layer, fewer than "
+            f"min_experts_per_layer={min_experts_per_layer}"
+        )
+    if groups is not None:
+        per_group = (num_experts - count) // num_groups
+        if per_group < 2:
+            raise SelectionError(
+                f"group-limited routing needs at least 2 experts per group; pruning {count} of {num_experts} "
+                f"experts in {num_groups} groups leaves {per_group}"
+            )
+        if topk_group is not None and top_k is not None and topk_group * per_group < top_k:
+            raise SelectionError(
+                f"after pruning, the {topk_group} routed groups hold {topk_group * per_group} experts, fewer than "
+                f"top-k={top_k}"
+            )
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("inf"))
+        too_many = protected.sum(dim=1) > kept
+        if bool(too_many.any()):
+            logger.warning(
+                "layers %s have more super experts than the %d experts kept; the lowest-scoring ones are kept by index",
+                [layers[i] for i in too_many.nonzero().flatten().tolist()], kept,
+            )
+    keep = _uniform_mask(scores, count, max(num_groups, 1))
+    return _keep_dict(layers, keep)
+
+
+def removed_experts(keep: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The complement of ``keep`` in ``range(num_experts)``, sorted."""
+    mask = torch.ones(num_experts, dtype=torch.bool)
+    mask[keep.long()] = False
+    return mask.nonzero().flatten()

@@ -1,0 +1,463 @@
+"""The pruner: selection (every method, ties, budgets, groups, global ranking, super experts), slicing of
+every tiny family, saving, loading upstream observation files, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from fixtures.make_upstream_metrics import upstream_metrics
+from reap_fast.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_fast.metrics import METRIC_DTYPES, load_metrics, save_metrics
+from reap_fast.models import find_moe_layers, get_adapter
+from reap_fast.prune import (
+    KeepIndexError,
+    MetricsMismatchError,
+    OutputExistsError,
+    SelectionError,
+    UnevenPruningError,
+    UnknownMethodError,
+    prune_checkpoint,
+    prune_model,
+    save_pruned,
+    select_experts,
+    super_expert_mask,
+)
+from reap_fast.prune.select import normalize_per_layer
+from reap_fast.tiny import build_model, byte_tokenizer, save_checkpoint
+
+E = 8
+
+
+# --- hand-made metrics ----------------------------------------------------------------------------
+
+
+def hand_metrics(scores: dict[str, list[list[float]]], num_experts: int = E, layers: list[int] | None = None):
+    """Valid metrics whose keys named in ``scores`` hold the given per-layer values (others: ones)."""
+    num_layers = len(next(iter(scores.values())))
+    layers = list(range(num_layers)) if layers is None else layers
+    metrics = {}
+    for row, layer in enumerate(layers):
+        entry = {}
+        for key, dtype in METRIC_DTYPES.items():
+            if key == "total_tokens":
+                entry[key] = torch.tensor(1000, dtype=dtype)
+            elif key == "pairwise_expert_frequency":
+                entry[key] = torch.ones(num_experts, num_experts, dtype=dtype)
+            elif key in scores:
+                entry[key] = torch.tensor(scores[key][row], dtype=torch.float64).to(dtype)
+            else:
+                entry[key] = torch.ones(num_experts, dtype=dtype)
+        metrics[layer] = entry
+    return metrics
+
+
+def argsort_reference(row: list[float], n: int) -> list[int]:
+    """Kept experts by a plain per-layer sort: remove the n lowest, ties -> keep the lowest index."""
+    order = sorted(range(len(row)), key=lambda i: (row[i], -i))
+    removed = set(order[:n])
+    return [i for i in range(len(row)) if i not in removed]
+
+
+TIED_ROWS = [
+    [3, 1, 1, 2, 0, 0, 5, 1],
+    [2, 2, 2, 2, 2, 2, 2, 2],
+    [7, 6, 5, 4, 3, 2, 1, 0],
+]
+
+METHOD_KEYS = {
+    "reap": "reap",
+    "frequency": "expert_frequency",
+    "expert_frequency": "expert_frequency",
+    "ean_sum": "ean_sum",
+    "ean_mean": "ean_mean",
+    "weighted_ean_sum": "weighted_ean_sum",
+    "weighted_frequency_sum": "weighted_expert_frequency_sum",
+    "weighted_expert_frequency_sum": "weighted_expert_frequency_sum",
+    "max_activations": "max_activations",
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_KEYS))
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_selection_matches_per_layer_argsort_with_ties(method, n):
+    metrics = hand_metrics({METHOD_KEYS[method]: TIED_ROWS})
+    keep = select_experts(metrics, method=method, n_experts_to_prune=n)
+    assert sorted(keep) == [0, 1, 2]
+    for layer, row in enumerate(TIED_ROWS):
+        assert keep[layer].dtype == torch.int64
+        assert keep[layer].tolist() == argsort_reference(row, n)
+
+
+def test_tie_rule_keeps_lowest_index():
+    metrics = hand_metrics({"reap": [[1.0] * E]})
+    assert select_experts(metrics, compression_ratio=0.5)[0].tolist() == [0, 1, 2, 3]
+
+
+def test_ratio_budget_is_int_e_times_r():
+    metrics = hand_metrics({"reap": [list(range(E))]})
+    assert select_experts(metrics, compression_ratio=0.3)[0].numel() == E - int(E * 0.3)  # int(2.4) = 2
+    assert select_experts(metrics, compression_ratio=0.99)[0].tolist() == [7]
+
+
+def test_expert_proba_and_random():
+    metrics = hand_metrics({"expert_frequency": TIED_ROWS})
+    by_proba = select_experts(metrics, "expert_proba", n_experts_to_prune=3)
+    by_frequency = select_experts(metrics, "frequency", n_experts_to_prune=3)
+    assert all(torch.equal(by_proba[layer], by_frequency[layer]) for layer in by_frequency)
+    first = select_experts(metrics, "random", n_experts_to_prune=4, seed=7)
+    again = select_experts(metrics, "random", n_experts_to_prune=4, seed=7)
+    other = select_experts(metrics, "random", n_experts_to_prune=4, seed=8)
+    assert all(torch.equal(first[layer], again[layer]) for layer in first)
+    assert any(not torch.equal(first[layer], other[layer]) for layer in first)
+    assert all(first[layer].numel() == 4 for layer in first)
+    # seeded uniform scores, removed lowest first
+    scores = torch.rand((3, E), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for layer in first:
+        assert first[layer].tolist() == argsort_reference(scores[layer].tolist(), 4)
+
+
+def test_generic_key_and_ean_ca_from_upstream_file():
+    metrics = upstream_metrics([0, 1], E, seed=3)
+    metrics[0]["reap_l2"] = torch.arange(E, dtype=torch.float32)
+    metrics[1]["reap_l2"] = torch.arange(E, 0, -1, dtype=torch.float32)
+    keep = select_experts(metrics, "reap_l2", n_experts_to_prune=2)
+    assert keep[0].tolist() == [2, 3, 4, 5, 6, 7] and keep[1].tolist() == [0, 1, 2, 3, 4, 5]
+    keep = select_experts(metrics, "ean_ca", n_experts_to_prune=3)
+    for layer in (0, 1):
+        norms = metrics[layer]["routed_characteristic_activation"].norm(dim=-1).tolist()
+        assert keep[layer].tolist() == argsort_reference(norms, 3)
+    with pytest.raises(UnknownMethodError, match="unknown prune method 'nope'"):
+        select_experts(metrics, "nope", n_experts_to_prune=1)
+    with pytest.raises(UnknownMethodError, match="routed_characteristic_activation"):
+        select_experts(hand_metrics({"reap": TIED_ROWS}), "ean_ca", n_experts_to_prune=1)
+
+
+# --- budgets and bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.1])
+def test_ratio_outside_open_interval(ratio):
+    with pytest.raises(SelectionError, match="outside \\(0, 1\\)"):
+        select_experts(hand_metrics({"reap": TIED_ROWS}), compression_ratio=ratio)
+
+
+def test_count_out_of_range_and_top_k():
+    metrics = hand_metrics({"reap": TIED_ROWS})
+    with pytest.raises(SelectionError, match="n_experts_to_prune=8 is out of range: the model has 8 experts"):
+        select_experts(metrics, n_experts_to_prune=8)
+    with pytest.raises(SelectionError, match="leaves 1 per layer, fewer than the model's top-k of 2"):
+        select_experts(metrics, n_experts_to_prune=7, top_k=2)
+    with pytest.raises(SelectionError, match="leaves 2 per layer, fewer than min_experts_per_layer=3"):
+        select_experts(metrics, n_experts_to_prune=6, min_experts_per_layer=3)
+    with pytest.raises(SelectionError, match="not both"):
+        select_experts(metrics, compression_ratio=0.5, n_experts_to_prune=2)
+    with pytest.raises(SelectionError, match="must be set"):
+        select_experts(metrics)
+    assert select_experts(metrics, n_experts_to_prune=6, top_k=2)[0].numel() == 2
+
+
+# --- group-limited routing ------------------------------------------------------------------------
+
+
+def test_groups_remove_the_same_number_per_group(caplog):
+    rows = [[5, 1, 2, 3, 9, 8, 7, 0.5], [1, 1, 1, 1, 0, 0, 0, 0]]
+    metrics = hand_metrics({"reap": rows})
+    keep = select_experts(metrics, n_experts_to_prune=4, groups=(2, 2), top_k=2)
+    # group 0 = experts 0-3, group 1 = experts 4-7: the two lowest of each group go
+    assert keep[0].tolist() == [0, 3, 4, 5]
+    assert keep[1].tolist() == [0, 1, 4, 5]
+    with caplog.at_level(logging.WARNING):
+        keep = select_experts(metrics, n_experts_to_prune=3, groups=(2, 2), top_k=2)
+    assert "instead of 3" in caplog.text
+    assert keep[0].tolist() == [0, 2, 3, 4, 5, 6]  # 2 removed: one per group
+    with pytest.raises(SelectionError, match="at least 2 experts per group"):
+        select_experts(metrics, n_experts_to_prune=6, groups=(2, 2), top_k=1)
+    with pytest.raises(SelectionError, match="global ranking"):
+        select_experts(metrics, n_experts_to_prune=2, groups=(2, 2), global_ranking=True)
+
+
+# --- global ranking ------------------------------------------------------------------------------
+
+
+def test_global_ranking_normalizes_by_layer_mean():
+    metrics = hand_metrics({"reap": [[1, 2, 3, 4], [10, 30, 40, 120]]}, num_experts=4)
+    assert torch.allclose(
+        normalize_per_layer(torch.tensor([[1.0, 2, 3, 4], [10, 30, 40, 120]])),
+        torch.tensor([[0.4, 0.8, 1.2, 1.6], [0.2, 0.6, 0.8, 2.4]]),
+    )
+    keep = select_experts(metrics, n_experts_to_prune=1, global_ranking=True, top_k=1)
+    # normalized: layer 1 expert 0 (0.2) and layer 0 expert 0 (0.4) go; raw scores would take layer 0's 1 and 2
+    assert keep[0].tolist() == [1, 2, 3] and keep[1].tolist() == [1, 2, 3]
+
+
+def test_global_ranking_floor():
+    metrics = hand_metrics({"reap": [[1, 2, 3, 4], [1, 1.1, 1.2, 100]]}, num_experts=4)
+    keep = select_experts(metrics, n_experts_to_prune=2, global_ranking=True, top_k=1)
+    assert keep[0].tolist() == [1, 2, 3] and keep[1].tolist() == [3]
+    keep = select_experts(metrics, n_experts_to_prune=2, global_ranking=True, top_k=2)
+    assert keep[0].tolist() == [2, 3] and keep[1].tolist() == [2, 3]  # layer 1 stops at the floor of 2
+    keep = select_experts(metrics, n_experts_to_prune=2, global_ranking=True, top_k=1, min_experts_per_layer=2)
+    assert keep[1].tolist() == [2, 3]
+    with pytest.raises(SelectionError, match="cannot remove 6 experts"):
+        select_experts(metrics, n_experts_to_prune=3, global_ranking=True, top_k=2)
+
+
+def _global_reference(rows: list[list[float]], total: int, floor: int) -> list[list[int]]:
+    tensor = torch.tensor(rows, dtype=torch.float64)
+    norm = normalize_per_layer(tensor).tolist()
+    candidates = sorted(
+        ((norm[l][e], -l, -e) for l in range(len(rows)) for e in range(len(rows[0]))),
+    )
+    kept = [set(range(len(rows[0]))) for _ in rows]
+    removed = 0
+    for _, neg_l, neg_e in candidates:
+        if removed == total:
+            break
+        if len(kept[-neg_l]) > floor:
+            kept[-neg_l].discard(-neg_e)
+            removed += 1
+    return [sorted(k) for k in kept]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_ranking_matches_greedy_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    rows = (torch.randint(0, 4, (4, E), generator=generator).double() * (1 + torch.arange(4)).double().unsqueeze(1))
+    rows = rows.tolist()  # many ties, different layer scales
+    metrics = hand_metrics({"reap": rows})
+    keep = select_experts(metrics, n_experts_to_prune=4, global_ranking=True, top_k=2)
+    assert [keep[l].tolist() for l in range(4)] == _global_reference(rows, 16, 2)
+    assert sum(E - keep[l].numel() for l in range(4)) == 16
+
+
+# --- super experts ---------------------------------------------------------------------------------
+
+
+def test_super_experts_match_upstream_definition():
+    experts = 64  # upstream's 99.5 % quantile needs a few hundred values to single out two outliers
+    rows = [[1.0] * experts for _ in range(4)]
+    rows[0][5] = 500.0  # outlier in the first 75 % of the layers
+    rows[3][6] = 400.0  # outlier in the last 25 %
+    reap = [[float(e) for e in range(experts)] for _ in range(4)]
+    metrics = hand_metrics({"max_activations": rows, "reap": reap}, num_experts=experts)
+    values = torch.tensor(rows).flatten()
+    threshold = max(torch.quantile(values, 0.995).item(), values.max().item() / 10)
+    assert 1.0 < threshold < 400.0
+    assert super_expert_mask(metrics).nonzero().tolist() == [[0, 5]]
+    assert super_expert_mask(metrics, include_last_layers=True).nonzero().tolist() == [[0, 5], [3, 6]]
+    plain = select_experts(metrics, n_experts_to_prune=8)
+    assert 5 not in plain[0].tolist() and 6 not in plain[3].tolist()
+    kept = select_experts(metrics, n_experts_to_prune=8, preserve_super_experts=True)
+    assert 5 in kept[0].tolist() and 6 not in kept[3].tolist() and kept[0].numel() == 56
+    kept = select_experts(metrics, n_experts_to_prune=8, preserve_outliers=True)
+    assert 5 in kept[0].tolist() and 6 in kept[3].tolist()
+    with pytest.raises(SelectionError, match="only one"):
+        select_experts(metrics, n_experts_to_prune=3, preserve_outliers=True, preserve_super_experts=True)
+
+
+# --- slicing every family --------------------------------------------------------------------------
+
+
+def _removed_for(position: int) -> list[int]:
+    # two experts of each half, so that DeepSeek's two routing groups lose the same number
+    return [1, 3, 4, 6] if position % 2 == 0 else [0, 2, 5, 7]
+
+
+def make_unroutable(model, removed: dict[int, list[int]]) -> None:
+    """Make the experts ``removed[layer]`` impossible to route to, for every token.
+
+    * Routers with a bias (sigmoid routers' ``e_score_correction_bias``, which only selects experts;
+      gpt-oss's router ``bias``, whose softmax runs over the chosen logits): the bias of those experts
+      is set to -1e4, so they never enter the top-k and never enter any weight.
+    * Softmax routers without a bias: a constant, positive hidden channel ``c`` is built: every
+      embedding gets ``h_c = 10`` and every module writing to the residual stream (each Linear with
+      ``hidden_size`` outputs, and the experts' ``down_proj`` rows) writes 0 there, so ``h_c`` stays 10
+      and the normed router input ``x_c = 10 / rms(h)`` is positive (about 8, as the other channels are
+      small). The removed experts' router rows become ``-100 * e_c``: logits of about -800, whose
+      softmax probability is exactly 0 in fp32 (so even non-renormalising routers such as OLMoE's are
+      unchanged); the kept rows get 0 at ``c`` so they still route on the token content.
+    """
+    adapter = get_adapter(model.config)
+    layers = find_moe_layers(model)
+    bias_name = next((n for n in ("e_score_correction_bias", "bias") if n in adapter.router_tensors), None)
+    with torch.no_grad():
+        if bias_name is not None:
+            for layer in layers:
+                getattr(layer.router, bias_name)[removed[layer.layer_index]] = -1e4
+            return
+        hidden, channel = model.config.get_text_config().hidden_size, 0
+        model.get_input_embeddings().weight[:, channel] = 10.0
+        for module in model.model.layers.modules():
+            if isinstance(module, nn.Linear) and module.out_features == hidden:
+                module.weight[channel] = 0
+                if module.bias is not None:
+                    module.bias[channel] = 0
+        for layer in layers:
+            layer.experts.down_proj[:, channel, :] = 0  # (E, hidden, intermediate) in these families
+            weight = layer.router.weight
+            weight[:, channel] = 0
+            weight[removed[layer.layer_index]] = 0
+            weight[removed[layer.layer_index], channel] = -100.0
+
+
+def metrics_removing(removed: dict[int, list[int]]) -> dict:
+    """Metrics whose reap score is lowest for the experts ``removed`` (and varied for the others)."""
+    rows, layers = [], sorted(removed)
+    for layer in layers:
+        row = [2.0 + 0.1 * e for e in range(E)]
+        for e in removed[layer]:
+            row[e] = 0.01 * (e + 1)
+        rows.append(row)
+    return hand_metrics({"reap": rows}, layers=layers)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_pruned_family_loads_generates_and_matches(family, tmp_path):
+    model = build_model(tiny_family_config(family, num_experts=E, top_k=2), seed=1)
+    layers = [layer.layer_index for layer in find_moe_layers(model)]
+    removed = {layer: _removed_for(pos) for pos, layer in enumerate(layers)}
+    make_unroutable(model, removed)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11, 64, 128]])
+    with torch.no_grad():
+        reference = model(ids).logits
+    save_checkpoint(model, byte_tokenizer(), tmp_path / "orig")
+    save_metrics(metrics_removing(removed), tmp_path / "obs.pt")
+
+    out = prune_checkpoint(tmp_path / "orig", tmp_path / "obs.pt", tmp_path / "pruned", compression_ratio=0.5)
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
+        generated = pruned.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 4)
+
+    adapter = get_adapter(pruned.config)
+    text = adapter.text_config(pruned.config)
+    assert getattr(text, adapter.num_experts_key) == 4
+    assert getattr(text, adapter.top_k_key) == 2
+    for layer in find_moe_layers(pruned):
+        assert layer.num_experts == 4 and layer.experts.num_experts == 4
+        assert layer.router.weight.shape[0] == 4 and layer.router.num_experts == 4
+        for name in adapter.router_tensors:
+            assert getattr(layer.router, name).shape[0] == 4
+    report = json.loads((out / "pruned_experts.json").read_text())
+    assert report["method"] == "reap" and report["compression_ratio"] == 0.5
+    assert {int(k): v["removed"] for k, v in report["layers"].items()} == removed
+    assert (out / "reap_args.yaml").is_file() and (out / "tokenizer.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_prune_to_top_k_keeps_config_consistent():
+    model = build_model(tiny_family_config("mixtral", num_experts=E, top_k=2), seed=0)
+    keep = {layer.layer_index: torch.tensor([3, 6]) for layer in find_moe_layers(model)}
+    prune_model(model, keep)
+    assert model.config.num_local_experts == 2 and model.config.num_experts_per_tok == 2
+    assert all(layer.block.top_k == 2 for layer in find_moe_layers(model))
+    model(torch.tensor([[1, 2, 3]]))
+
+
+def test_slicing_gathers_the_kept_rows():
+    model = build_model(tiny_family_config("gpt_oss", num_experts=E, top_k=2), seed=0)
+    layer = find_moe_layers(model)[0]
+    before = {n: t.detach().clone() for n, t in list(layer.experts.named_parameters()) + list(layer.router.named_parameters())}
+    keep = {l.layer_index: torch.tensor([6, 1, 4]) for l in find_moe_layers(model)}
+    prune_model(model, keep)
+    index = torch.tensor([1, 4, 6])
+    for name, tensor in list(layer.experts.named_parameters()) + list(layer.router.named_parameters()):
+        assert torch.equal(tensor, before[name][index]), name
+
+
+def test_bad_keep_indices_and_uneven_counts():
+    model = build_model(tiny_family_config("qwen3_moe", num_experts=E, top_k=2), seed=0)
+    with pytest.raises(KeepIndexError, match="layers \\[0\\], but the model's MoE layers are \\[0, 1\\]"):
+        prune_model(model, {0: torch.tensor([0, 1])})
+    with pytest.raises(KeepIndexError, match="fewer than the model's top-k of 2"):
+        prune_model(model, {0: torch.tensor([0]), 1: torch.tensor([0])})
+    with pytest.raises(KeepIndexError, match="in \\[0, 8\\)"):
+        prune_model(model, {0: torch.tensor([0, 8]), 1: torch.tensor([0, 1])})
+    with pytest.raises(UnevenPruningError, match="Families that support per-layer counts: none"):
+        prune_model(model, {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1])})
+    prune_model(model, {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1])}, allow_uneven=True)
+    model(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(UnevenPruningError):
+        save_pruned(model, None, "/nonexistent/never-written", {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1])})
+
+
+# --- checkpoints, upstream files, bad input --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model = build_model(tiny_family_config("qwen3_moe", num_experts=E, top_k=2), seed=0)
+    return save_checkpoint(model, byte_tokenizer(), folder)
+
+
+def test_prunes_from_upstream_observation_file(tiny_checkpoint, tmp_path):
+    data = upstream_metrics([0, 1], E, seed=5)  # with upstream's extra merging keys
+    torch.save(data, tmp_path / "observations_1024_cosine.pt")
+    out = prune_checkpoint(
+        tiny_checkpoint, tmp_path / "observations_1024_cosine.pt", tmp_path / "out", method="reap", n_experts_to_prune=3
+    )
+    report = json.loads((out / "pruned_experts.json").read_text())
+    for layer in (0, 1):
+        expected = argsort_reference(data[layer]["reap"].tolist(), 3)
+        assert report["layers"][str(layer)]["kept"] == expected
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_experts == 5
+
+
+def test_upstream_pruning_code_reads_our_file(tmp_path):
+    """Upstream ``prune.prune`` does ``torch.load`` then ``torch.topk(data[layer][key], n, largest=False)``."""
+    ours = upstream_metrics([0, 1, 2], E, seed=9, merging_keys=False)
+    save_metrics(ours, tmp_path / "obs.pt")
+    data = torch.load(tmp_path / "obs.pt", weights_only=False)
+    assert set(data) == {0, 1, 2}
+    for method, key in (("reap", "reap"), ("frequency", "expert_frequency"), ("ean_sum", "ean_sum")):
+        keep = select_experts(load_metrics(tmp_path / "obs.pt"), method, n_experts_to_prune=3)
+        for layer in data:
+            data[layer]["expert_proba"] = data[layer]["expert_frequency"] / data[layer]["total_tokens"]
+            values = data[layer][key]
+            _, pruned = torch.topk(values, 3, largest=False)
+            if torch.unique(values).numel() == values.numel():  # upstream's choice among ties is unspecified
+                assert sorted(set(range(E)) - set(pruned.tolist())) == keep[layer].tolist()
+
+
+def test_metrics_of_another_model(tiny_checkpoint, tmp_path):
+    save_metrics(hand_metrics({"reap": TIED_ROWS}), tmp_path / "layers.pt")  # layers 0, 1, 2
+    with pytest.raises(MetricsMismatchError, match="metrics file of another model: it has MoE layers \\[0, 1, 2\\], the model has \\[0, 1\\]"):
+        prune_checkpoint(tiny_checkpoint, tmp_path / "layers.pt", tmp_path / "out", compression_ratio=0.5)
+    save_metrics(hand_metrics({"reap": [[1.0] * 16] * 2}, num_experts=16), tmp_path / "experts.pt")
+    with pytest.raises(MetricsMismatchError, match="layer 0: 16 in the file vs 8 in the model"):
+        prune_checkpoint(tiny_checkpoint, tmp_path / "experts.pt", tmp_path / "out", compression_ratio=0.5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_directory_holding_a_model(tiny_checkpoint, tmp_path):
+    save_metrics(hand_metrics({"reap": TIED_ROWS[:2]}), tmp_path / "obs.pt")
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "out", compression_ratio=0.25)
+    with pytest.raises(OutputExistsError, match="already holds a model"):
+        prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", out, compression_ratio=0.5)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "busy", compression_ratio=0.5)
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", out, compression_ratio=0.5, overwrite=True)
+    assert json.loads((out / "pruned_experts.json").read_text())["compression_ratio"] == 0.5
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_experts == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "obs.pt", "out"]
+
+
+def test_equality_check_detects_routed_experts():
+    """Negative control for the test above: without the construction, removing the same experts changes the logits."""
+    model = build_model(tiny_family_config("olmoe", num_experts=E, top_k=2), seed=1)
+    removed = {layer.layer_index: _removed_for(pos) for pos, layer in enumerate(find_moe_layers(model))}
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11, 64, 128]])
+    with torch.no_grad():
+        reference = model(ids).logits
+        prune_model(model, {layer: torch.tensor(sorted(set(range(E)) - set(r))) for layer, r in removed.items()})
+        assert (model(ids).logits - reference).abs().max() > 1e-3
