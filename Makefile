@@ -17,10 +17,10 @@ demo: $(STAMP)
 	$(PY) -m reap_fast demo --output demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pytest bench -q --benchmark-json=bench/results/local.json
+	$(VENV)/bin/pytest bench -q --benchmark-json=bench/results/local.json
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -42,6 +42,27 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
 
 
+def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .prune import DEFAULT_METHOD, METHOD_CHOICES
+
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--compression-ratio", type=float, default=None, help="fraction of experts removed per layer")
+    budget.add_argument("--n-experts-to-prune", type=int, default=None, help="experts removed per layer")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHOD_CHOICES), help="saliency score")
+    parser.add_argument("--global", dest="global_ranking", action="store_true",
+                        help="rank layer-normalised scores across layers (non-uniform counts)")
+    parser.add_argument("--min-experts-per-layer", type=int, default=None, help="floor for --global")
+    parser.add_argument("--preserve-super-experts", action="store_true", help="never remove super experts")
+    if not any(action.dest == "seed" for action in parser._actions):
+        parser.add_argument("--seed", type=int, default=42)
+
+
+def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--iters", type=int, default=200, help="AutoRound tuning iterations (0 = RTN)")
+    parser.add_argument("--nsamples", type=int, default=128, help="AutoRound calibration samples")
+    parser.add_argument("--seqlen", type=int, default=512, help="AutoRound calibration length")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reap-fast", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -52,6 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
     observe.add_argument("--output", required=True, help="observation file to write (.pt)")
     observe.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     observe.add_argument("--top", type=int, default=3, help="experts shown per layer in the summary table")
+
+    prune = commands.add_parser("prune", help="remove the lowest-scoring experts and save the smaller model")
+    prune.add_argument("--model", required=True, help="the checkpoint the observation was made on")
+    prune.add_argument("--metrics", required=True, help="observation .pt (reap-fast's or upstream REAP's)")
+    prune.add_argument("--output", required=True, help="folder for the pruned model")
+    _add_prune_arguments(prune)
+    prune.add_argument("--device", default="auto")
+    prune.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    prune.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
+
+    quantize = commands.add_parser("quantize", help="AutoRound W4A16 quantization of a (pruned) model")
+    quantize.add_argument("--model", required=True, help="model folder to quantize")
+    quantize.add_argument("--output", required=True, help="folder for the quantized model")
+    quantize.add_argument("--dataset", required=True, help="calibration spec (local files work offline)")
+    _add_quantize_arguments(quantize)
+    quantize.add_argument("--batch-size", type=int, default=8)
+    quantize.add_argument("--seed", type=int, default=42)
+    quantize.add_argument("--device", default="auto")
+    quantize.add_argument("--overwrite", action="store_true")
+
+    run = commands.add_parser("run", help="observe -> prune -> [quantize] -> [eval], resumable")
+    _add_observe_arguments(run)
+    _add_prune_arguments(run)
+    run.add_argument("--output", required=True, help="folder for every stage's outputs")
+    run.add_argument("--quantize", choices=["w4a16"], default=None, help="quantize the pruned model")
+    _add_quantize_arguments(run)
+    run.add_argument("--quant-batch-size", type=int, default=8)
+    run.add_argument("--eval-dataset", default=None, help="held-out text spec; enables the perplexity step")
+    run.add_argument("--eval-samples", type=int, default=16, help="held-out sequences for perplexity")
+    run.add_argument("--eval-max-length", type=int, default=512, help="tokens per held-out sequence")
+    run.add_argument("--overwrite", action="store_true", help="start over in an --output holding another run")
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on the built-in tiny model")
     demo.add_argument("--output", default="demo_out", help="folder for the demo's files")
@@ -104,6 +156,66 @@ def cmd_observe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import prune_checkpoint
+
+    folder = prune_checkpoint(
+        args.model,
+        args.metrics,
+        args.output,
+        method=args.method,
+        compression_ratio=args.compression_ratio,
+        n_experts_to_prune=args.n_experts_to_prune,
+        seed=args.seed,
+        global_ranking=args.global_ranking,
+        min_experts_per_layer=args.min_experts_per_layer,
+        preserve_super_experts=args.preserve_super_experts,
+        overwrite=args.overwrite,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(f"pruned model saved to {folder}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .data import calibration_texts
+    from .quantize import check_model_dir, quantize_w4a16
+
+    check_model_dir(args.model)
+    texts = calibration_texts(args.dataset, AutoTokenizer.from_pretrained(args.model), args.nsamples, seed=args.seed)
+    folder = quantize_w4a16(
+        args.model, args.output, texts, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+        batch_size=args.batch_size, device=args.device, seed=args.seed, overwrite=args.overwrite,
+    )
+    print(f"W4A16 model saved to {folder}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline, PipelineConfig, format_summary
+
+    config = PipelineConfig(
+        model=args.model, dataset=args.dataset, output=args.output,
+        compression_ratio=args.compression_ratio if args.n_experts_to_prune is None else None,
+        n_experts_to_prune=args.n_experts_to_prune, method=args.method,
+        samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
+        batch_size=args.batch_size, seed=args.seed, renormalize=args.renormalize_router_weights,
+        global_ranking=args.global_ranking, preserve_super_experts=args.preserve_super_experts,
+        engine=args.engine, device=args.device, dtype=args.dtype, layerwise=args.layerwise,
+        quantize=args.quantize, quant_iters=args.iters, quant_nsamples=args.nsamples, quant_seqlen=args.seqlen,
+        quant_batch_size=args.quant_batch_size, eval_dataset=args.eval_dataset, eval_samples=args.eval_samples,
+        eval_max_length=args.eval_max_length, overwrite=args.overwrite,
+    )
+    if config.compression_ratio is None and config.n_experts_to_prune is None:
+        config.compression_ratio = 0.5
+    summary = Pipeline(config).run()
+    print(format_summary(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -111,7 +223,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"observe": cmd_observe, "demo": cmd_demo}
+COMMANDS = {
+    "observe": cmd_observe,
+    "prune": cmd_prune,
+    "quantize": cmd_quantize,
+    "run": cmd_run,
+    "demo": cmd_demo,
+}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -1,0 +1,292 @@
+"""``reap-fast run``: observe -> prune -> quantize -> evaluate, resumable stage by stage.
+
+Output folder layout::
+
+    OUTPUT/observation.pt     REAP statistics (upstream format)
+    OUTPUT/pruned/            pruned model + tokenizer + pruned_experts.json + reap_args.yaml
+    OUTPUT/w4a16/             AutoRound W4A16 model (with --quantize w4a16)
+    OUTPUT/eval.json          perplexities (with --eval)
+    OUTPUT/pipeline.json      settings, and per finished stage: seconds and SHA-256 of its outputs
+
+A rerun skips every stage whose recorded outputs still exist with the recorded checksums, so an
+interrupted run continues where it stopped; a folder's mere presence is never taken as done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("observe", "prune", "quantize", "eval")
+
+
+class PipelineError(ValueError):
+    """A pipeline setting or state that prevents the run (one-line message)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of one ``reap-fast run`` (the part that defines its results is fingerprinted)."""
+
+    model: str
+    dataset: str
+    output: str
+    compression_ratio: float | None = 0.5
+    n_experts_to_prune: int | None = None
+    method: str = "reap"
+    samples_per_category: int | None = None
+    model_max_length: int = 2048
+    batch_size: int = 1
+    seed: int = 42
+    renormalize: bool = True
+    global_ranking: bool = False
+    preserve_super_experts: bool = False
+    engine: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    layerwise: bool = False
+    quantize: str | None = None  # None or "w4a16"
+    quant_iters: int = 200
+    quant_nsamples: int = 128
+    quant_seqlen: int = 512
+    quant_batch_size: int = 8
+    eval_dataset: str | None = None
+    eval_samples: int = 16
+    eval_max_length: int = 512
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that determine the outputs (resuming with different ones is refused)."""
+        settings = asdict(self)
+        for volatile in ("output", "overwrite", "progress", "engine", "device", "layerwise", "extra"):
+            settings.pop(volatile)
+        return settings
+
+    def stages(self) -> list[str]:
+        chosen = ["observe", "prune"]
+        if self.quantize:
+            chosen.append("quantize")
+        if self.eval_dataset:
+            chosen.append("eval")
+        return chosen
+
+
+def validate(config: PipelineConfig) -> None:
+    """Cheap checks before any model is loaded."""
+    if config.compression_ratio is not None and not 0.0 < config.compression_ratio < 1.0:
+        raise PipelineError(f"--compression-ratio must be in (0, 1), got {config.compression_ratio}")
+    if config.quantize not in (None, "w4a16"):
+        raise PipelineError(f"--quantize supports only w4a16, got {config.quantize!r}")
+    if config.batch_size < 1:
+        raise PipelineError(f"--batch-size must be at least 1, got {config.batch_size}")
+
+
+class Pipeline:
+    """Runs the stages of a :class:`PipelineConfig` with resume by checksummed outputs."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        validate(config)
+        self.config = config
+        self.root = Path(config.output)
+        self.state_path = self.root / "pipeline.json"
+        self.state = self._load_state()
+
+    @property
+    def observation(self) -> Path:
+        return self.root / "observation.pt"
+
+    @property
+    def pruned(self) -> Path:
+        return self.root / "pruned"
+
+    @property
+    def quantized(self) -> Path:
+        return self.root / "w4a16"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.root / "eval.json"
+
+    def _load_state(self) -> dict[str, Any]:
+        fresh = {"settings": self.config.fingerprint(), "stages": {}}
+        if not self.state_path.is_file():
+            if self.root.exists() and any(self.root.iterdir()) and not self.config.overwrite:
+                raise PipelineError(
+                    f"{self.root} is not empty and holds no pipeline.json (choose a new --output or pass --overwrite)"
+                )
+            return fresh
+        state = json.loads(self.state_path.read_text())
+        if state.get("settings") != fresh["settings"]:
+            if not self.config.overwrite:
+                changed = sorted(
+                    key for key in fresh["settings"] if state.get("settings", {}).get(key) != fresh["settings"][key]
+                )
+                raise PipelineError(
+                    f"{self.root} holds a run with other settings ({', '.join(changed)}); "
+                    "use another --output or pass --overwrite"
+                )
+            return fresh
+        return state
+
+    def is_done(self, stage: str) -> bool:
+        """Whether ``stage`` finished and its outputs still carry the recorded checksums."""
+        record = self.state["stages"].get(stage)
+        if not record:
+            return False
+        for relative, digest in record["outputs"].items():
+            path = self.root / relative
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+        return True
+
+    def _record(self, stage: str, outputs: list[Path], seconds: float) -> None:
+        checksums = {}
+        for output in outputs:
+            for relative, digest in tree_checksums(output).items():
+                path = output if output.is_file() else output / relative
+                checksums[str(path.relative_to(self.root))] = digest
+        self.state["stages"][stage] = {"seconds": round(seconds, 3), "outputs": checksums}
+        atomic_write_json(self.state, self.state_path)
+
+    def _invalidate_from(self, stage: str) -> None:
+        """A stage that reruns makes every later stage's record stale."""
+        for later in STAGES[STAGES.index(stage):]:
+            self.state["stages"].pop(later, None)
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every chosen stage; returns the summary dictionary."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.state, self.state_path)
+        actions: dict[str, Callable[[], list[Path]]] = {
+            "observe": self._observe,
+            "prune": self._prune,
+            "quantize": self._quantize,
+            "eval": self._evaluate,
+        }
+        stages = self.config.stages()
+        with tqdm(stages, desc="reap-fast run", unit="stage", disable=not self.config.progress) as bar:
+            for stage in bar:
+                bar.set_postfix(stage=stage)
+                if self.is_done(stage):
+                    logger.info("%s: already complete, skipped", stage)
+                    continue
+                self._invalidate_from(stage)
+                start = time.perf_counter()
+                outputs = actions[stage]()
+                self._record(stage, outputs, time.perf_counter() - start)
+        return self.summary()
+
+    def _observe(self) -> list[Path]:
+        from .metrics import save_metrics
+        from .observe import observe_checkpoint
+
+        c = self.config
+        metrics = observe_checkpoint(
+            c.model, c.dataset, c.samples_per_category, c.model_max_length, c.batch_size, c.seed, c.engine,
+            c.renormalize, c.device, c.dtype, progress=c.progress, layerwise=c.layerwise, resume=True,
+            checkpoint_dir=str(self.root / "observation.partial"),
+        )
+        return [save_metrics(metrics, self.observation)]
+
+    def _prune(self) -> list[Path]:
+        from .prune import prune_checkpoint
+
+        c = self.config
+        folder = prune_checkpoint(
+            c.model, self.observation, self.pruned, method=c.method, compression_ratio=c.compression_ratio,
+            n_experts_to_prune=c.n_experts_to_prune, seed=c.seed, global_ranking=c.global_ranking,
+            preserve_super_experts=c.preserve_super_experts, overwrite=True, device=c.device, dtype=c.dtype,
+        )
+        return [folder]
+
+    def _quantize(self) -> list[Path]:
+        from transformers import AutoTokenizer
+
+        from .data import calibration_texts
+        from .quantize import run_quantize_subprocess
+
+        c = self.config
+        tokenizer = AutoTokenizer.from_pretrained(self.pruned)
+        texts = calibration_texts(c.dataset, tokenizer, c.quant_nsamples, seed=c.seed)
+        folder = run_quantize_subprocess(
+            self.pruned, self.quantized, texts, overwrite=True, iters=c.quant_iters, nsamples=c.quant_nsamples,
+            seqlen=c.quant_seqlen, batch_size=c.quant_batch_size, device=c.device, seed=c.seed,
+        )
+        return [Path(folder)]
+
+    def _evaluate(self) -> list[Path]:
+        c = self.config
+        models = {"original": c.model, "pruned": str(self.pruned)}
+        if c.quantize:
+            models["w4a16"] = str(self.quantized)
+        results = {
+            name: evaluate_in_subprocess(path, c.eval_dataset, c.eval_samples, c.eval_max_length, c.seed,
+                                         quantized=(name == "w4a16"), device=c.device)
+            for name, path in models.items()
+        }
+        return [atomic_write_json(results, self.eval_file)]
+
+    def summary(self) -> dict[str, Any]:
+        """Experts kept per layer, sizes on disk, seconds per stage, perplexities."""
+        report: dict[str, Any] = {
+            "seconds": {stage: record["seconds"] for stage, record in self.state["stages"].items()},
+            "size_bytes": {"original": size_on_disk(self.config.model), "pruned": size_on_disk(self.pruned)},
+        }
+        if self.quantized.is_dir():
+            report["size_bytes"]["w4a16"] = size_on_disk(self.quantized)
+        experts_file = self.pruned / "pruned_experts.json"
+        if experts_file.is_file():
+            layers = json.loads(experts_file.read_text())
+            layers = layers.get("layers", layers)
+            report["experts_kept"] = {layer: len(entry["kept"]) for layer, entry in layers.items()}
+        if self.eval_file.is_file():
+            report["eval"] = json.loads(self.eval_file.read_text())
+        return report
+
+
+def evaluate_in_subprocess(model_dir: str, dataset: str, samples: int, max_length: int, seed: int,
+                           quantized: bool = False, device: str = "auto") -> dict[str, float]:
+    """Perplexity of a checkpoint, computed in a child process (a quantized model's loader patches classes)."""
+    with_output = Path(os.environ.get("TMPDIR", "/tmp")) / f"reap_fast_eval_{os.getpid()}_{time.time_ns()}.json"
+    command = [sys.executable, "-m", "reap_fast.evaluate", "--model", model_dir, "--dataset", dataset,
+               "--samples", str(samples), "--max-length", str(max_length), "--seed", str(seed),
+               "--device", device, "--output", str(with_output)]
+    if quantized:
+        command.append("--quantized")
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PipelineError(f"evaluation of {model_dir} failed: {tail}")
+    try:
+        return json.loads(with_output.read_text())
+    finally:
+        with_output.unlink(missing_ok=True)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run report as text."""
+    lines = ["stage times: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary["seconds"].items())]
+    lines.append("size on disk: " + ", ".join(f"{name} {human_size(size)}" for name, size in summary["size_bytes"].items()))
+    if "experts_kept" in summary:
+        kept = summary["experts_kept"]
+        lines.append("experts kept per layer: " + ", ".join(f"{layer}:{count}" for layer, count in kept.items()))
+    if "eval" in summary:
+        lines.append(f"{'model':<10} {'perplexity':>11} {'next-token acc':>15}")
+        for name, values in summary["eval"].items():
+            lines.append(f"{name:<10} {values['perplexity']:>11.3f} {values['next_token_accuracy']:>15.4f}")
+    return "\n".join(lines)
