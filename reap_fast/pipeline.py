@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -230,15 +229,23 @@ class Pipeline:
         return [Path(folder)]
 
     def _evaluate(self) -> list[Path]:
+        from transformers import AutoTokenizer
+
+        from .data import calibration_texts
+
         c = self.config
+        tokenizer = AutoTokenizer.from_pretrained(self.pruned)
+        texts_file = atomic_write_json(
+            calibration_texts(c.eval_dataset, tokenizer, c.eval_samples, seed=c.seed), self.root / "eval_texts.json"
+        )
         models = {"original": c.model, "pruned": str(self.pruned)}
         if c.quantize:
             models["w4a16"] = str(self.quantized)
         results = {
-            name: evaluate_in_subprocess(path, c.eval_dataset, c.eval_samples, c.eval_max_length, c.seed,
-                                         quantized=(name == "w4a16"), device=c.device)
+            name: evaluate_in_subprocess(path, texts_file, c.eval_max_length, quantized=(name == "w4a16"))
             for name, path in models.items()
         }
+        texts_file.unlink()
         return [atomic_write_json(results, self.eval_file)]
 
     def summary(self) -> dict[str, Any]:
@@ -259,13 +266,12 @@ class Pipeline:
         return report
 
 
-def evaluate_in_subprocess(model_dir: str, dataset: str, samples: int, max_length: int, seed: int,
-                           quantized: bool = False, device: str = "auto") -> dict[str, float]:
-    """Perplexity of a checkpoint, computed in a child process (a quantized model's loader patches classes)."""
-    with_output = Path(os.environ.get("TMPDIR", "/tmp")) / f"reap_fast_eval_{os.getpid()}_{time.time_ns()}.json"
-    command = [sys.executable, "-m", "reap_fast.evaluate", "--model", model_dir, "--dataset", dataset,
-               "--samples", str(samples), "--max-length", str(max_length), "--seed", str(seed),
-               "--device", device, "--output", str(with_output)]
+def evaluate_in_subprocess(model_dir: str, texts_file: Path, seq_len: int, quantized: bool = False) -> dict[str, Any]:
+    """Held-out perplexity of a checkpoint, computed in a child process (a quantized model's loader patches
+    transformers classes process-wide, so it never runs in the pipeline's own process)."""
+    result_file = texts_file.with_name(f".eval-{Path(model_dir).name}-{time.time_ns()}.json")
+    command = [sys.executable, "-m", "reap_fast.evaluate", "--model", model_dir, "--texts-file", str(texts_file),
+               "--seq-len", str(seq_len), "--json", str(result_file)]
     if quantized:
         command.append("--quantized")
     completed = subprocess.run(command, capture_output=True, text=True)
@@ -273,9 +279,9 @@ def evaluate_in_subprocess(model_dir: str, dataset: str, samples: int, max_lengt
         tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
         raise PipelineError(f"evaluation of {model_dir} failed: {tail}")
     try:
-        return json.loads(with_output.read_text())
+        return json.loads(result_file.read_text())
     finally:
-        with_output.unlink(missing_ok=True)
+        result_file.unlink(missing_ok=True)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
