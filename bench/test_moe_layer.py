@@ -13,6 +13,8 @@ Variants (all on the same routed inputs, statistics mask with ~10 % padding):
 On a GPU: the Qwen3-30B-A3B layer (E=128, k=8, H=2048, I=768) in bf16 at T=2048 and 8192. On a
 CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (numpy, very slow): only a tiny
 shape (E=8, k=2, H=64, I=32, T=64, fp32) is timed, to check that the suite runs, never for speed.
+With REAP_BENCH_REAL_SHAPE=1 on a CPU, the real layer shape at T=256 in fp32 is timed for the
+PyTorch variants only (upstream hook, transformers, reference engine): ratios, not GPU figures.
 
 Run: ``pytest bench/test_moe_layer.py --benchmark-json=bench/results/moe_layer.json``. Without
 pytest-benchmark: ``python bench/test_moe_layer.py --json out.json`` (a simple timer, same variants).
@@ -54,6 +56,14 @@ else:
     DEFAULT_ROUNDS = 2
 DEVICE = "cuda" if CUDA else "cpu"
 VARIANTS = ["upstream_hook", "hf_fastest", "reference_stats", "triton_stats", "triton_plain"]
+if not CUDA and os.environ.get("REAP_BENCH_REAL_SHAPE") == "1":
+    # The real layer shape on the CPU, PyTorch variants only (interpreted Triton says nothing about speed):
+    # measures what routed-only observation saves over upstream's all-experts hook, as a ratio.
+    SHAPE = dict(E=128, k=8, H=2048, I=768)
+    TOKENS = [256]
+    ROUNDS = {"upstream_hook": 2}
+    DEFAULT_ROUNDS = 3
+    VARIANTS = [variant for variant in VARIANTS if not variant.startswith("triton")]
 
 
 @lru_cache(maxsize=None)

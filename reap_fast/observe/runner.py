@@ -1,11 +1,22 @@
-"""Observation from a checkpoint: load the model, build calibration batches, run the Observer."""
+"""Observation from a checkpoint: load the model (or stream it layer by layer), build calibration batches,
+run the Observer; optionally data-parallel under torchrun and resumable from checkpoints.
+
+Models slightly bigger than one GPU: ``load_model(..., device=...)`` passes ``device_map`` to
+``from_pretrained``; ``device_map="auto"`` (accelerate offload) keeps the layers that do not fit in CPU
+RAM and copies their weights to the GPU at every forward, i.e. once per batch per offloaded layer
+(about 1.2 GB per Qwen3-30B-A3B layer over PCIe), which is far slower than ``--layerwise`` streaming,
+which copies every layer once per run. Streaming is the recommended path.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..metrics import LayerMetrics
@@ -90,19 +101,117 @@ def observe_checkpoint(
     checkpoint_dir: str | None = None,
     checkpoint_every: float = 300.0,
 ) -> dict[int, LayerMetrics]:
-    """Load a checkpoint and observe it; every input is checked before any weight is read."""
+    """Load a checkpoint and observe it; every input is checked before any weight is read.
+
+    * ``layerwise``: stream one decoder layer at a time from the safetensors shards
+      (:mod:`reap_fast.observe.streaming`; peak memory about one layer + one batch + the hidden states);
+      otherwise the whole model is loaded with ``from_pretrained``.
+    * Under ``torchrun`` (WORLD_SIZE > 1) each rank observes its shard of the calibration set and the
+      statistics are all-reduced, so every rank returns the totals (:mod:`reap_fast.observe.distributed`).
+    * ``checkpoint_dir``: partial statistics are saved there every ``checkpoint_every`` seconds and on
+      SIGINT/SIGTERM; ``resume`` continues from it (same settings required) and gives the numbers of an
+      uninterrupted run; the folder is removed after success (:mod:`reap_fast.observe.checkpointing`).
+      With several processes each rank uses ``checkpoint_dir/rank<r>-of-<n>``.
+    """
     from ..data import build_calibration_set
+    from .checkpointing import ObservationCheckpointer, run_fingerprint
+    from .distributed import all_reduce_accumulators, init_distributed
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    load_config(model_path)
+    if checkpoint_dir is None and resume:
+        raise ValueError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")
+    config = load_config(model_path)
+    if layerwise:
+        from .streaming import streaming_supported
+
+        streaming_supported(config)
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    rank, world, device = init_distributed(device)
+    engine_name = resolve_engine(engine, device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     calibration = build_calibration_set(
         dataset, tokenizer, samples_per_category=samples_per_category, model_max_length=model_max_length, seed=seed
     )
-    model, _ = load_model(model_path, device=device, dtype=dtype)
-    return observe_calibration(model, calibration, batch_size, engine, renormalize, progress)
+    if world > 1:
+        calibration = calibration.shard(rank, world)
+        logger.info("rank %d of %d observes %d sequences", rank, world, len(calibration))
+
+    checkpointer, resume_state = None, None
+    if checkpoint_dir is not None:
+        directory = Path(checkpoint_dir) / f"rank{rank}-of-{world}" if world > 1 else Path(checkpoint_dir)
+        fingerprint = run_fingerprint(
+            model_path, dataset, samples_per_category, model_max_length, batch_size, seed, engine_name, renormalize,
+            str(torch_dtype), layerwise, rank, world, calibration,
+        )
+        checkpointer = ObservationCheckpointer(directory, fingerprint, checkpoint_every)
+        resume_state = checkpointer.start(resume)
+
+    with checkpointer if checkpointer is not None else nullcontext():
+        if layerwise:
+            from .streaming import observe_streaming
+
+            accumulators = observe_streaming(
+                model_path, calibration, batch_size, engine_name, renormalize, device, torch_dtype, progress,
+                checkpointer=checkpointer, resume_state=resume_state,
+                scratch_dir=None if checkpointer is None else checkpointer.directory,
+            )
+        else:
+            model, _ = load_model(model_path, device=device, dtype=dtype)
+            accumulators = observe_batches(
+                model, calibration, batch_size, engine_name, renormalize, progress, checkpointer, resume_state
+            )
+    all_reduce_accumulators(accumulators)
+    if checkpointer is not None:
+        checkpointer.clear()
+    return {index: acc.to_upstream() for index, acc in sorted(accumulators.items())}
+
+
+@torch.no_grad()
+def observe_batches(
+    model,
+    calibration,
+    batch_size: int,
+    engine: str,
+    renormalize: bool,
+    progress: bool = True,
+    checkpointer=None,
+    resume_state: dict | None = None,
+) -> dict:
+    """Observe ``calibration`` with an in-memory ``model``; return the accumulators {layer: LayerAccumulator}.
+
+    With a checkpointer, the statistics are checkpointed at batch boundaries; ``resume_state`` (from
+    :meth:`ObservationCheckpointer.start`) restores them and skips the batches already done.
+    """
+    from .checkpointing import accumulator_states, restore_accumulators
+
+    device = str(model.get_input_embeddings().weight.device)
+    engine = resolve_engine(engine, device)
+    total = -(-len(calibration) // batch_size)
+    logger.info(
+        "observing %d sequences of %d tokens (%d counted) with the %s engine",
+        len(calibration), calibration.seq_len, calibration.num_stat_tokens(), engine,
+    )
+    with Observer(model, engine=engine, renormalize=renormalize) as observer:
+        start = 0
+        if resume_state is not None:
+            restore_accumulators(observer.accumulators, resume_state["accumulators"])
+            start = int(resume_state["batches_done"])
+        began, tokens = time.perf_counter(), 0
+        with tqdm(total=total, initial=start, desc=f"observe ({engine})", unit="batch", disable=not progress) as bar:
+            for index, batch in enumerate(calibration.batches(batch_size, start=start * batch_size), start=start):
+                observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
+                tokens += int(batch.attention_mask.sum())
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - began, 1e-9):,.0f}")
+                bar.update(1)
+                if checkpointer is not None:
+                    done = index + 1
+                    checkpointer.after_batch(
+                        lambda: {"mode": "in_memory", "batches_done": done,
+                                 "accumulators": accumulator_states(observer.accumulators)}
+                    )
+        return observer.accumulators
 
 
 def observe_calibration(model, calibration, batch_size: int, engine: str, renormalize: bool, progress: bool = True):
