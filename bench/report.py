@@ -89,7 +89,8 @@ def load_measurements(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]
             continue
         machine = data.get("machine_info") or {}
         env = machine.get("reap_fast") or {}
-        file_device = env.get("device") or machine.get("cpu", {}).get("brand_raw") if isinstance(machine.get("cpu"), dict) else env.get("device")
+        cpu = machine.get("cpu") if isinstance(machine.get("cpu"), dict) else {}
+        file_device = env.get("device") or cpu.get("brand_raw")  # pytest-benchmark records the CPU brand
         interpreted = bool(env.get("triton_interpret"))
         entries = []
         for bench in data.get("benchmarks") or []:

@@ -1,0 +1,218 @@
+"""Training, the quality study and the benchmark report, on minuscule settings (seconds each)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reap_fast.train import routing_statistics, split_documents, switch_aux_loss, train_tiny_moe
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    num_experts=4,
+)
+TRAIN = dict(batch_size=4, seq_len=32, config_overrides=TINY, eval_max_rows=4, log_every=5)
+
+
+def tiny_documents() -> dict[str, list[str]]:
+    prose = [
+        f"Return the {w} of the {o}. The {o} must be a sequence; an empty {o} raises ValueError number {i}."
+        for i, (w, o) in enumerate([("sum", "list"), ("mean", "data"), ("median", "values"), ("mode", "items")] * 6)
+    ]
+    code = [f"def f_{i}(x, y={i}):\n    if x > y:\n        return x - y\n    return [x] * {i}\n" for i in range(24)]
+    return {"docs": prose, "code": code}
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch (reproducible and fastest on a shared 2-core box); restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_split_is_by_document_and_disjoint():
+    docs = {"a": [f"doc a{i}" for i in range(30)], "b": [f"doc b{i}" for i in range(10)]}
+    splits = split_documents(docs, seed=3)
+    for category, texts in docs.items():
+        parts = [splits[s][category] for s in ("train", "calibration", "eval")]
+        assert sorted(sum(parts, [])) == sorted(texts)  # every document exactly once
+        assert all(parts)
+    assert len(splits["train"]["a"]) == 24 and len(splits["eval"]["a"]) == 3
+    assert split_documents(docs, seed=3) == splits
+    assert split_documents(docs, seed=4) != splits
+
+
+def test_switch_aux_loss_is_one_when_balanced():
+    logits = torch.zeros(8, 4)
+    logits[torch.arange(8), torch.arange(8) % 4] = 5.0  # every expert first choice of 2 tokens
+    balanced = switch_aux_loss([logits], top_k=1)
+    collapsed = switch_aux_loss([torch.tensor([[5.0, 0, 0, 0]] * 8)], top_k=1)
+    assert balanced.item() == pytest.approx(1.0, abs=0.05)
+    assert collapsed.item() > 3.0
+
+
+def test_training_reduces_loss_and_is_deterministic(tmp_path, one_thread):
+    documents = tiny_documents()
+    first = train_tiny_moe(tmp_path / "a", steps=15, seed=1, documents=documents, **TRAIN)
+    second = train_tiny_moe(tmp_path / "b", steps=15, seed=1, documents=documents, **TRAIN)
+    info = json.loads((first / "train_info.json").read_text())
+    history = info["history"]
+    assert history[-1]["lm_loss"] < history[0]["lm_loss"] - 0.5
+    assert info["after"]["eval"]["docs"]["perplexity"] < info["before"]["eval"]["docs"]["perplexity"]
+    routing = info["after"]["routing"]
+    assert len(routing["layers"]) == 2 and routing["tokens"] > 0
+    for layer in routing["layers"]:
+        assert sum(layer["usage_share"]) == pytest.approx(1.0, abs=1e-4)
+        assert 0 <= layer["usage_entropy"] <= 1 and 0 <= layer["token_entropy"] <= 1
+        assert 0 <= layer["category_js_bits"] <= 1
+    # same seed -> same weights and same loss curve
+    weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    other = json.loads((second / "train_info.json").read_text())
+    assert [h["lm_loss"] for h in other["history"]] == [h["lm_loss"] for h in history]
+    # a usable Hugging Face checkpoint with its tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(first)
+    assert AutoTokenizer.from_pretrained(first).eos_token_id == 256
+    assert model.config.num_experts == 4 and model.config.output_router_logits is False
+
+
+def test_routing_statistics_counts_only_document_tokens(one_thread):
+    from reap_fast.evaluate import EvalRows
+    from reap_fast.tiny import build_model, tiny_qwen3_moe_config
+
+    model = build_model(tiny_qwen3_moe_config(num_hidden_layers=1, num_experts=4), seed=0)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    stats = torch.ones(2, 8, dtype=torch.bool)
+    stats[1, 4:] = False
+    report = routing_statistics(model, {"x": EvalRows(ids, torch.ones_like(ids), stats)})
+    assert report["tokens"] == 12
+    layer = report["layers"][0]
+    assert layer["usage_cv"] >= 0 and layer["max_min_ratio"] >= 1
+    assert "category_js_bits" not in layer  # one category only
+
+
+def test_study_end_to_end(tmp_path, one_thread):
+    from reap_fast.study import DEFAULT_METHODS, run_study
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    options = dict(
+        seeds=2,
+        steps=10,
+        seq_len=32,
+        batch_size=4,
+        calib_samples=2,
+        documents=tiny_documents(),
+        train_options={k: v for k, v in TRAIN.items() if k != "seq_len"},
+        quantize=False,
+    )
+    results = run_study(out, work, **options)
+    for name in ("results.json", "results.md", "quality.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 2 * len(DEFAULT_METHODS) * 2
+    base = saved["baseline"]["0"]
+    assert math.isfinite(base["perplexity"]) and base["tokens"] > 0
+    assert set(base["by_category"]) == {"code", "docs"}
+    for run in saved["runs"]:
+        assert math.isfinite(run["perplexity"]) and 0 <= run["next_token_accuracy"] <= 1
+        assert run["experts_kept"] == {0.25: 3, 0.5: 2}[run["compression_ratio"]]
+        assert all(len(kept) == run["experts_kept"] for kept in run["kept"].values())
+        assert run["tokens"] == base["tokens"]
+    # frequency pruning removes the least-used experts: the least routed traffic of all methods
+    for run in saved["runs"]:
+        assert 0.0 <= run["removed_traffic_share"] <= 1.0
+        frequency = next(r for r in saved["runs"] if r["method"] == "frequency" and r["seed"] == run["seed"]
+                         and r["compression_ratio"] == run["compression_ratio"])
+        assert frequency["removed_traffic_share"] <= run["removed_traffic_share"] + 1e-12
+    summary = saved["summary"]["0.5"]["reap"]
+    assert summary["perplexity"]["n"] == 2 and summary["jaccard_with_reap"]["mean"] == pytest.approx(1.0)
+    assert saved["quantized"]["status"] == "skipped"
+    assert saved["training"]["0"]["reused_checkpoint"] is False
+    markdown = (out / "results.md").read_text()
+    assert "| reap |" in markdown and "| random |" in markdown and "unpruned" in markdown
+    # unpruned evaluation equals a direct perplexity call on the same checkpoint
+    assert results["baseline"]["0"]["perplexity"] == pytest.approx(base["perplexity"])
+    # the second run reuses the trained checkpoint and gives the same numbers
+    again = run_study(out, work, plot=False, **options)
+    assert again["training"]["0"]["reused_checkpoint"] is True
+    assert [r["perplexity"] for r in again["runs"]] == pytest.approx([r["perplexity"] for r in saved["runs"]], rel=1e-9)
+
+
+# --- bench/report.py ----------------------------------------------------------------------------------------
+
+
+def load_report_module():
+    spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pytest_benchmark_json(device, medians):
+    benchmarks = []
+    for (variant, tokens), median in medians.items():
+        benchmarks.append({
+            "name": f"test_moe_layer[{variant}-{tokens}]",
+            "group": f"moe_layer T={tokens}",
+            "params": {"variant": variant, "num_tokens": tokens},
+            "stats": {"median": median, "min": median * 0.9, "mean": median, "rounds": 5},
+            "extra_info": {"variant": variant, "T": tokens, "E": 128, "k": 8, "H": 2048, "I": 768, "dtype": "bfloat16",
+                           "device": device, "hf_impl": "grouped_mm"},
+        })
+    return {
+        "machine_info": {"node": "x", "reap_fast": {"device": device, "torch": "2.11.0", "triton": "3.6.0",
+                                                    "transformers": "5.17.0", "triton_interpret": False}},
+        "benchmarks": benchmarks,
+    }
+
+
+def test_report_tables_and_plot(tmp_path):
+    report = load_report_module()
+    medians = {("upstream_hook", 2048): 0.040, ("triton_stats", 2048): 0.010, ("hf_fastest", 2048): 0.008,
+               ("upstream_hook", 8192): 0.160, ("triton_stats", 8192): 0.020, ("hf_fastest", 8192): 0.016}
+    (tmp_path / "h100.json").write_text(json.dumps(pytest_benchmark_json("NVIDIA H100 80GB HBM3", medians)))
+    # the fallback format, missing versions and shape fields
+    (tmp_path / "cpu.json").write_text(json.dumps({
+        "machine_info": {"reap_fast": {"device": "cpu", "triton_interpret": True}},
+        "results": [{"variant": "upstream_hook", "T": 64, "median_s": 0.5},
+                    {"variant": "triton_stats", "T": 64, "median_s": 2.0},
+                    {"variant": "no_baseline_here", "T": 128, "median_s": 1.0}],
+    }))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "bare.json").write_text(json.dumps({"benchmarks": [{"name": "test_x", "stats": {"median": 0.1}}]}))
+    files = sorted(str(p) for p in tmp_path.glob("*.json"))
+    rows = report.add_speedups(report.load_measurements(files))
+    h100 = {(r["variant"], r["tokens"]): r for r in rows if r["device"].startswith("NVIDIA")}
+    assert h100[("triton_stats", 2048)]["speedup"] == pytest.approx(4.0)
+    assert h100[("triton_stats", 8192)]["speedup"] == pytest.approx(8.0)
+    assert h100[("upstream_hook", 8192)]["speedup"] == pytest.approx(1.0)
+    cpu = {(r["variant"], r["tokens"]): r for r in rows if r["device"] == "cpu"}
+    assert cpu[("triton_stats", 64)]["speedup"] == pytest.approx(0.25)
+    assert cpu[("no_baseline_here", 128)]["speedup"] is None
+    text = report.markdown(rows)
+    assert "NVIDIA H100 80GB HBM3" in text and "torch 2.11.0" in text and "(8.00x)" in text
+    assert "not speed measurements" in text  # the interpreter run is flagged
+    png = tmp_path / "speedup.png"
+    assert report.main(files + ["--plot", str(png)]) == 0
+    assert png.is_file() and png.stat().st_size > 0
+    assert report.main(files + ["--plot", "", "--write-readme"]) == 0
+    assert report.markdown([]).startswith("_No benchmark results")
