@@ -1,10 +1,11 @@
 """``python -m reap_fast.layerwise_prune``: drop-in for upstream ``python -m reap.layerwise_prune``.
 
 Same flags as :mod:`reap_fast.prune` plus upstream's ``LayerwiseArgs`` (``--batch_group_size``,
-``--save_intermediate``, ``--low_cpu_mem_usage``, accepted and ignored for now). The pruned model goes to
-``pruned_models/layerwise_<method>...`` and, for a plain dataset name, the observation to
-``<dataset>/layerwise/<output_file_name>`` as upstream. For now the observation runs on the whole model
-in memory, like ``reap_fast.prune`` (streaming one decoder layer at a time is not implemented yet).
+``--save_intermediate``, ``--low_cpu_mem_usage``, accepted and ignored: reap-fast streams every calibration
+batch through one layer at a time by itself). Observation streams one decoder layer at a time from the
+checkpoint's safetensors shards (see :mod:`reap_fast.observe.streaming`) and resumes after an interruption;
+the full model is loaded only for slicing. The pruned model goes to ``pruned_models/layerwise_<method>...``
+and, for a plain dataset name, the observation to ``<dataset>/layerwise/<output_file_name>`` as upstream.
 """
 
 from __future__ import annotations

@@ -167,8 +167,17 @@ class Pipeline:
         for later in STAGES[STAGES.index(stage):]:
             self.state["stages"].pop(later, None)
 
+    def check_inputs(self) -> None:
+        """Model family, pruning budget and output folder, checked before any calibration work."""
+        from .observe.runner import load_config
+        from .prune import check_prune_budget
+
+        c = self.config
+        check_prune_budget(load_config(c.model), c.compression_ratio, c.n_experts_to_prune, c.global_ranking)
+
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
+        self.check_inputs()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.state, self.state_path)
         actions: dict[str, Callable[[], list[Path]]] = {

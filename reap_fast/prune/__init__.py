@@ -22,7 +22,7 @@ from ..metrics import LayerMetrics, load_metrics
 from ..models import get_adapter
 from .save import OutputExistsError, holds_model, prepare_output_dir, save_pruned
 from .scores import DEFAULT_METHOD, METHOD_CHOICES, UnknownMethodError, layer_scores, super_expert_mask
-from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts
+from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts, uniform_prune_count
 from .slicing import KeepIndexError, UnevenPruningError, expert_counts, prune_model
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ __all__ = [
     "UnevenPruningError",
     "UnknownMethodError",
     "check_metrics_match",
+    "check_prune_budget",
     "experts_to_prune",
     "expert_counts",
     "holds_model",
@@ -48,6 +49,7 @@ __all__ = [
     "removed_experts",
     "save_pruned",
     "select_experts",
+    "uniform_prune_count",
     "super_expert_mask",
 ]
 
@@ -71,10 +73,11 @@ def check_metrics_match(model, metrics: dict[int, LayerMetrics], source: str = "
         raise MetricsMismatchError(f"{source}: metrics file of another model: expert counts differ ({detail})")
 
 
-def model_routing(model) -> dict[str, Any]:
-    """The model's top-k and group-limited routing settings: ``{"top_k": k, "groups": (n_group, topk_group) | None}``."""
-    adapter = get_adapter(model.config)
-    config = adapter.text_config(model.config)
+def model_routing(model_or_config) -> dict[str, Any]:
+    """Top-k and group-limited routing of a model or config: ``{"top_k": k, "groups": (n_group, topk_group) | None}``."""
+    full_config = getattr(model_or_config, "config", model_or_config)
+    adapter = get_adapter(full_config)
+    config = adapter.text_config(full_config)
     top_k = getattr(config, adapter.top_k_key, None)
     groups = None
     if adapter.group_keys is not None:
@@ -82,6 +85,30 @@ def model_routing(model) -> dict[str, Any]:
         if n_group is not None:
             groups = (int(n_group), int(topk_group) if topk_group is not None else int(n_group))
     return {"top_k": int(top_k) if top_k is not None else None, "groups": groups}
+
+
+def check_prune_budget(
+    config,
+    compression_ratio: float | None = None,
+    n_experts_to_prune: int | None = None,
+    global_ranking: bool = False,
+    min_experts_per_layer: int | None = None,
+) -> int:
+    """Check a pruning budget against a model config before any calibration work; returns experts removed per layer.
+
+    Catches a ratio that leaves fewer experts than the top-k (or than a routing group needs) while it
+    costs nothing, instead of after a long observation.
+    """
+    adapter = get_adapter(config)
+    num_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
+    count = experts_to_prune(num_experts, compression_ratio, n_experts_to_prune)
+    routing = model_routing(config)
+    if global_ranking:
+        floor = max(routing["top_k"] or 1, min_experts_per_layer or 0)
+        if floor > num_experts:
+            raise SelectionError(f"the per-layer floor {floor} exceeds the {num_experts} experts of a layer")
+        return count
+    return uniform_prune_count(num_experts, count, routing["top_k"], routing["groups"], min_experts_per_layer)
 
 
 def prune_checkpoint(

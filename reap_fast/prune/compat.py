@@ -372,19 +372,33 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         raise CliError(f"--compression_ratio {cluster_args.compression_ratio} is outside (0, 1)")
     _seed_everything(reap_args.seed)
 
+    from transformers import AutoTokenizer
+
     from ..metrics import MetricsFileError, load_metrics, save_metrics
-    from ..models import get_adapter
-    from ..observe.runner import load_model, run_observation
-    from . import MetricsMismatchError, check_metrics_match, model_routing, holds_model, prune_model, save_pruned
+    from ..observe.runner import load_config, load_model, observe_checkpoint, run_observation
+    from . import (
+        MetricsMismatchError,
+        check_metrics_match,
+        check_prune_budget,
+        holds_model,
+        model_routing,
+        prune_model,
+        save_pruned,
+    )
     from .select import experts_to_prune, select_experts
 
     results_dir = results_directory(extra.artifacts_dir, model_args.model_name, ds_args.dataset_name)
     obs_path = observation_path(results_dir, ds_args.dataset_name, obs_args.output_file_name, layerwise)
     logger.info("results directory: %s", results_dir)
 
-    model, tokenizer = load_model(model_args.model_name, device=extra.device, dtype=extra.dtype)
-    adapter = get_adapter(model.config)
+    # The family and the budget are checked before any calibration work.
+    ratio = cluster_args.compression_ratio if prune_args.n_experts_to_prune is None else None
+    check_prune_budget(
+        load_config(model_args.model_name), ratio, prune_args.n_experts_to_prune, extra.global_ranking,
+        extra.min_experts_per_layer,
+    )
     renorm = bool(obs_args.renormalize_router_weights)
+    model = None
 
     reuse = obs_path.is_file() and (not obs_args.overwrite_observations or ds_args.dataset_name == "combined")
     if ds_args.dataset_name == "combined" and not reuse:
@@ -393,25 +407,29 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         logger.info("reusing the observation file %s (--overwrite_observations to recompute)", obs_path)
         try:
             metrics = load_metrics(obs_path)
-            check_metrics_match(model, metrics, str(obs_path))
-        except (MetricsFileError, MetricsMismatchError) as exc:
+        except MetricsFileError as exc:
             raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
     else:
         max_length = obs_args.model_max_length
         if max_length is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.model_name)
             max_length = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 2048
-        metrics = run_observation(
-            model,
-            tokenizer,
-            calibration_spec(ds_args),
+        options = dict(
             samples_per_category=obs_args.batches_per_category,
             model_max_length=max_length,
             batch_size=obs_args.batch_size,
             seed=reap_args.seed,
             engine=extra.engine,
-            # upstream renormalizes only when the model itself renormalizes its top-k weights
-            renormalize=renorm and adapter.model_renormalizes(model.config),
+            renormalize=renorm,  # the Observer applies it only where the model renormalises, as upstream
         )
+        if layerwise:  # stream one decoder layer at a time; the full model is loaded only for slicing
+            metrics = observe_checkpoint(
+                model_args.model_name, calibration_spec(ds_args), device=extra.device, dtype=extra.dtype,
+                layerwise=True, resume=True, checkpoint_dir=f"{obs_path}.partial", **options,
+            )
+        else:
+            model, tokenizer = load_model(model_args.model_name, device=extra.device, dtype=extra.dtype)
+            metrics = run_observation(model, tokenizer, calibration_spec(ds_args), **options)
         save_metrics(metrics, obs_path)
         logger.info("observation saved to %s", obs_path)
     if reap_args.run_observer_only:
@@ -419,7 +437,6 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         return 0
 
     total_experts = int(metrics[min(metrics)]["expert_frequency"].shape[0])
-    ratio = cluster_args.compression_ratio if prune_args.n_experts_to_prune is None else None
     n_prune = experts_to_prune(total_experts, ratio, prune_args.n_experts_to_prune)
     pruned_dir = results_dir / "pruned_models" / pruned_model_name(
         prune_args, n_prune, total_experts, reap_args.seed, renorm, layerwise
@@ -427,6 +444,12 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     if holds_model(pruned_dir) and not prune_args.overwrite_pruned_model:
         logger.info("pruned model %s already exists; skipping pruning (--overwrite_pruned_model to redo it)", pruned_dir)
         return 0
+    if model is None:
+        model, tokenizer = load_model(model_args.model_name, device=extra.device, dtype=extra.dtype)
+    try:
+        check_metrics_match(model, metrics, str(obs_path))
+    except MetricsMismatchError as exc:
+        raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
     routing = model_routing(model)
     keep = select_experts(
         metrics,

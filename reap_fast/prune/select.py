@@ -145,6 +145,56 @@ def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:
     return scores / torch.where(usable, mean, torch.ones_like(mean))
 
 
+def uniform_prune_count(
+    num_experts: int,
+    count: int,
+    top_k: int | None = None,
+    groups: int | Sequence[int] | None = None,
+    min_experts_per_layer: int | None = None,
+) -> int:
+    """Check a uniform per-layer budget against top-k, the floor and routing groups (one-line errors).
+
+    Returns the number actually removed per layer: with group-limited routing it is rounded down to a
+    multiple of ``n_group`` so that every group loses the same number.
+    """
+    num_groups, topk_group = _group_settings(groups)
+    if num_groups > 1:
+        if num_experts % num_groups:
+            raise SelectionError(f"{num_experts} experts cannot form {num_groups} equal routing groups")
+        if count % num_groups:
+            rounded = count - count % num_groups
+            logger.warning(
+                "group-limited routing (n_group=%d): removing %d experts per layer instead of %d so that every "
+                "group loses the same number (%d)",
+                num_groups, rounded, count, rounded // num_groups,
+            )
+            count = rounded
+    kept = num_experts - count
+    if top_k is not None and kept < top_k:
+        raise SelectionError(
+            f"pruning {count} of {num_experts} experts leaves {kept} per layer, fewer than the model's top-k of "
+            f"{top_k} experts per token; prune at most {num_experts - top_k}"
+        )
+    if min_experts_per_layer is not None and kept < min_experts_per_layer:
+        raise SelectionError(
+            f"pruning {count} of {num_experts} experts leaves {kept} per layer, fewer than "
+            f"min_experts_per_layer={min_experts_per_layer}"
+        )
+    if groups is not None:
+        per_group = (num_experts - count) // num_groups
+        if per_group < 2:
+            raise SelectionError(
+                f"group-limited routing needs at least 2 experts per group; pruning {count} of {num_experts} "
+                f"experts in {num_groups} groups leaves {per_group}"
+            )
+        if topk_group is not None and top_k is not None and topk_group * per_group < top_k:
+            raise SelectionError(
+                f"after pruning, the {topk_group} routed groups hold {topk_group * per_group} experts, fewer than "
+                f"top-k={top_k}"
+            )
+    return count
+
+
 def select_experts(
     metrics: dict[int, LayerMetrics],
     method: str = DEFAULT_METHOD,
@@ -189,40 +239,8 @@ def select_experts(
         keep = _global_mask(normalized, count * len(layers), floor)
         return _keep_dict(layers, keep)
 
-    if num_groups > 1:
-        if num_experts % num_groups:
-            raise SelectionError(f"{num_experts} experts cannot form {num_groups} equal routing groups")
-        if count % num_groups:
-            rounded = count - count % num_groups
-            logger.warning(
-                "group-limited routing (n_group=%d): removing %d experts per layer instead of %d so that every "
-                "group loses the same number (%d)",
-                num_groups, rounded, count, rounded // num_groups,
-            )
-            count = rounded
+    count = uniform_prune_count(num_experts, count, top_k, groups, min_experts_per_layer)
     kept = num_experts - count
-    if top_k is not None and kept < top_k:
-        raise SelectionError(
-            f"pruning {count} of {num_experts} experts leaves {kept} per layer, fewer than the model's top-k of "
-            f"{top_k} experts per token; prune at most {num_experts - top_k}"
-        )
-    if min_experts_per_layer is not None and kept < min_experts_per_layer:
-        raise SelectionError(
-            f"pruning {count} of {num_experts} experts leaves {kept} per layer, fewer than "
-            f"min_experts_per_layer={min_experts_per_layer}"
-        )
-    if groups is not None:
-        per_group = (num_experts - count) // num_groups
-        if per_group < 2:
-            raise SelectionError(
-                f"group-limited routing needs at least 2 experts per group; pruning {count} of {num_experts} "
-                f"experts in {num_groups} groups leaves {per_group}"
-            )
-        if topk_group is not None and top_k is not None and topk_group * per_group < top_k:
-            raise SelectionError(
-                f"after pruning, the {topk_group} routed groups hold {topk_group * per_group} experts, fewer than "
-                f"top-k={top_k}"
-            )
     if protected is not None:
         scores = scores.masked_fill(protected, float("inf"))
         too_many = protected.sum(dim=1) > kept
