@@ -264,8 +264,10 @@ def test_super_experts_match_upstream_definition():
 # --- slicing every family --------------------------------------------------------------------------
 
 
-def _removed_for(position: int) -> list[int]:
-    # two experts of each half, so that DeepSeek's two routing groups lose the same number
+def _removed_for(position: int, ratio: float = 0.5) -> list[int]:
+    # the same number from each half, so that DeepSeek's two routing groups lose the same number
+    if ratio == 0.25:
+        return [1, 6] if position % 2 == 0 else [2, 5]
     return [1, 3, 4, 6] if position % 2 == 0 else [0, 2, 5, 7]
 
 
@@ -317,11 +319,12 @@ def metrics_removing(removed: dict[int, list[int]]) -> dict:
     return hand_metrics({"reap": rows}, layers=layers)
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
-def test_pruned_family_loads_generates_and_matches(family, tmp_path):
+def test_pruned_family_loads_generates_and_matches(family, ratio, tmp_path):
     model = build_model(tiny_family_config(family, num_experts=E, top_k=2), seed=1)
     layers = [layer.layer_index for layer in find_moe_layers(model)]
-    removed = {layer: _removed_for(pos) for pos, layer in enumerate(layers)}
+    removed = {layer: _removed_for(pos, ratio) for pos, layer in enumerate(layers)}
     make_unroutable(model, removed)
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11, 64, 128]])
     with torch.no_grad():
@@ -329,7 +332,7 @@ def test_pruned_family_loads_generates_and_matches(family, tmp_path):
     save_checkpoint(model, byte_tokenizer(), tmp_path / "orig")
     save_metrics(metrics_removing(removed), tmp_path / "obs.pt")
 
-    out = prune_checkpoint(tmp_path / "orig", tmp_path / "obs.pt", tmp_path / "pruned", compression_ratio=0.5)
+    out = prune_checkpoint(tmp_path / "orig", tmp_path / "obs.pt", tmp_path / "pruned", compression_ratio=ratio)
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
@@ -338,15 +341,16 @@ def test_pruned_family_loads_generates_and_matches(family, tmp_path):
 
     adapter = get_adapter(pruned.config)
     text = adapter.text_config(pruned.config)
-    assert getattr(text, adapter.num_experts_key) == 4
+    kept = E - len(removed[layers[0]])
+    assert getattr(text, adapter.num_experts_key) == kept
     assert getattr(text, adapter.top_k_key) == 2
     for layer in find_moe_layers(pruned):
-        assert layer.num_experts == 4 and layer.experts.num_experts == 4
-        assert layer.router.weight.shape[0] == 4 and layer.router.num_experts == 4
+        assert layer.num_experts == kept and layer.experts.num_experts == kept
+        assert layer.router.weight.shape[0] == kept and layer.router.num_experts == kept
         for name in adapter.router_tensors:
-            assert getattr(layer.router, name).shape[0] == 4
+            assert getattr(layer.router, name).shape[0] == kept
     report = json.loads((out / "pruned_experts.json").read_text())
-    assert report["method"] == "reap" and report["compression_ratio"] == 0.5
+    assert report["method"] == "reap" and report["compression_ratio"] == ratio
     assert {int(k): v["removed"] for k, v in report["layers"].items()} == removed
     assert (out / "reap_args.yaml").is_file() and (out / "tokenizer.json").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left

@@ -1,0 +1,84 @@
+"""Architecture coverage: every family through the Triton engine, and the safety checks that run before
+any calibration work (budget vs top-k and routing groups, unsupported families)."""
+
+import logging
+
+import pytest
+import torch
+from oracle import assert_metrics_close
+from test_reference import _batch, _observe, _oracle
+
+from reap_fast.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_fast.models import UnsupportedModelError
+from reap_fast.pipeline import Pipeline, PipelineConfig
+from reap_fast.prune import SelectionError, check_prune_budget
+from reap_fast.tiny import build_model, byte_tokenizer, save_checkpoint
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_triton_engine_matches_float64_oracle_on_every_family(family):
+    model = build_model(tiny_family_config(family, num_experts=8, top_k=2), seed=4)
+    batches = [_batch(0, batch=2, length=9, pad_last=3)]
+    ours = _observe(model, batches, renormalize=True, engine="triton")
+    oracle = _oracle(model, batches, renormalize=True)
+    for layer in oracle:
+        # fp32 tiles in the kernels sum in another order than the float64 loops: 1e-4 relative covers it
+        assert_metrics_close(ours[layer], oracle[layer], rtol=1e-4, atol=1e-5, context=f"{family} layer {layer}")
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_budget_leaving_fewer_experts_than_top_k_is_refused(family):
+    config = tiny_family_config(family, num_experts=8, top_k=2)
+    assert check_prune_budget(config, compression_ratio=0.5) == 4
+    # DeepSeek's two routing groups round 7 down to 6, which leaves one expert per group
+    expected = "at least 2 experts per group" if family == "deepseek_v3" else "leaves 1 per layer, fewer than the model's top-k of 2"
+    with pytest.raises(SelectionError, match=expected):
+        check_prune_budget(config, n_experts_to_prune=7)
+
+
+def test_group_limited_routing_rounds_to_whole_groups(caplog):
+    config = tiny_family_config("deepseek_v3", num_experts=8, top_k=2)  # n_group=2, topk_group=2
+    with caplog.at_level(logging.WARNING):
+        assert check_prune_budget(config, n_experts_to_prune=3) == 2
+    assert "every group loses the same number" in caplog.text
+    with pytest.raises(SelectionError, match="at least 2 experts per group"):
+        check_prune_budget(config, n_experts_to_prune=6)
+
+
+def _save(tmp_path, config, name):
+    return save_checkpoint(build_model(config, seed=0), byte_tokenizer(), tmp_path / name)
+
+
+def test_pipeline_checks_budget_and_family_before_observing(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("observation started before the inputs were checked")
+
+    monkeypatch.setattr("reap_fast.observe.observe_checkpoint", never)
+    model = _save(tmp_path, tiny_family_config("qwen3_moe", num_experts=8, top_k=2), "moe")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    config = PipelineConfig(model=str(model), dataset=str(data), output=str(tmp_path / "out"),
+                            compression_ratio=0.9, progress=False)
+    with pytest.raises(SelectionError, match="fewer than the model's top-k"):
+        Pipeline(config).run()
+
+    from transformers import Qwen3Config
+
+    dense = _save(tmp_path, Qwen3Config(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16), "dense")
+    config = PipelineConfig(model=str(dense), dataset=str(data), output=str(tmp_path / "out2"), progress=False)
+    with pytest.raises(UnsupportedModelError, match="supported: .*qwen3_moe.*Adding a model family"):
+        Pipeline(config).run()
+
+
+def test_drop_in_cli_checks_budget_before_observing(tmp_path, monkeypatch, capsys):
+    from reap_fast.prune.compat import main
+
+    monkeypatch.setattr("reap_fast.observe.runner.run_observation", lambda *a, **k: pytest.fail("observed"))
+    model = _save(tmp_path, tiny_family_config("qwen3_moe", num_experts=8, top_k=2), "moe")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    code = main(["--model_name", str(model), "--dataset_name", str(data), "--n_experts_to_prune", "7",
+                 "--artifacts_dir", str(tmp_path / "artifacts")])
+    assert code != 0
+    assert "fewer than the model's top-k of 2" in capsys.readouterr().err
