@@ -104,10 +104,10 @@ def load_measurements(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]
             if median is None:
                 continue
             device = str(extra.get("device") or file_device or machine.get("machine") or "unknown device")
-            if "TRITON_INTERPRET" in device:
-                interpreted = True
-            versions = {k: (extra.get(k) or env.get(k)) for k in VERSION_KEYS if (extra.get(k) or env.get(k))}
             variant = _variant(extra, bench)
+            # Only Triton variants run under the interpreter; PyTorch variants on a CPU are real timings.
+            row_interpreted = (interpreted or "TRITON_INTERPRET" in device) and variant.startswith("triton")
+            versions = {k: (extra.get(k) or env.get(k)) for k in VERSION_KEYS if (extra.get(k) or env.get(k))}
             shape = {
                 k: v
                 for k, v in sorted(extra.items())
@@ -120,7 +120,7 @@ def load_measurements(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]
                 "file": path.name,
                 "device": device,
                 "versions": versions,
-                "interpreted": interpreted,
+                "interpreted": row_interpreted,
                 "variant": variant,
                 "tokens": _tokens(extra, bench),
                 "shape": shape,

@@ -112,7 +112,7 @@ def hf_forward(name, experts, x, index, weights):
 def upstream_hook(experts, x, index, weights, mask, router_logits, hf_name):
     """Stock forward, then REAP's hook: every expert on every token, per-expert loop with host syncs."""
     out = hf_forward(hf_name, experts, x, index, weights)
-    num_experts, top_k = experts.down_proj.shape[0], index.shape[1]
+    num_experts = experts.down_proj.shape[0]
     activations = torch.zeros((num_experts, *x.shape), device=x.device)  # fp32, as upstream
     for e in range(num_experts):
         h = experts._apply_gate(torch.nn.functional.linear(x, experts.gate_up_proj[e]))
@@ -162,7 +162,7 @@ def make_call(variant: str, num_tokens: int):
         return result
 
     info = {"variant": variant, "T": num_tokens, **SHAPE, "dtype": str(DTYPE).replace("torch.", ""),
-            "device": torch.cuda.get_device_name() if CUDA else "cpu (TRITON_INTERPRET=1)", "hf_impl": hf_name}
+            "device": torch.cuda.get_device_name() if CUDA else f"cpu ({os.cpu_count()} cores)", "hf_impl": hf_name}
     return run, info
 
 

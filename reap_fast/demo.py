@@ -1,49 +1,85 @@
-"""The end-to-end demo on the built-in tiny Qwen3-MoE, runnable on a 2-core CPU without downloads."""
+"""The end-to-end demo on the built-in tiny Qwen3-MoE, runnable on a 2-core CPU without downloads.
+
+1. train the tiny MoE (4 layers x 16 experts, top-2, sizes divisible by 128) for 300 steps on the Python
+   standard library's docs and code (train split);
+2. ``reap-fast run``: observe on the calibration split -> prune 50% by REAP -> AutoRound W4A16 ->
+   held-out perplexity of the original, pruned and quantized models;
+3. reload the W4A16 model (in a child process: auto-round's loader patches transformers classes)
+   and generate a continuation of a prompt.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
-from .corpus import stdlib_code_documents, stdlib_doc_documents, write_jsonl
-from .tiny import make_tiny_checkpoint
+from .corpus import write_jsonl
 
 logger = logging.getLogger(__name__)
 
-# Sizes divisible by 128 so that the W4A16 stage (group size 128) can quantize every expert linear.
-DEMO_CONFIG = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    moe_intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    num_experts=16,
-    num_experts_per_tok=2,
-)
+PROMPT = "def read_json(path):\n    \"\"\"Return the "
+
+GENERATE = """
+import json, sys
+import torch
+from reap_fast.quantize import load_quantized
+model, tokenizer = load_quantized(sys.argv[1])
+ids = tokenizer(sys.argv[2], return_tensors="pt").input_ids
+with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=1.2)
+print(json.dumps(tokenizer.decode(out[0, ids.shape[1]:])))
+"""
 
 
-def prepare_demo_inputs(folder: Path) -> tuple[Path, str]:
-    """The tiny checkpoint and a two-category calibration spec under ``folder``."""
+def prepare_demo_inputs(folder: Path, steps: int) -> tuple[Path, str, str]:
+    """The briefly trained checkpoint, and calibration / held-out specs over disjoint documents."""
+    from .train import split_documents, stdlib_corpus, train_tiny_moe
+
+    splits = split_documents(stdlib_corpus(), seed=0)
     model_dir = folder / "tiny-qwen3-moe"
-    if not (model_dir / "config.json").is_file():
-        make_tiny_checkpoint(model_dir, seed=0, **DEMO_CONFIG)
-    docs = write_jsonl(stdlib_doc_documents(), folder / "calibration" / "stdlib_docs.jsonl")
-    code = write_jsonl(stdlib_code_documents(), folder / "calibration" / "stdlib_code.jsonl")
-    return model_dir, f"{docs}:4,{code}:4"
+    if not (model_dir / "train_info.json").is_file():
+        train_tiny_moe(model_dir, steps=steps, seed=0, splits=splits, threads=1, eval_max_rows=8)
+    calibration = ",".join(
+        f"{write_jsonl(docs, folder / 'data' / f'calibration_{category}.jsonl')}:8"
+        for category, docs in sorted(splits["calibration"].items())
+    )
+    heldout = ",".join(
+        f"{write_jsonl(docs, folder / 'data' / f'heldout_{category}.jsonl')}:6"
+        for category, docs in sorted(splits["eval"].items())
+    )
+    return model_dir, calibration, heldout
 
 
-def run_demo(folder: Path) -> None:
-    """Observe the tiny model on stdlib text and print the per-layer expert table."""
+def generate_with_quantized(model_dir: Path, prompt: str = PROMPT) -> str:
+    """Greedy continuation of ``prompt`` by a W4A16 folder, computed in a child process."""
+    completed = subprocess.run([sys.executable, "-c", GENERATE, str(model_dir), prompt], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"reloading {model_dir} failed: {completed.stderr.strip().splitlines()[-1:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run_demo(folder: Path, steps: int = 300) -> dict:
+    """Train, observe, prune, quantize, evaluate, reload and generate; print what happened."""
     from .cli import format_expert_table
-    from .metrics import save_metrics
-    from .observe import load_model, run_observation
+    from .metrics import load_metrics
+    from .pipeline import Pipeline, PipelineConfig, format_summary
 
     folder.mkdir(parents=True, exist_ok=True)
-    model_dir, spec = prepare_demo_inputs(folder)
-    model, tokenizer = load_model(str(model_dir), device="cpu", dtype="float32")
-    metrics = run_observation(model, tokenizer, spec, samples_per_category=None, model_max_length=512, batch_size=2)
-    path = save_metrics(metrics, folder / "observation.pt")
-    print(format_expert_table(metrics))
-    print(f"observation saved to {path}")
+    model_dir, calibration, heldout = prepare_demo_inputs(folder, steps)
+    config = PipelineConfig(
+        model=str(model_dir), dataset=calibration, output=str(folder / "run"), compression_ratio=0.5,
+        model_max_length=512, batch_size=4, device="cpu", dtype="float32", quantize="w4a16", quant_iters=20,
+        quant_nsamples=16, quant_seqlen=256, quant_batch_size=4, eval_dataset=heldout, eval_samples=12,
+        eval_max_length=256,
+    )
+    pipeline = Pipeline(config)
+    summary = pipeline.run()
+    print("\nREAP scores of the observed model (top and bottom experts per layer):")
+    print(format_expert_table(load_metrics(pipeline.observation)))
+    print("\n" + format_summary(summary))
+    continuation = generate_with_quantized(pipeline.quantized)
+    print(f"\nW4A16 model, prompt {PROMPT!r} ->\n{PROMPT}{continuation}")
+    return summary

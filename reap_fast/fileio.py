@@ -5,20 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 
-def atomic_write_json(data: Any, path: str | os.PathLike) -> Path:
-    """Write ``data`` as JSON into a temporary file beside ``path``, then rename it into place."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -26,6 +26,34 @@ def atomic_write_json(data: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def publish_folder(staging: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Rename a finished ``staging`` folder to ``output_dir``; an existing one is replaced only at the end.
+
+    Until the final rename the old folder (or nothing) stands at ``output_dir``, so an interrupted
+    stage never leaves a half-written folder under the final name.
+    """
+    staging, output_dir = Path(staging), Path(output_dir)
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return output_dir
+    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    os.replace(output_dir, trash / output_dir.name)
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        os.replace(trash / output_dir.name, output_dir)
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+    return output_dir
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

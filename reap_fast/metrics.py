@@ -22,11 +22,12 @@ Saved format (``torch.save``), exactly as upstream's ``MoETransformerObserver.re
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .fileio import atomic_write
 
 METRIC_DTYPES: dict[str, torch.dtype] = {
     "total_tokens": torch.int64,
@@ -173,19 +174,7 @@ def save_metrics(metrics: dict[int, LayerMetrics], path: str | os.PathLike) -> P
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_metrics(path: str | os.PathLike) -> dict[int, LayerMetrics]:

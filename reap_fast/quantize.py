@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -34,6 +33,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .fileio import publish_folder, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -244,14 +245,6 @@ def check_texts(
 # --------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
@@ -428,7 +421,7 @@ def quantize_w4a16(
             "weight_files": {p.name: sha256_file(p) for p in _weight_files(staging)},
         }
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _publish(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -488,17 +481,6 @@ def _run_auto_round(
     rounder.quantize()
     rounder.save_quantized(str(staging), format="auto_round")
     return routers
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out`` (replacing an existing one last)."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ any calibration work (budget vs top-k and routing groups, unsupported families).
 import logging
 
 import pytest
-import torch
 from oracle import assert_metrics_close
 from test_reference import _batch, _observe, _oracle
 

@@ -23,7 +23,6 @@ bf16 is not tested here: the interpreter's bf16 arithmetic is wrong (see tests/t
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch

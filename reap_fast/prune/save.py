@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
+from ..fileio import publish_folder
 from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def save_pruned(
             handle.write("\n")
         with open(staging / "reap_args.yaml", "w", encoding="utf-8") as handle:
             yaml.dump(_plain(args if args is not None else metadata), handle, default_flow_style=False)
-        _publish(staging, output_dir)
+        publish_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -132,16 +133,3 @@ def save_pruned(
     return output_dir
 
 
-def _publish(staging: Path, output_dir: Path) -> None:
-    """Rename ``staging`` to ``output_dir``, replacing an existing directory (checked by the caller)."""
-    if not output_dir.exists():
-        os.replace(staging, output_dir)
-        return
-    backup = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(output_dir, backup)
-    try:
-        os.replace(staging, output_dir)
-    except BaseException:
-        os.replace(backup, output_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
