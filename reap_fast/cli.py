@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize", choices=["w4a16"], default=None, help="quantize the pruned model")
     _add_quantize_arguments(run)
     run.add_argument("--quant-batch-size", type=int, default=8)
-    run.add_argument("--eval-dataset", default=None, help="held-out text spec; enables the perplexity step")
+    run.add_argument("--eval", action="store_true", help="perplexity of original, pruned and quantized models")
+    run.add_argument("--eval-dataset", default=None, help="held-out text spec for --eval (implies --eval)")
     run.add_argument("--eval-samples", type=int, default=16, help="held-out sequences for perplexity")
     run.add_argument("--eval-max-length", type=int, default=512, help="tokens per held-out sequence")
     run.add_argument("--overwrite", action="store_true", help="start over in an --output holding another run")
@@ -195,8 +196,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline, PipelineConfig, format_summary
+    from .pipeline import Pipeline, PipelineConfig, PipelineError, format_summary
 
+    if args.eval and not args.eval_dataset:
+        raise PipelineError("--eval needs --eval-dataset: held-out text that calibration did not see")
     config = PipelineConfig(
         model=args.model, dataset=args.dataset, output=args.output,
         compression_ratio=args.compression_ratio if args.n_experts_to_prune is None else None,

@@ -99,3 +99,11 @@ def test_non_empty_foreign_output_is_refused(inputs):
     (root / "foreign" / "notes.txt").write_text("not a pipeline")
     with pytest.raises(PipelineError, match="not empty"):
         Pipeline(_config(inputs, "foreign"))
+
+
+def test_eval_without_held_out_text_is_refused(inputs, capsys):
+    root, model, calib, _ = inputs
+    code = main(["run", "--model", str(model), "--dataset", str(calib), "--eval", "--output", str(root / "noeval")])
+    assert code == 2
+    assert "--eval needs --eval-dataset" in capsys.readouterr().err
+    assert not (root / "noeval").exists()
