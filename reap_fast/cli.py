@@ -37,8 +37,6 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renormalize-router-weights", type=parse_bool, default=True, metavar="{true,false}")
     parser.add_argument("--engine", default="auto", choices=["auto", "reference", "triton"])
     parser.add_argument("--layerwise", action="store_true", help="stream one decoder layer at a time from disk")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted observation")
-    parser.add_argument("--checkpoint-dir", default=None, help="where partial statistics are checkpointed")
     parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
 
 
@@ -71,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     observe = commands.add_parser("observe", help="compute REAP statistics and save the observation .pt")
     _add_observe_arguments(observe)
     observe.add_argument("--output", required=True, help="observation file to write (.pt)")
+    observe.add_argument("--resume", action="store_true", help="continue an interrupted observation")
+    observe.add_argument("--checkpoint-dir", default=None, help="partial statistics (default: OUTPUT.partial)")
     observe.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     observe.add_argument("--top", type=int, default=3, help="experts shown per layer in the summary table")
 
@@ -208,6 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, renormalize=args.renormalize_router_weights,
         global_ranking=args.global_ranking, preserve_super_experts=args.preserve_super_experts,
         engine=args.engine, device=args.device, dtype=args.dtype, layerwise=args.layerwise,
+        checkpoint_every=args.checkpoint_every,
         quantize=args.quantize, quant_iters=args.iters, quant_nsamples=args.nsamples, quant_seqlen=args.seqlen,
         quant_batch_size=args.quant_batch_size, eval_dataset=args.eval_dataset, eval_samples=args.eval_samples,
         eval_max_length=args.eval_max_length, overwrite=args.overwrite,

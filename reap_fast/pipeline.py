@@ -57,6 +57,7 @@ class PipelineConfig:
     device: str = "auto"
     dtype: str = "auto"
     layerwise: bool = False
+    checkpoint_every: float = 300.0  # seconds between observation checkpoints (a rerun resumes from them)
     quantize: str | None = None  # None or "w4a16"
     quant_iters: int = 200
     quant_nsamples: int = 128
@@ -72,7 +73,7 @@ class PipelineConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings that determine the outputs (resuming with different ones is refused)."""
         settings = asdict(self)
-        for volatile in ("output", "overwrite", "progress", "engine", "device", "layerwise", "extra"):
+        for volatile in ("output", "overwrite", "progress", "engine", "device", "layerwise", "checkpoint_every", "extra"):
             settings.pop(volatile)
         return settings
 
@@ -207,7 +208,7 @@ class Pipeline:
         metrics = observe_checkpoint(
             c.model, c.dataset, c.samples_per_category, c.model_max_length, c.batch_size, c.seed, c.engine,
             c.renormalize, c.device, c.dtype, progress=c.progress, layerwise=c.layerwise, resume=True,
-            checkpoint_dir=str(self.root / "observation.partial"),
+            checkpoint_dir=str(self.root / "observation.partial"), checkpoint_every=c.checkpoint_every,
         )
         return [save_metrics(metrics, self.observation)]
 
