@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import grouped_tile
+
 from .gate_up import dot_precision
 
 
@@ -50,14 +52,7 @@ def _down_proj_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(hidden_size, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_pid_in_group) % group_size
-    pid_n = (pid % num_pid_in_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), max_blocks, hidden_size, BLOCK_N, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     if expert >= num_experts:

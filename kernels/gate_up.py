@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import grouped_tile
+
 ACTIVATIONS = {"silu": 0, "gpt_oss_swiglu": 1}
 
 
@@ -74,16 +76,7 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M consecutive blocks (mostly of the same expert) sweep one column tile
-    # together, so an expert's weight tile is read from DRAM once and then hit in L2.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(inter_size, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(max_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_pid_in_group) % group_size
-    pid_n = (pid % num_pid_in_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), max_blocks, inter_size, BLOCK_N, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     if expert >= num_experts:  # block past the last expert's padded segment
