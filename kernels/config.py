@@ -44,6 +44,11 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
 
+    def launch_options(self, block_m: int) -> dict[str, int]:
+        """The tile constexprs and launch options a grouped GEMM kernel takes."""
+        return dict(BLOCK_M=block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
 
 @dataclass(frozen=True)
 class MoEConfig:

@@ -137,11 +137,6 @@ def down_projection(
         HAS_BIAS=bias is not None,
         UPCAST=upcast,
         DOT_PRECISION=dot_precision(intermediate.dtype, upcast),
-        BLOCK_M=block_m,
-        BLOCK_N=gemm.block_n,
-        BLOCK_K=gemm.block_k,
-        GROUP_M=gemm.group_m,
-        num_warps=gemm.num_warps,
-        num_stages=gemm.num_stages,
+        **gemm.launch_options(block_m),
     )
     return y

@@ -210,11 +210,6 @@ def gate_up_activation(
         HAS_BIAS=bias is not None,
         UPCAST=upcast,
         DOT_PRECISION=dot_precision(hidden_states.dtype, upcast),
-        BLOCK_M=block_m,
-        BLOCK_N=gemm.block_n,
-        BLOCK_K=gemm.block_k,
-        GROUP_M=gemm.group_m,
-        num_warps=gemm.num_warps,
-        num_stages=gemm.num_stages,
+        **gemm.launch_options(block_m),
     )
     return out

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .devices import resolve_device
 from .fileio import publish_folder, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -312,16 +313,6 @@ def is_complete_output(output_dir: str | os.PathLike, *, check_hashes: bool = Tr
 # --------------------------------------------------------------------------------------------------
 # Quantization
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch  # noqa: PLC0415
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise QuantizationError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    return device
 
 
 def quantize_w4a16(

@@ -68,6 +68,7 @@ def test_observe_cli_refuses_to_overwrite(checkpoint, dataset, tmp_path, capsys)
         ("missing_data", "no such file"),
         ("bad_spec", "spec"),
         ("bad_engine_device", "no CUDA device"),
+        ("bad_device_name", "device must be"),
         ("bad_batch", "batch size"),
     ],
 )
@@ -93,6 +94,8 @@ def test_observe_cli_bad_input_gives_one_line_error(case, message, checkpoint, d
         if torch.cuda.is_available():
             pytest.skip("needs a machine without CUDA")
         extra = ["--device", "cuda"]
+    elif case == "bad_device_name":
+        extra = ["--device", "gpu0"]
     elif case == "bad_batch":
         extra = ["--batch-size", "0"]
     code = main(["observe", "--model", model, "--dataset", data, "--model-max-length", "64",

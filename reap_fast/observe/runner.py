@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..devices import resolve_device
 from ..metrics import LayerMetrics
 from ..models import get_adapter
 from .session import Observer
@@ -30,15 +31,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class ModelLoadError(ValueError):
     """The checkpoint cannot be loaded (missing folder, no config, unsupported family)."""
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device} requested but no CUDA device is available")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
