@@ -207,16 +207,9 @@ def observe_batches(
 
 
 def observe_calibration(model, calibration, batch_size: int, engine: str, renormalize: bool, progress: bool = True):
-    """Observe a built calibration set with ``model``."""
-    device = str(model.get_input_embeddings().weight.device)
-    engine = resolve_engine(engine, device)
-    logger.info(
-        "observing %d sequences of %d tokens (%d counted) with the %s engine",
-        len(calibration), calibration.input_ids.shape[1], calibration.num_stat_tokens(), engine,
-    )
-    total = -(-len(calibration) // batch_size)
-    with Observer(model, engine=engine, renormalize=renormalize) as observer:
-        return observer.run(calibration.batches(batch_size), total=total, progress=progress)
+    """Observe a built calibration set with ``model``; returns the metrics in upstream's format."""
+    accumulators = observe_batches(model, calibration, batch_size, engine, renormalize, progress)
+    return {index: acc.to_upstream() for index, acc in sorted(accumulators.items())}
 
 
 def run_observation(
