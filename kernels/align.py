@@ -18,6 +18,7 @@ Worked example: T = 4 tokens, k = 2, E = 3 experts, BLOCK_M = 4::
     sorted_pair_ids (5 x 4)    = [0, 4, 7, 8 | 3, 8, 8, 8 | 1, 2, 5, 6 | 8, 8, 8, 8 | 8, 8, 8, 8]
                                   (8 = S marks a padding row: loads are masked, nothing is stored)
     block_expert               = [0, 1, 2, 3, 3]   (E = 3 marks an empty block: the program exits)
+    expert_start               = [0, 4, 8]         (first row of each expert; its counts[e] rows follow)
 
 Within an expert the pairs keep their original order (stable sort), so the result is deterministic.
 The grid of the GEMMs is launched over ``max_blocks``, an upper bound known on the host without
@@ -38,6 +39,7 @@ class Alignment:
     sorted_pair_ids: torch.Tensor  # (max_blocks * BLOCK_M,) int32, pair id t*k+slot, or S for padding
     block_expert: torch.Tensor  # (max_blocks,) int32, expert of each block, or E for an empty block
     counts: torch.Tensor  # (E,) int64, routed pairs per expert (all tokens, masked ones included)
+    expert_start: torch.Tensor  # (E,) int64, first row of each expert in sorted_pair_ids
     max_blocks: int  # host-side upper bound on the number of non-empty blocks (grid size)
     block_m: int
     num_pairs: int  # S = T * k
@@ -79,4 +81,4 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
 
     block_ids = torch.arange(max_blocks, device=device)
     block_expert = torch.searchsorted(block_end, block_ids, right=True).to(torch.int32)  # E past the end
-    return Alignment(sorted_pair_ids, block_expert, counts, max_blocks, block_m, num_pairs)
+    return Alignment(sorted_pair_ids, block_expert, counts, padded_start, max_blocks, block_m, num_pairs)

@@ -1,4 +1,4 @@
-"""The fused MoE forward with optional REAP statistics: align -> gate_up+act -> down -> combine(+stats).
+"""The fused MoE forward with optional REAP statistics: align -> gate_up+act -> down -> combine -> expert stats.
 
     hidden (T, H) ─┐
     top_k_index ───┼─ align.py ──> sorted_pair_ids, block_expert      (pairs sorted by expert, padded)
@@ -6,9 +6,11 @@
                    └─ gate_up.py ─> h (S, I)   act(x W_gate) * (x W_up), rows = pair ids
                       down_proj.py ─> y (S, H)  h W_down (+ bias), unweighted
                       combine.py ──> out (T, H) sum_slot y * w        and, with statistics on,
-                                     count / ean / weighted_ean / gate_sum / max per expert (atomics)
+                                     ||y|| and max(y) of every pair (T*k,)
+                      expert_stats.py ─> count / ean / weighted_ean / gate_sum / max per expert
+                                     (one program per expert over its sorted pairs: no atomics)
 
-``fused_moe`` validates every input (one-line ``ValueError`` messages) and launches the four steps.
+``fused_moe`` validates every input (one-line ``ValueError`` messages) and launches the five steps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .align import align_by_expert
 from .combine import combine
 from .config import INTERPRET, MoEConfig, get_config
 from .down_proj import down_projection
+from .expert_stats import expert_statistics
 from .gate_up import ACTIVATIONS, gate_up_activation
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,9 +65,10 @@ def fused_moe(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Routed MoE forward; returns ``(out (T, H) in the input dtype, stats or None)``.
 
-    ``stats`` (only when ``gates`` is given) holds per-expert (E,) tensors: ``count`` int32,
-    ``ean_sum``, ``weighted_ean_sum``, ``gate_sum`` fp32 and ``max_activation`` fp32 (-inf for experts
-    without counted pairs), plus ``tokens`` () int64, the number of counted tokens.
+    ``stats`` (only when ``gates`` is given) holds per-expert (E,) tensors: ``count`` int64,
+    ``ean_sum``, ``weighted_ean_sum``, ``gate_sum`` fp64 and ``max_activation`` fp32 (-inf for experts
+    without counted pairs), plus ``tokens`` () int64, the number of counted tokens. They are bitwise
+    reproducible: no atomics, a summation order fixed by the routing.
     """
     _check(hidden_states.dim() == 2, f"hidden_states must be (T, H), got shape {tuple(hidden_states.shape)}")
     dtype, device = hidden_states.dtype, hidden_states.device
@@ -110,17 +114,17 @@ def fused_moe(
         config = get_config(num_experts, hidden_size, inter_size, top_k, num_tokens, dtype)
     config.validate()
 
-    stats = None
-    if gates is not None:
-        stats = {
-            "tokens": (token_mask.sum() if token_mask is not None else torch.tensor(num_tokens, device=device)).to(torch.int64),
-            "count": torch.zeros(num_experts, dtype=torch.int32, device=device),
-            "ean_sum": torch.zeros(num_experts, dtype=torch.float32, device=device),
-            "weighted_ean_sum": torch.zeros(num_experts, dtype=torch.float32, device=device),
-            "gate_sum": torch.zeros(num_experts, dtype=torch.float32, device=device),
-            "max_activation": torch.full((num_experts,), float("-inf"), dtype=torch.float32, device=device),
-        }
     if num_tokens == 0:
+        stats = None
+        if gates is not None:
+            stats = {
+                "tokens": torch.zeros((), dtype=torch.int64, device=device),
+                "count": torch.zeros(num_experts, dtype=torch.int64, device=device),
+                "ean_sum": torch.zeros(num_experts, dtype=torch.float64, device=device),
+                "weighted_ean_sum": torch.zeros(num_experts, dtype=torch.float64, device=device),
+                "gate_sum": torch.zeros(num_experts, dtype=torch.float64, device=device),
+                "max_activation": torch.full((num_experts,), float("-inf"), dtype=torch.float32, device=device),
+            }
         return hidden_states.new_zeros(0, hidden_size), stats
 
     upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
@@ -136,10 +140,16 @@ def fused_moe(
         intermediate, w_down, b_down, alignment.sorted_pair_ids, alignment.block_expert, alignment.max_blocks,
         transposed=layout.transposed, gemm=config.down, block_m=config.block_m, upcast=upcast,
     )
-    out = combine(
-        y, top_k_weights, dtype, stats=stats, top_k_index=index32,
-        gates=None if gates is None else gates.to(torch.float32),
-        token_mask=None if token_mask is None else token_mask.reshape(-1).to(torch.uint8),
+    out, pair_norm, pair_max = combine(
+        y, top_k_weights, dtype, with_stats=gates is not None,
         block_h=config.combine_block_h, num_warps=config.combine_num_warps,
     )
+    if gates is None:
+        return out, None
+    mask8 = None if token_mask is None else token_mask.reshape(-1).to(torch.uint8)
+    stats = expert_statistics(
+        alignment.sorted_pair_ids, alignment.expert_start, alignment.counts, pair_norm, pair_max,
+        gates, mask8, top_k,
+    )
+    stats["tokens"] = (token_mask.sum() if token_mask is not None else torch.tensor(num_tokens, device=device)).to(torch.int64)
     return out, stats

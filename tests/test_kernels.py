@@ -109,7 +109,7 @@ def run_case(experts, num_tokens, top_k, kind, masked, dtype, seed=1):
     out_rtol, out_atol, stats_rtol, oracle_rtol, oracle_atol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (num_tokens, hidden)
     torch.testing.assert_close(out, ref_out, rtol=out_rtol, atol=out_atol)
-    assert stats.count.dtype == torch.int32 and stats.ean_sum.dtype == torch.float32
+    assert stats.count.dtype == torch.int64 and stats.ean_sum.dtype == torch.float64
     assert int(stats.tokens) == int(ref_stats.tokens)
     assert torch.equal(stats.count.long(), ref_stats.count.long())
     for key in STAT_KEYS[1:]:
@@ -193,6 +193,7 @@ def test_align_docstring_example():
     assert alignment.sorted_pair_ids.tolist() == [0, 4, 7, 8, 3, 8, 8, 8, 1, 2, 5, 6] + [8] * 8
     assert alignment.block_expert.tolist() == [0, 1, 2, 3, 3]
     assert alignment.counts.tolist() == [3, 1, 4]
+    assert alignment.expert_start.tolist() == [0, 4, 8]
 
 
 def test_align_random_is_a_padded_permutation():
@@ -209,6 +210,50 @@ def test_align_random_is_a_padded_permutation():
             assert rows.numel() == 0
         else:
             assert torch.all(flat[rows.long()] == expert)
+    for expert in range(7):  # each expert's pairs: contiguous from expert_start, in pair-id order
+        start, count = int(alignment.expert_start[expert]), int(alignment.counts[expert])
+        rows = alignment.sorted_pair_ids[start:start + count].long()
+        assert torch.all(flat[rows] == expert) and torch.all(rows[1:] > rows[:-1])
+        assert count == int((flat == expert).sum())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_expert_statistics_reduce_pairs_exactly(masked):
+    """The per-expert reduction against float64 index_add over the same per-pair values.
+
+    Skewed routing puts > 2 * BLOCK pairs on expert 0 (several loop iterations) and none on expert 5.
+    Sums of fp32 values in fp64 are exact to fp64 rounding; maxima and counts are exact.
+    """
+    from reap_kernels.expert_stats import expert_statistics
+
+    generator = torch.Generator().manual_seed(11)
+    num_tokens, top_k, num_experts = 300, 3, 6
+    index = torch.randint(1, 5, (num_tokens, top_k), generator=generator)
+    index[:, 0] = 0
+    index[:200, 1] = 0  # expert 0 gets 500 pairs
+    flat = index.reshape(-1)
+    pair_norm = torch.rand(num_tokens * top_k, generator=generator) * 10
+    pair_max = torch.randn(num_tokens * top_k, generator=generator)
+    gates = torch.rand(num_tokens, top_k, generator=generator)
+    mask = torch.rand(num_tokens, generator=generator) > 0.25 if masked else torch.ones(num_tokens, dtype=torch.bool)
+    alignment = reap_kernels.align_by_expert(index.to(torch.int32), num_experts, block_m=16)
+    with torch.device(DEVICE):
+        stats = expert_statistics(
+            alignment.sorted_pair_ids.to(DEVICE), alignment.expert_start.to(DEVICE), alignment.counts.to(DEVICE),
+            pair_norm.to(DEVICE), pair_max.to(DEVICE), gates.to(DEVICE),
+            mask.to(DEVICE, torch.uint8) if masked else None, top_k, block=128,
+        )
+    counted = mask.repeat_interleave(top_k)
+    expected_count = torch.zeros(num_experts, dtype=torch.int64).index_add_(0, flat[counted], torch.ones(int(counted.sum()), dtype=torch.int64))
+    assert expected_count[0] > 2 * 128 and expected_count[5] == 0
+    assert torch.equal(stats["count"].cpu(), expected_count)
+    norm64, gate64 = pair_norm.double()[counted], gates.reshape(-1).double()[counted]
+    for key, values in (("ean_sum", norm64), ("weighted_ean_sum", gate64 * norm64), ("gate_sum", gate64)):
+        expected = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat[counted], values)
+        assert stats[key].dtype == torch.float64
+        torch.testing.assert_close(stats[key].cpu(), expected, rtol=1e-13, atol=0, msg=key)
+    expected_max = torch.full((num_experts,), float("-inf")).scatter_reduce_(0, flat[counted], pair_max[counted], "amax")
+    assert torch.equal(stats["max_activation"].cpu(), expected_max)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -1,4 +1,4 @@
-"""The Triton engine: the routed MoE forward and the REAP statistics in four fused kernels.
+"""The Triton engine: the routed MoE forward and the REAP statistics in fused Triton kernels.
 
 Same signature and semantics as :func:`reap_fast.observe.reference.reference_experts_forward`; the
 kernels live in ``reap_kernels`` (folder ``kernels/``). The weights and the layout flags are read from
@@ -75,8 +75,8 @@ def triton_experts_forward(
     """Routed MoE forward of ``experts`` for (T, H) ``hidden_states``; statistics when ``gates`` is given.
 
     ``gates`` (T, k) fp32 is REAP's g per routed pair; ``token_mask`` (T,) bool marks the tokens counted
-    in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` (fp32 sums,
-    int32 counts) or None.
+    in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` (fp64 sums,
+    int64 counts, bitwise reproducible) or None.
     """
     kernels = _import_kernels()
     if hidden_states.device.type == "cpu" and not kernels.INTERPRET:
