@@ -1,6 +1,7 @@
 """`reap-fast run`: all stages end to end on the tiny model, resume from checksummed outputs, refusals."""
 
 import json
+from importlib.util import find_spec
 
 import pytest
 from transformers import AutoConfig
@@ -33,6 +34,7 @@ def _config(inputs, output, **overrides):
     return PipelineConfig(**settings)
 
 
+@pytest.mark.skipif(find_spec("auto_round") is None, reason="auto-round not installed (extra 'quant')")
 def test_run_cli_all_stages_then_resume_skips_everything(inputs, capsys):
     root, model, calib, heldout = inputs
     argv = ["run", "--model", str(model), "--dataset", f"{calib}:6", "--model-max-length", "128",
