@@ -41,10 +41,12 @@ import re
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import datasets
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +180,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or _builder_for(Path(name)) is not None
 
 
+def _datasets():
+    """The ``datasets`` package, imported only when a calibration source is read.
+
+    Pre-tokenized batches (``CalibrationSet``) and everything else in reap-fast work without it.
+    """
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CalibrationDataError(f"reading calibration data needs the 'datasets' package: {exc}") from None
+    return datasets
+
+
 def _run_builder(builder: str, files: list[Path], what: str, **config: Any) -> datasets.Dataset:
+    datasets = _datasets()
     try:
         return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, split="train", **config)
     except Exception as exc:  # datasets raises many kinds; the user needs the path and the reason
@@ -220,6 +235,7 @@ def _files_for_split(files: list[Path], root: Path, split: str) -> list[Path]:
 
 def _load_saved(path: Path, category: CategorySpec) -> datasets.Dataset:
     label = category.label
+    datasets = _datasets()
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:
@@ -266,6 +282,7 @@ def _load_local_folder(path: Path, category: CategorySpec) -> datasets.Dataset:
 
 
 def _load_hub(category: CategorySpec) -> datasets.Dataset:
+    datasets = _datasets()
     try:
         loaded = datasets.load_dataset(category.name, category.subset, split=category.split)
     except Exception as exc:
@@ -297,7 +314,7 @@ def _load_raw(category: CategorySpec) -> datasets.Dataset:
 
 
 def _is_string(feature: Any) -> bool:
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    return isinstance(feature, _datasets().Value) and feature.dtype in ("string", "large_string")
 
 
 def _resolve_columns(ds: datasets.Dataset, category: CategorySpec) -> tuple[str, tuple[str, ...]]:

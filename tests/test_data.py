@@ -180,7 +180,7 @@ def test_hub_name_goes_to_load_dataset(monkeypatch, tok):
         calls.append((name, subset, split))
         return datasets.Dataset.from_dict({"text": ["from the hub"]})
 
-    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     (cat,) = parse_dataset_spec("org/name[cfg](validation):1")
     assert load_documents(cat, tok) == ["from the hub"]
     assert calls == [("org/name", "cfg", "validation")]
@@ -190,7 +190,7 @@ def test_hub_failure_is_one_line(monkeypatch, tok):
     def failing(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'org/name' on the Hub\n(LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(data.datasets, "load_dataset", failing)
+    monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(CalibrationDataError) as info:
         build_calibration_set("org/name:1", byte_tokenizer(), model_max_length=16)
     message = str(info.value)
@@ -449,3 +449,20 @@ def test_local_source_errors(tmp_path, tok):
     (bare / "readme.md").write_text("nothing")
     with pytest.raises(CalibrationDataError, match="no data files"):
         load_documents(category(str(bare)), tok)
+
+
+def test_without_the_datasets_package_reading_data_is_a_one_line_error(tmp_path, tok, monkeypatch):
+    """The GPU images lack `datasets`: everything but reading a calibration source must still work."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "import reap_fast.data, reap_fast.observe, reap_fast.prune\n"
+            "assert 'reap_fast.data' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    path = write_jsonl(tmp_path / "calib.jsonl", [{"text": "some calibration text"}] * 4)
+    with pytest.raises(CalibrationDataError, match="reading calibration data needs the 'datasets' package") as info:
+        build_calibration_set(f"{path}:2", tok, model_max_length=8)
+    assert "\n" not in str(info.value)
