@@ -12,10 +12,9 @@ after ``torch.cuda.get_device_name()`` with spaces replaced by underscores, e.g.
                 "combine": {"block_h": 512, "num_warps": 4}}}
 
 Lookup: the device file first, then ``default.json``; among the entries whose ``match`` fits, the one
-matching the most keys wins, ties broken by the nearest ``T`` (in log scale). To add a tuned entry,
-time ``reap_kernels.moe.fused_moe`` for candidate configs at your shape (``bench/test_moe_layer.py``
-shows the call; pass ``config=MoEConfig.from_dict(...)``), and append the fastest as an entry in your
-device's file (create it if missing). Under ``TRITON_INTERPRET=1`` one fixed small config is used.
+matching the most keys wins, ties broken by the nearest ``T`` (in log scale). ``bench/tune.py`` writes
+such a file for one shape on the GPU it runs on; copy it to your device's file name. Under
+``TRITON_INTERPRET=1`` one fixed small config is used.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def _expert_stats_kernel(
 ):
     expert = tl.program_id(0)
     start = tl.load(expert_start_ptr + expert)
-    num_rows = tl.load(counts_ptr + expert)
+    num_rows = tl.load(counts_ptr + expert).to(tl.int32)  # < T*k; an int32 loop bound
     count = tl.zeros((BLOCK,), dtype=tl.int64)
     ean = tl.zeros((BLOCK,), dtype=tl.float64)
     weighted_ean = tl.zeros((BLOCK,), dtype=tl.float64)
