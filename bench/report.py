@@ -4,7 +4,9 @@ Reads every ``bench/results/*.json`` (or the files given): pytest-benchmark outp
 (``{"machine_info": ..., "benchmarks": [{"stats": {...}, "extra_info": {...}}]}``) or the fallback
 format of ``bench/test_moe_layer.py --json`` (``{"machine_info": ..., "results": [{"median_s": ...}]}``).
 Each measurement is identified by its device, its shape (every ``extra_info`` field except the variant
-and the timing) and its variant. Speed-up = median time of the baseline variant (default
+and the timing) and its variant. End-to-end observation results (``bench/test_observe_e2e.py``: their
+``extra_info`` has a ``projection``) get a table of their own: time per 2048-token sample and the
+projection for the whole 48-layer job next to upstream's reported time. Speed-up = median time of the baseline variant (default
 ``upstream_hook``, Cerebras REAP's observer hook) / median time of the variant, for the same device,
 file and shape. Missing fields are tolerated: the device falls back to ``machine_info``, the variant to
 the benchmark's parameters or name, the token count to ``T``/``tokens``/``num_tokens``; rows without a
@@ -105,6 +107,9 @@ def load_measurements(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]
                 continue
             device = str(extra.get("device") or file_device or machine.get("machine") or "unknown device")
             variant = _variant(extra, bench)
+            if "projection" in extra:
+                rows.append(_end_to_end_row(path.name, device, variant, extra, env))
+                continue
             # Only Triton variants run under the interpreter; PyTorch variants on a CPU are real timings.
             row_interpreted = (interpreted or "TRITON_INTERPRET" in device) and variant.startswith("triton")
             versions = {k: (extra.get(k) or env.get(k)) for k in VERSION_KEYS if (extra.get(k) or env.get(k))}
@@ -129,6 +134,61 @@ def load_measurements(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]
                 "rounds": rounds,
             })
     return rows
+
+
+def _end_to_end_row(file: str, device: str, variant: str, extra: dict, env: dict) -> dict[str, Any]:
+    """A row of ``bench/test_observe_e2e.py``: the observed slice and the projection for the real job."""
+    shape = extra.get("shape") if isinstance(extra.get("shape"), dict) else {}
+    return {
+        "kind": "end_to_end",
+        "file": file,
+        "device": device,
+        "versions": {k: env[k] for k in VERSION_KEYS if env.get(k)},
+        "variant": variant,
+        "layers": shape.get("layers"),
+        "samples": shape.get("samples"),
+        "tokens_per_sample": shape.get("tokens_per_sample"),
+        "seconds_per_sample": _as_float(extra.get("seconds_per_sample")),
+        "seconds_per_layer_sample": _as_float(extra.get("seconds_per_layer_sample")),
+        "projected_minutes": _as_float(extra.get("projected_real_job_minutes")),
+        "upstream_minutes": _as_float(extra.get("upstream_reported_minutes")),
+        "upstream_hardware": extra.get("upstream_hardware"),
+        "projection": extra.get("projection"),
+    }
+
+
+def split_kinds(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(layer rows, end-to-end rows)."""
+    layer = [r for r in rows if r.get("kind") != "end_to_end"]
+    return layer, [r for r in rows if r.get("kind") == "end_to_end"]
+
+
+def markdown_end_to_end(rows: list[dict[str, Any]]) -> str:
+    """One table of end-to-end observation rows: measured slice, per-sample time, projected real job."""
+    if not rows:
+        return ""
+    out = ["### End-to-end observation (whole model forward, REAP statistics on)", "",
+           "| device | variant | measured slice | per sample (slice) | per layer and sample | "
+           "projected job | upstream reported |",
+           "|---|---|---|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["device"], r["variant"])):
+        measured = f"{row['layers']} layers x {row['samples']} x {row['tokens_per_sample']} tokens"
+        per_sample = _time(row["seconds_per_sample"]) if row["seconds_per_sample"] else "-"
+        per_layer = _time(row["seconds_per_layer_sample"]) if row["seconds_per_layer_sample"] else "-"
+        if row["projected_minutes"]:
+            projected = f"{row['projected_minutes']:.1f} min"
+            ratio = (f" ({row['upstream_minutes'] / row['projected_minutes']:.0f}x faster)"
+                     if row["upstream_minutes"] else "")
+        else:
+            projected, ratio = "not meaningful (CPU, tiny shape)", ""
+        upstream = (f"{row['upstream_minutes']:.0f} min on {row['upstream_hardware']}{ratio}"
+                    if row["upstream_minutes"] else "-")
+        out.append(f"| {row['device']} | {row['variant']} | {measured} | {per_sample} | {per_layer} | {projected} | {upstream} |")
+    projections = {r["projection"] for r in rows if r.get("projection")}
+    out.append("")
+    out.append("Projected job: " + "; ".join(sorted(projections)) + " (the per-layer-and-sample time of the slice, "
+               "times the job's layers and samples, plus weight loading). Upstream's figure is from other hardware.")
+    return "\n".join(out) + "\n"
 
 
 def add_speedups(rows: list[dict[str, Any]], baseline: str = DEFAULT_BASELINE) -> list[dict[str, Any]]:
@@ -250,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-readme", action="store_true", help="print only the markdown block for README.md")
     args = parser.parse_args(argv)
     files = args.files or sorted(glob.glob(DEFAULT_GLOB))
-    rows = add_speedups(load_measurements(files), args.baseline)
+    rows, end_to_end = split_kinds(load_measurements(files))
+    rows = add_speedups(rows, args.baseline)
     text = markdown(rows, args.baseline)
+    if end_to_end:
+        text += "\n" + markdown_end_to_end(end_to_end)
     written = plot(rows, args.plot, args.baseline) if args.plot else None
     if args.write_readme:
         print("## Speed\n")
