@@ -69,6 +69,24 @@ def _expert_stats_kernel(
     tl.store(max_ptr + expert, tl.max(row_max, axis=0))
 
 
+STATISTICS_DTYPES = {
+    "count": torch.int64,
+    "ean_sum": torch.float64,
+    "weighted_ean_sum": torch.float64,
+    "gate_sum": torch.float64,
+    "max_activation": torch.float32,
+}
+
+
+def statistics_buffers(num_experts: int, device: torch.device, *, filled: bool) -> dict[str, torch.Tensor]:
+    """The (E,) per-expert statistics tensors; ``filled``: the values of no counted pair (0, max -inf)."""
+    if not filled:
+        return {name: torch.empty(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
+    stats = {name: torch.zeros(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
+    stats["max_activation"].fill_(float("-inf"))
+    return stats
+
+
 def expert_statistics(
     sorted_pair_ids: torch.Tensor,
     expert_start: torch.Tensor,
@@ -86,14 +104,7 @@ def expert_statistics(
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
     num_experts = counts.numel()
-    device = pair_norm.device
-    stats = {
-        "count": torch.empty(num_experts, dtype=torch.int64, device=device),
-        "ean_sum": torch.empty(num_experts, dtype=torch.float64, device=device),
-        "weighted_ean_sum": torch.empty(num_experts, dtype=torch.float64, device=device),
-        "gate_sum": torch.empty(num_experts, dtype=torch.float64, device=device),
-        "max_activation": torch.empty(num_experts, dtype=torch.float32, device=device),
-    }
+    stats = statistics_buffers(num_experts, pair_norm.device, filled=False)  # the kernel writes every element
     gates = gates.to(torch.float32).contiguous()
     _expert_stats_kernel[(num_experts,)](
         sorted_pair_ids,

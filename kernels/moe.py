@@ -23,7 +23,7 @@ from .align import align_by_expert
 from .combine import combine
 from .config import INTERPRET, MoEConfig, get_config
 from .down_proj import down_projection
-from .expert_stats import expert_statistics
+from .expert_stats import expert_statistics, statistics_buffers
 from .gate_up import ACTIVATIONS, gate_up_activation
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -117,14 +117,8 @@ def fused_moe(
     if num_tokens == 0:
         stats = None
         if gates is not None:
-            stats = {
-                "tokens": torch.zeros((), dtype=torch.int64, device=device),
-                "count": torch.zeros(num_experts, dtype=torch.int64, device=device),
-                "ean_sum": torch.zeros(num_experts, dtype=torch.float64, device=device),
-                "weighted_ean_sum": torch.zeros(num_experts, dtype=torch.float64, device=device),
-                "gate_sum": torch.zeros(num_experts, dtype=torch.float64, device=device),
-                "max_activation": torch.full((num_experts,), float("-inf"), dtype=torch.float32, device=device),
-            }
+            stats = statistics_buffers(num_experts, device, filled=True)
+            stats["tokens"] = torch.zeros((), dtype=torch.int64, device=device)
         return hidden_states.new_zeros(0, hidden_size), stats
 
     upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
