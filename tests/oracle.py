@@ -7,7 +7,6 @@ over experts pick the routed, non-padding tokens. Used by the reference-path, ke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -82,17 +81,6 @@ def oracle_layer_stats(
         "reap": torch.where(freq > 0, weighted / safe, 0.0),
         "max_activations": max_act,
     }
-
-
-def oracle_softmax_gates(router_weight: torch.Tensor, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                         renormalize: bool, router_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Upstream's g in float64: softmax over all logits, optionally renormalised over the top-k and clamped."""
-    logits = F.linear(hidden.double(), router_weight.double(), None if router_bias is None else router_bias.double())
-    probs = torch.softmax(logits, dim=-1)
-    gates = probs.gather(1, top_k_index.long())
-    if renormalize:
-        gates = (gates / gates.sum(-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).eps)
-    return gates
 
 
 def merge_oracle(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

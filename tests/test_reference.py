@@ -1,12 +1,16 @@
-"""The reference engine against the float64 oracle, on every family, with padding, several top-k and batches."""
+"""The reference engine against the float64 oracle, on every family, with padding, several top-k and batches.
+
+Routing and g come from the hand-written table (tests/gate_table.py), never from reap-fast's adapters.
+"""
 
 import pytest
 import torch
-from oracle import assert_metrics_close, merge_oracle, oracle_layer_stats, oracle_softmax_gates
+from gate_table import NATIVE_RENORMALISED, gates64, renormalised, route64, table_family
+from oracle import assert_metrics_close, merge_oracle, oracle_layer_stats
 
 from reap_fast.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import METRIC_DTYPES, load_metrics, save_metrics
-from reap_fast.models import find_moe_layers, get_adapter
+from reap_fast.models import find_moe_layers
 from reap_fast.observe import Observer
 from reap_fast.tiny import build_model
 
@@ -20,15 +24,15 @@ def _batch(seed: int, batch: int = 2, length: int = 11, pad_last: int = 4):
 
 
 def _oracle(model, batches, renormalize: bool):
-    """Run the STOCK model, capture each router's input and decisions, compute stats in float64."""
-    adapter = get_adapter(model.config)
+    """Run the STOCK model, capture each router's input; route, gate and count in float64 from the hand table."""
+    family = table_family(model.config)
     layers = find_moe_layers(model)
     captured = {}
-    renormalize = renormalize and adapter.model_renormalizes(model.config)
+    renormalise = renormalised(NATIVE_RENORMALISED, family, model.config.get_text_config(), renormalize)
 
     def capture(layer):
         def hook(module, args, output):
-            captured[layer.layer_index] = (args[0].reshape(-1, args[0].shape[-1]), output[1], output[2])
+            captured[layer.layer_index] = args[0].reshape(-1, args[0].shape[-1])
 
         return hook
 
@@ -40,15 +44,10 @@ def _oracle(model, batches, renormalize: bool):
                 model(input_ids=input_ids, attention_mask=attention_mask)
             mask = attention_mask.reshape(-1).bool()
             for layer in layers:
-                hidden, weights, index = captured[layer.layer_index]
-                if adapter.gate_mode == "softmax":
-                    gates = oracle_softmax_gates(layer.router.weight, hidden, index, renormalize,
-                                                 getattr(layer.router, "bias", None))
-                else:
-                    gates = weights.double() / adapter.routed_scaling_factor(model.config)
-                    if renormalize:
-                        gates = (gates / gates.sum(-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).eps)
-                stats = oracle_layer_stats(layer.experts, hidden, index, gates, mask)
+                hidden = captured[layer.layer_index]
+                routing = route64(family, model.config.get_text_config(), layer.router, hidden)
+                gates = gates64(routing, renormalise)
+                stats = oracle_layer_stats(layer.experts, hidden, routing.index, gates, mask)
                 results[layer.layer_index] = merge_oracle(results.get(layer.layer_index), stats)
     finally:
         for handle in handles:
