@@ -48,7 +48,8 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--n-experts-to-prune", type=int, default=None, help="experts removed per layer")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHOD_CHOICES), help="saliency score")
     parser.add_argument("--global", dest="global_ranking", action="store_true",
-                        help="rank layer-normalised scores across layers (non-uniform counts)")
+                        help="rank layer-normalised scores across layers (per-layer counts: refused for every "
+                        "supported family, whose config holds one count)")
     parser.add_argument("--min-experts-per-layer", type=int, default=None, help="floor for --global")
     parser.add_argument("--preserve-super-experts", action="store_true", help="never remove super experts")
     if not any(action.dest == "seed" for action in parser._actions):

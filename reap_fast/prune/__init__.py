@@ -23,7 +23,7 @@ from ..models import get_adapter
 from .save import OutputExistsError, holds_model, prepare_output_dir, save_pruned
 from .scores import DEFAULT_METHOD, METHOD_CHOICES, UnknownMethodError, layer_scores, super_expert_mask
 from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts, uniform_prune_count
-from .slicing import KeepIndexError, UnevenPruningError, expert_counts, prune_model
+from .slicing import PER_LAYER_COUNT_FAMILIES, KeepIndexError, UnevenPruningError, expert_counts, prune_model
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,20 @@ def check_prune_budget(
 ) -> int:
     """Check a pruning budget against a model config before any calibration work; returns experts removed per layer.
 
-    Catches a ratio that leaves fewer experts than the top-k (or than a routing group needs) while it
-    costs nothing, instead of after a long observation.
+    Catches a ratio that leaves fewer experts than the top-k (or than a routing group needs), and global
+    ranking for a family whose config cannot hold per-layer expert counts (none of the supported ones),
+    while it costs nothing, instead of after a long observation.
     """
     adapter = get_adapter(config)
     num_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
     count = experts_to_prune(num_experts, compression_ratio, n_experts_to_prune)
     routing = model_routing(config)
+    if global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
+        raise SelectionError(
+            f"global ranking gives layers different expert counts, but the {adapter.family} config holds one count "
+            f"for all layers ({adapter.num_experts_key}), so the pruned checkpoint could not be loaded again; "
+            "prune uniformly (drop --global / --global_ranking)"
+        )
     if global_ranking:
         floor = max(routing["top_k"] or 1, min_experts_per_layer or 0)
         if floor > num_experts:
@@ -133,11 +140,13 @@ def prune_checkpoint(
     ``compression_ratio`` defaults to 0.5 (upstream's default) when neither it nor ``n_experts_to_prune``
     is given.
     """
-    from ..observe.runner import load_model
+    from ..observe.runner import load_config, load_model
 
     if compression_ratio is None and n_experts_to_prune is None:
         compression_ratio = 0.5
     prepare_output_dir(output_dir, overwrite)  # fail before loading anything
+    check_prune_budget(load_config(str(model_path)), compression_ratio, n_experts_to_prune, global_ranking,
+                       min_experts_per_layer)
     metrics = load_metrics(metrics_path)
     model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
     check_metrics_match(model, metrics, str(metrics_path))
