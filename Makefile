@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench study study-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# The quality study (README "Does the pruned model stay good?"); not part of CI. Resumes when interrupted.
+study: $(STAMP)
+	$(PY) -m reap_fast.study
+
+# One model, four methods, a few minutes: compared with the committed bench/quality/results.json.
+study-quick: $(STAMP)
+	$(PY) -m reap_fast.study --quick
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench -q --benchmark-json=bench/results/local.json

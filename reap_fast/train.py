@@ -16,8 +16,10 @@ the Python standard library's docstrings and sources (:mod:`reap_fast.corpus`), 
   ``P_i`` its mean router probability (1.0 when perfectly balanced). transformers' built-in version
   pools the counts of all layers before multiplying, which lets one layer's imbalance hide behind
   another's, so the loop computes it itself from the returned router logits;
-* everything seeded (initialisation, data order, window sampling): the same seed, thread count and
-  library versions give the same weights.
+* everything seeded (initialisation, data order, window sampling), a fixed thread count and torch's
+  deterministic algorithms (:func:`reproducible`): the same seed, processor, thread count and library
+  versions give bit-identical weights. Another processor (other vector instructions, e.g. AVX2 vs
+  AVX-512/AMX) rounds differently, and the differences grow over the steps: it trains another model.
 
 After training it reports, on the held-out split, routing statistics before and after training
 (:func:`routing_statistics`): expert-usage balance (coefficient of variation and max/min of the
@@ -28,18 +30,21 @@ divergence of the two usage distributions) — evidence that experts specialised
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import platform
+import random
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .environment import environment_record
 from .evaluate import EvalRows, pack_texts, perplexity
 from .tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
@@ -246,6 +251,25 @@ def routing_statistics(model: Any, rows_by_category: Mapping[str, EvalRows], bat
 # --- training -------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def reproducible(seed: int, threads: int = 1) -> Iterator[None]:
+    """Seed torch and ``random``, fix torch's thread count and switch on deterministic algorithms; restore after."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
+        torch.set_num_threads(previous_threads)
+
+
 def _lr_at(step: int, steps: int, lr: float, warmup: int, final_fraction: float = 0.1) -> float:
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
@@ -271,7 +295,7 @@ def train_tiny_moe(
     config_overrides: Mapping[str, Any] | None = None,
     eval_max_rows: int | None = 64,
     log_every: int = 50,
-    threads: int | None = None,
+    threads: int = 1,
 ) -> Path:
     """Train the study MoE and save it (model, tokenizer, ``train_info.json``) in ``output_dir``.
 
@@ -279,114 +303,115 @@ def train_tiny_moe(
     :func:`split_documents`), else from ``documents`` (``{category: [docs]}``, split here with
     ``split_seed``), else from the stdlib corpus. ``seed`` seeds the initialisation and the window
     sampling. ``eval_max_rows`` caps the held-out rows per category used for the before/after report
-    (None = all). Returns the checkpoint folder.
+    (None = all). Training runs under :func:`reproducible` with ``threads`` torch threads. Returns the
+    checkpoint folder.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if threads:
-        torch.set_num_threads(threads)
-    started = time.perf_counter()
-    if splits is None:
-        splits = split_documents(documents if documents is not None else stdlib_corpus(), seed=split_seed)
-    train_texts = [doc for category in sorted(splits["train"]) for doc in splits["train"][category]]
-    tokenizer = byte_tokenizer()
-    stream = token_stream(train_texts, tokenizer)
-    if stream.numel() <= seq_len + 1:
-        raise ValueError(f"the training text has {stream.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    with reproducible(seed, threads):
+        started = time.perf_counter()
+        if splits is None:
+            splits = split_documents(documents if documents is not None else stdlib_corpus(), seed=split_seed)
+        train_texts = [doc for category in sorted(splits["train"]) for doc in splits["train"][category]]
+        tokenizer = byte_tokenizer()
+        stream = token_stream(train_texts, tokenizer)
+        if stream.numel() <= seq_len + 1:
+            raise ValueError(f"the training text has {stream.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
 
-    config = study_config(aux_loss_coef=aux_loss_coef, **dict(config_overrides or {}))
-    torch.manual_seed(seed)
-    model = _init_for_training(config, seed)
-    _use_eager_experts(model)
+        config = study_config(aux_loss_coef=aux_loss_coef, **dict(config_overrides or {}))
+        model = _init_for_training(config, seed)
+        _use_eager_experts(model)
 
-    eval_rows = {
-        category: _cap(pack_texts(docs, tokenizer, seq_len), eval_max_rows)
-        for category, docs in sorted(splits["eval"].items())
-        if docs
-    }
-    before = _held_out_report(model, eval_rows, batch_size)
+        eval_rows = {
+            category: _cap(pack_texts(docs, tokenizer, seq_len), eval_max_rows)
+            for category, docs in sorted(splits["eval"].items())
+            if docs
+        }
+        before = _held_out_report(model, eval_rows, batch_size)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "norm" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
-    warmup = warmup_steps if warmup_steps is not None else min(100, steps // 10)
-    sampler = torch.Generator().manual_seed(seed + 3)
-    top_k = int(config.num_experts_per_tok)
-    history: list[dict[str, float]] = []
-    window = torch.arange(seq_len + 1)
-    model.train()
-    train_started = time.perf_counter()
-    running = {"lm": 0.0, "aux": 0.0, "n": 0}
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=sampler)
-        chunk = stream[starts[:, None] + window]
-        inputs, targets = chunk[:, :-1], chunk[:, 1:]
-        out = model(input_ids=inputs, output_router_logits=True, use_cache=False)
-        lm_loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1))
-        aux = switch_aux_loss(out.router_logits, top_k)
-        loss = lm_loss + aux_loss_coef * aux
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        running["lm"] += float(lm_loss.detach())
-        running["aux"] += float(aux.detach())
-        running["n"] += 1
-        if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
-            entry = {
-                "step": step + 1,
-                "lm_loss": running["lm"] / running["n"],
-                "aux_loss": running["aux"] / running["n"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "elapsed_s": time.perf_counter() - train_started,
-            }
-            history.append(entry)
-            logger.info("step %d/%d lm %.4f aux %.4f", entry["step"], steps, entry["lm_loss"], entry["aux_loss"])
-            running = {"lm": 0.0, "aux": 0.0, "n": 0}
-    train_seconds = time.perf_counter() - train_started
-    model.eval()
-    after = _held_out_report(model, eval_rows, batch_size)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "norm" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "norm" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr,
+            betas=(0.9, 0.95),
+        )
+        warmup = warmup_steps if warmup_steps is not None else min(100, steps // 10)
+        sampler = torch.Generator().manual_seed(seed + 3)
+        top_k = int(config.num_experts_per_tok)
+        history: list[dict[str, float]] = []
+        window = torch.arange(seq_len + 1)
+        model.train()
+        train_started = time.perf_counter()
+        running = {"lm": 0.0, "aux": 0.0, "n": 0}
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, steps, lr, warmup)
+            starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=sampler)
+            chunk = stream[starts[:, None] + window]
+            inputs, targets = chunk[:, :-1], chunk[:, 1:]
+            out = model(input_ids=inputs, output_router_logits=True, use_cache=False)
+            lm_loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1))
+            aux = switch_aux_loss(out.router_logits, top_k)
+            loss = lm_loss + aux_loss_coef * aux
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            running["lm"] += float(lm_loss.detach())
+            running["aux"] += float(aux.detach())
+            running["n"] += 1
+            if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
+                entry = {
+                    "step": step + 1,
+                    "lm_loss": running["lm"] / running["n"],
+                    "aux_loss": running["aux"] / running["n"],
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "elapsed_s": time.perf_counter() - train_started,
+                }
+                history.append(entry)
+                logger.info("step %d/%d lm %.4f aux %.4f", entry["step"], steps, entry["lm_loss"], entry["aux_loss"])
+                running = {"lm": 0.0, "aux": 0.0, "n": 0}
+        train_seconds = time.perf_counter() - train_started
+        model.eval()
+        after = _held_out_report(model, eval_rows, batch_size)
 
-    model.config.output_router_logits = False  # saved for inference; the training setting is in train_info
-    folder = save_checkpoint(model, tokenizer, output_dir)
-    info = {
-        "seed": seed,
-        "split_seed": split_seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "warmup_steps": warmup,
-        "aux_loss_coef": aux_loss_coef,
-        "aux_loss": "per-layer Switch loss E*sum(f_i*P_i), averaged over layers",
-        "grad_clip": grad_clip,
-        "config": {k: getattr(config, k) for k in STUDY_MODEL_CONFIG} | dict(config_overrides or {}),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_documents": {c: len(d) for c, d in sorted(splits["train"].items())},
-        "eval_documents": {c: len(d) for c, d in sorted(splits["eval"].items())},
-        "train_tokens": int(stream.numel()),
-        "tokens_seen": steps * batch_size * seq_len,
-        "epochs": steps * batch_size * seq_len / stream.numel(),
-        "history": history,
-        "before": before,
-        "after": after,
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - started,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
-    }
-    (folder / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return folder
+        model.config.output_router_logits = False  # saved for inference; the training setting is in train_info
+        folder = save_checkpoint(model, tokenizer, output_dir)
+        info = {
+            "seed": seed,
+            "split_seed": split_seed,
+            "steps": steps,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup,
+            "aux_loss_coef": aux_loss_coef,
+            "aux_loss": "per-layer Switch loss E*sum(f_i*P_i), averaged over layers",
+            "grad_clip": grad_clip,
+            "config": {k: getattr(config, k) for k in STUDY_MODEL_CONFIG} | dict(config_overrides or {}),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_documents": {c: len(d) for c, d in sorted(splits["train"].items())},
+            "eval_documents": {c: len(d) for c, d in sorted(splits["eval"].items())},
+            "train_tokens": int(stream.numel()),
+            "tokens_seen": steps * batch_size * seq_len,
+            "epochs": steps * batch_size * seq_len / stream.numel(),
+            "history": history,
+            "before": before,
+            "after": after,
+            "train_seconds": train_seconds,
+            "total_seconds": time.perf_counter() - started,
+            "threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "environment": environment_record(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+        }
+        (folder / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        return folder
 
 
 def _cap(rows: EvalRows, max_rows: int | None) -> EvalRows:

@@ -110,25 +110,27 @@ def test_routing_statistics_counts_only_document_tokens(one_thread):
     assert "category_js_bits" not in layer  # one category only
 
 
-def test_study_end_to_end(tmp_path, one_thread):
+def study_config(**changes):
+    from reap_fast.study import StudyConfig
+
+    options = dict(train_seeds=2, seeds=2, steps=10, seq_len=32, batch_size=4, calib_samples=2, eval_rows=None,
+                   train_options={k: v for k, v in TRAIN.items() if k != "seq_len"})
+    options.update(changes)
+    return StudyConfig(**options)
+
+
+def test_study_end_to_end_and_resume(tmp_path, one_thread, monkeypatch):
+    from reap_fast import study as study_module
     from reap_fast.study import DEFAULT_METHODS, run_study
+    from reap_fast.evaluate import perplexity
 
     out, work = tmp_path / "out", tmp_path / "work"
-    options = dict(
-        seeds=2,
-        steps=10,
-        seq_len=32,
-        batch_size=4,
-        calib_samples=2,
-        documents=tiny_documents(),
-        train_options={k: v for k, v in TRAIN.items() if k != "seq_len"},
-        quantize=False,
-    )
-    results = run_study(out, work, **options)
+    config = study_config()
+    results = run_study(config, out, work, documents=tiny_documents())
     for name in ("results.json", "results.md", "quality.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     saved = json.loads((out / "results.json").read_text())
-    assert len(saved["runs"]) == 2 * len(DEFAULT_METHODS) * 2
+    assert len(saved["runs"]) == 2 * 2 * len(DEFAULT_METHODS) * 2  # models x calibration seeds x methods x ratios
     base = saved["baseline"]["0"]
     assert math.isfinite(base["perplexity"]) and base["tokens"] > 0
     assert set(base["by_category"]) == {"code", "docs"}
@@ -137,24 +139,96 @@ def test_study_end_to_end(tmp_path, one_thread):
         assert run["experts_kept"] == {0.25: 3, 0.5: 2}[run["compression_ratio"]]
         assert all(len(kept) == run["experts_kept"] for kept in run["kept"].values())
         assert run["tokens"] == base["tokens"]
-    # frequency pruning removes the least-used experts: the least routed traffic of all methods
-    for run in saved["runs"]:
         assert 0.0 <= run["removed_traffic_share"] <= 1.0
+        # frequency pruning removes the least-used experts: the least routed traffic of all methods
         frequency = next(r for r in saved["runs"] if r["method"] == "frequency" and r["seed"] == run["seed"]
-                         and r["compression_ratio"] == run["compression_ratio"])
+                         and r["train_seed"] == run["train_seed"] and r["compression_ratio"] == run["compression_ratio"])
         assert frequency["removed_traffic_share"] <= run["removed_traffic_share"] + 1e-12
-    summary = saved["summary"]["0.5"]["reap"]
-    assert summary["perplexity"]["n"] == 2 and summary["jaccard_with_reap"]["mean"] == pytest.approx(1.0)
-    assert saved["quantized"]["status"] == "skipped"
-    assert saved["training"]["0"]["reused_checkpoint"] is False
+    # the unpruned score equals a direct perplexity call on the stored checkpoint (all eval documents)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reap_fast.train import split_documents
+
+    checkpoint = Path(saved["training"]["1"]["checkpoint"])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    splits = split_documents(tiny_documents(), seed=0)
+    direct = {c: perplexity(model, tokenizer, splits["eval"][c], seq_len=32, batch_size=4) for c in ("code", "docs")}
+    nll = sum(d["mean_nll"] * d["tokens"] for d in direct.values()) / sum(d["tokens"] for d in direct.values())
+    assert saved["baseline"]["1"]["perplexity"] == pytest.approx(math.exp(nll), rel=1e-9)
+    summary = saved["summary"]
+    assert summary["models"] == 2 and summary["methods"]["0.5"]["reap"]["jaccard_with_reap"] == pytest.approx(1.0)
+    # the per-model mean averages that model's calibration seeds
+    reap = [r["perplexity"] for r in saved["runs"] if r["method"] == "reap" and r["compression_ratio"] == 0.5
+            and r["train_seed"] == 1]
+    assert summary["methods"]["0.5"]["reap"]["perplexity_by_model"]["1"] == pytest.approx(sum(reap) / 2)
+    assert len(summary["comparisons"]) == 2 * len(DEFAULT_METHODS) * (len(DEFAULT_METHODS) - 1) // 2
     markdown = (out / "results.md").read_text()
     assert "| reap |" in markdown and "| random |" in markdown and "unpruned" in markdown
-    # unpruned evaluation equals a direct perplexity call on the same checkpoint
-    assert results["baseline"]["0"]["perplexity"] == pytest.approx(base["perplexity"])
-    # the second run reuses the trained checkpoint and gives the same numbers
-    again = run_study(out, work, plot=False, **options)
-    assert again["training"]["0"]["reused_checkpoint"] is True
-    assert [r["perplexity"] for r in again["runs"]] == pytest.approx([r["perplexity"] for r in saved["runs"]], rel=1e-9)
+    assert "Expected spread of `--quick`" in markdown and saved["environment"]["cpu"]["model_name"]
+
+    # an interrupted run resumes: drop two stored evaluations, the rerun redoes exactly those
+    record_path = work / "results" / "train1.json"
+    record = json.loads(record_path.read_text())
+    dropped = sorted(record["runs"])[:2]
+    for key in dropped:
+        del record["runs"][key]
+    record_path.write_text(json.dumps(record))
+    evaluated = []
+    real_evaluate = study_module._evaluate
+
+    def counting_evaluate(model, rows, batch_size):
+        evaluated.append(model)
+        return real_evaluate(model, rows, batch_size)
+
+    monkeypatch.setattr(study_module, "_evaluate", counting_evaluate)
+    again = run_study(config, out, work, documents=tiny_documents(), plot=False)
+    assert len(evaluated) == 2
+    assert all(t["reused_checkpoint"] for t in again["training"].values())
+    key = lambda r: (r["train_seed"], r["seed"], r["method"], r["compression_ratio"])  # noqa: E731
+    assert {key(r): r["perplexity"] for r in again["runs"]} == \
+        pytest.approx({key(r): r["perplexity"] for r in saved["runs"]}, rel=1e-12)
+    # other evaluation settings are not mixed with stored ones
+    evaluated.clear()
+    run_study(study_config(train_seeds=1, seeds=1, methods=("reap",), ratios=(0.5,), eval_rows=1), out, work,
+              documents=tiny_documents(), plot=False)
+    assert len(evaluated) == 2  # baseline and the one run, on the reused checkpoint
+
+
+def test_quick_comparison_against_committed_spread(tmp_path, one_thread):
+    from reap_fast.study import QUICK_METHODS, run_study
+    from reap_fast.study_report import compare_with, comparison_markdown
+
+    work = tmp_path / "work"
+    committed = run_study(study_config(train_seeds=3, seeds=1, methods=QUICK_METHODS), tmp_path / "full", work,
+                          documents=tiny_documents(), plot=False)
+    quick = run_study(study_config(train_seeds=1, seeds=1, methods=QUICK_METHODS), tmp_path / "quick",
+                      tmp_path / "quick-work", documents=tiny_documents(), plot=False)
+    # same seed, threads and machine: the retrained model and its scores are identical
+    comparison = compare_with(quick, committed)
+    assert comparison["total"] == 1 + 2 * len(QUICK_METHODS)
+    assert comparison["same_processor_and_torch"] is True
+    for cell in comparison["cells"]:
+        assert cell["perplexity"] == cell["committed_same_seed"]
+        assert cell["inside_range"]
+    assert comparison["inside_range"] == comparison["total"]
+    spread = committed["summary"]["methods"]["0.5"]["reap"]["quick_spread"]
+    values = [r["perplexity"] for r in committed["runs"] if r["method"] == "reap" and r["compression_ratio"] == 0.5]
+    assert (spread["min"], spread["max"]) == (min(values), max(values))
+    assert "inside the committed range" in comparison_markdown(comparison)
+    # a value outside the committed spread is flagged
+    moved = json.loads(json.dumps(quick))
+    moved["runs"][0]["perplexity"] = 1e6
+    assert compare_with(moved, committed)["inside_range"] == comparison["total"] - 1
+
+
+def test_study_command_line_rejects_bad_settings(capsys):
+    from reap_fast.study import main
+
+    assert main(["--methods", "reap", "no_such_method", "--work", "/nonexistent/never"]) == 2
+    assert "unknown or no methods" in capsys.readouterr().err
+    assert main(["--ratios", "1.5"]) == 2
+    assert main(["--train-seeds", "-1"]) == 2
 
 
 # --- bench/report.py ----------------------------------------------------------------------------------------
