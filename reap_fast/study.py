@@ -43,6 +43,15 @@ import torch
 from .environment import environment_record
 from .evaluate import EvalRows, combine_results, evaluate_rows, pack_texts
 from .fileio import atomic_write_json
+from .study_report import (
+    RESULTS_FORMAT,
+    check_reference,
+    compare_with,
+    comparison_markdown,
+    results_markdown,
+    summarize,
+    write_outputs,
+)
 from .train import _use_eager_experts, read_train_info, split_documents, stdlib_corpus, train_tiny_moe
 
 logger = logging.getLogger(__name__)
@@ -50,7 +59,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = ("reap", "frequency", "ean_sum", "weighted_ean_sum", "max_activations", "random")
 QUICK_METHODS = ("reap", "frequency", "weighted_ean_sum", "random")
 DEFAULT_RATIOS = (0.25, 0.5)
-RESULTS_FORMAT = 2
 COMMITTED_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "quality" / "results.json"
 # The study model is smaller than the demo's (hidden 64 instead of 128, same 4 layers x 16 experts, top-2) so
 # that many models can be trained on a shared 2-core CPU; held-out reports during training use 16 rows.
@@ -286,8 +294,6 @@ class Study:
 
     def run(self, output_dir: str | os.PathLike, plot: bool = True) -> dict[str, Any]:
         """The whole study; writes ``results.json``, ``results.md`` and ``quality.png`` into ``output_dir``."""
-        from .study_report import summarize, write_outputs
-
         c = self.config
         if c.threads:
             torch.set_num_threads(c.threads)
@@ -355,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--retrain", action="store_true", help="train even when a matching checkpoint exists")
     parser.add_argument("--compare", default=None,
                         help="results.json to compare with (default with --quick: the committed bench/quality one)")
-    parser.add_argument("--from-json", default=None, help="only rewrite results.md and quality.png from this results.json")
+    parser.add_argument("--from-json", default=None, help="only rewrite results.md and quality.png from this "
+                        "results.json (into --output), and compare it when --compare is given")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="torch threads for training and evaluation (fixed: part of what makes training reproducible)")
     return parser
@@ -379,40 +386,52 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .study_report import compare_with, comparison_markdown, results_markdown, summarize, write_outputs
+def _read_reference(path: Path | None) -> dict[str, Any] | None:
+    """The results.json to compare with, checked before any work starts (ValueError: one line for the user)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"no results to compare with at {path}")
+    try:
+        reference = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
+    check_reference(reference, path)
+    return reference
 
+
+def _compare(results: Mapping[str, Any], reference: Mapping[str, Any] | None, output: Path) -> None:
+    if reference is not None:
+        comparison = compare_with(results, reference)
+        atomic_write_json(comparison, output / "comparison.json")
+        print(comparison_markdown(comparison))
+
+
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-        results["summary"] = summarize(results)
-        paths = write_outputs(results, args.output or "bench/quality")
-        print(results_markdown(results))
-        print("written:", ", ".join(str(p) for p in paths.values()))
-        return 0
     try:
         config = config_from_args(args)
+        reference_path = Path(args.compare) if args.compare else (COMMITTED_RESULTS if args.quick else None)
+        reference = _read_reference(reference_path)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    reference_path = Path(args.compare) if args.compare else (COMMITTED_RESULTS if args.quick else None)
-    reference = None
-    if reference_path is not None:
-        if not reference_path.is_file():
-            print(f"error: no results to compare with at {reference_path}", file=sys.stderr)
-            return 2
-        reference = json.loads(reference_path.read_text())
     output = Path(args.output or ("artifacts/quality-quick" if args.quick else "bench/quality"))
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        results["summary"] = summarize(results)
+        paths = write_outputs(results, output)
+        print(results_markdown(results))
+        print("written:", ", ".join(str(p) for p in paths.values()))
+        _compare(results, reference, output)
+        return 0
     work = Path(args.work or (output / "work" if args.quick else "artifacts/quality"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     results = run_study(config, output, work)
     print(results_markdown(results))
-    if reference is not None:
-        comparison = compare_with(results, reference)
-        atomic_write_json(comparison, output / "comparison.json")
-        print(comparison_markdown(comparison))
+    _compare(results, reference, output)
     return 0
 
 

@@ -14,6 +14,7 @@ from .fileio import atomic_write, atomic_write_json
 from .study_stats import paired_comparison, per_model_means, prediction_interval, t_interval
 
 LEVEL = 0.95
+RESULTS_FORMAT = 2  # of results.json; a stored per-model file of another format is redone
 
 
 def _jaccard(a: Sequence[int], b: Sequence[int]) -> float:
@@ -347,10 +348,17 @@ def write_outputs(results: Mapping[str, Any], output_dir: str | os.PathLike, plo
 # --- quick run against committed results -------------------------------------------------------------------------
 
 
+def check_reference(reference: Mapping[str, Any], path: object = "the reference") -> None:
+    """ValueError unless ``reference`` is a results.json of this format with a spread (two models or more)."""
+    if reference.get("format") != RESULTS_FORMAT or "summary" not in reference:
+        raise ValueError(f"{path} is not a results.json of format {RESULTS_FORMAT}; rerun the study or pass --compare")
+    if reference["summary"].get("models", 0) < 2:
+        raise ValueError(f"{path} holds fewer than two trained models: it has no spread to compare with")
+
+
 def compare_with(results: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
     """Each perplexity of a one-model run (``results``) against the committed spread of ``reference``."""
-    if reference.get("format") != results.get("format") or "summary" not in reference:
-        raise ValueError("the reference results.json has another format; rerun the study or pass --compare")
+    check_reference(reference)
     ref_summary = reference["summary"]
     same_machine = (reference["environment"].get("cpu") == results["environment"].get("cpu")
                     and reference["environment"].get("versions", {}).get("torch")

@@ -229,6 +229,23 @@ def test_study_command_line_rejects_bad_settings(capsys):
     assert "unknown or no methods" in capsys.readouterr().err
     assert main(["--ratios", "1.5"]) == 2
     assert main(["--train-seeds", "-1"]) == 2
+    assert main(["--quick", "--compare", "/nonexistent/results.json"]) == 2
+    assert "no results to compare with" in capsys.readouterr().err
+
+
+def test_reference_without_spread_is_refused_before_work(tmp_path, capsys):
+    from reap_fast.study import main
+    from reap_fast.study_report import RESULTS_FORMAT
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": 1, "runs": []}))
+    assert main(["--quick", "--compare", str(old), "--work", str(tmp_path / "never")]) == 2
+    assert "format" in capsys.readouterr().err
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"format": RESULTS_FORMAT, "summary": {"models": 1}}))
+    assert main(["--quick", "--compare", str(one), "--work", str(tmp_path / "never")]) == 2
+    assert "fewer than two" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 # --- bench/report.py ----------------------------------------------------------------------------------------
