@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench study study-quick clean
+.PHONY: demo test bench study study-quick mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ study: $(STAMP)
 # One model, four methods, a few minutes: compared with the committed bench/quality/results.json.
 study-quick: $(STAMP)
 	$(PY) -m reap_fast.study --quick
+
+# Planted bugs (tools/mutants.py): every one-line wrong decision must make its tests fail (not part of `make test`).
+mutants: $(STAMP)
+	$(PY) tools/mutants.py
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench -q --benchmark-json=bench/results/local.json
