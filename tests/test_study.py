@@ -163,6 +163,20 @@ def test_study_end_to_end_and_resume(tmp_path, one_thread, monkeypatch):
             and r["train_seed"] == 1]
     assert summary["methods"]["0.5"]["reap"]["perplexity_by_model"]["1"] == pytest.approx(sum(reap) / 2)
     assert len(summary["comparisons"]) == 2 * len(DEFAULT_METHODS) * (len(DEFAULT_METHODS) - 1) // 2
+    # every method's overlap with REAP, recomputed by hand from the kept sets of the same model and seed
+    for ratio, methods in summary["methods"].items():
+        for method, entry in methods.items():
+            per_run = []
+            for run in saved["runs"]:
+                if run["method"] != method or f"{run['compression_ratio']:g}" != ratio:
+                    continue
+                reap_run = next(r for r in saved["runs"] if r["method"] == "reap" and r["seed"] == run["seed"]
+                                and r["train_seed"] == run["train_seed"]
+                                and r["compression_ratio"] == run["compression_ratio"])
+                layers = [(set(run["kept"][layer]), set(reap_run["kept"][layer])) for layer in run["kept"]]
+                per_run.append(sum(len(a & b) / len(a | b) for a, b in layers) / len(layers))
+            assert entry["jaccard_with_reap"] == pytest.approx(sum(per_run) / len(per_run)), (ratio, method)
+    assert any(entry["jaccard_with_reap"] < 1.0 for entry in summary["methods"]["0.5"].values())
     markdown = (out / "results.md").read_text()
     assert "| reap |" in markdown and "| random |" in markdown and "unpruned" in markdown
     assert "Expected spread of `--quick`" in markdown and saved["environment"]["cpu"]["model_name"]
