@@ -70,6 +70,9 @@ if "$PYTHON" -c "import pytest_benchmark" 2>/dev/null; then
 else
     step bench 100 "$PYTHON" bench/test_moe_layer.py --json "$OUT/bench_moe_layer.json"
 fi
+# The README's speed targets, asserted from the JSON just written (tests/test_bench_targets.py).
+REAP_FAST_BENCH_JSON="$OUT/bench_moe_layer.json" step bench_targets 30 "$PYTHON" -m pytest tests/test_bench_targets.py \
+    -q -rA -p no:cacheprovider
 # Last and optional (GPU_CHECK_E2E=0 skips it): whole-model observation, in memory and streamed, on a
 # 2-layer random checkpoint at the real shape, with the projection for the 48-layer job.
 if [ "${GPU_CHECK_E2E:-1}" = 1 ] && "$PYTHON" -c "import pytest_benchmark" 2>/dev/null; then
