@@ -5,8 +5,8 @@ Usage: ``python tools/mutants.py [--list] [--only NAME ...] [--keep]`` (``make m
 The working tree (tracked and untracked, not ignored files) is copied into a temporary folder; every
 mutant replaces one exact snippet of one file there, runs its test subset with the copy first on
 ``PYTHONPATH`` (``reap_kernels`` is linked to the copy's ``kernels/``), and restores the file. A mutant
-is *caught* when its tests fail (pytest exit status 1). The subsets are run once unmutated first: they
-must pass. Exit status 0 only when every mutant is caught; a snippet that is not found (the code
+is *caught* when its tests fail (pytest exit status 1). The union of the subsets is run once unmutated
+first (one pytest process): it must pass. Exit status 0 only when every mutant is caught; a snippet that is not found (the code
 moved) is an error naming the mutant, so the list is kept in step with the code.
 
 Add a mutant for every bug found: ``Mutant(name, files, original, replacement, tests)`` where
@@ -201,8 +201,26 @@ def locate(mutant: Mutant, copy: Path) -> Path:
     raise SnippetError(f"{mutant.name}: snippet not found in {', '.join(mutant.files)}: {mutant.original!r}")
 
 
-def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+def union_of_subsets(subsets: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """One pytest selection holding every subset: each file's tests, narrowed by its -k where all subsets narrow it."""
+    files: dict[str, list[str | None]] = {}
+    for tests in subsets:
+        paths = [arg for arg in tests if arg.endswith(".py")]
+        expression = tests[tests.index("-k") + 1] if "-k" in tests else None
+        for path in paths:
+            files.setdefault(path, []).append(expression)
+    clauses = []
+    for path, expressions in files.items():
+        module = Path(path).stem
+        if None in expressions:
+            clauses.append(module)
+        else:
+            clauses.append(f"({module} and ({' or '.join(f'({e})' for e in dict.fromkeys(expressions))}))")
+    return (*files, "-k", " or ".join(clauses))
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], stop_first: bool = True) -> tuple[int, float, str]:
+    command = [sys.executable, "-m", "pytest", *(["-x"] if stop_first else []), "-q", "-p", "no:cacheprovider", *tests]
     start = time.monotonic()
     try:
         done = subprocess.run(command, cwd=copy, env=environment(copy), capture_output=True, text=True,
@@ -240,12 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         if errors:
             print("mutants: error: " + "\n  ".join(errors), file=sys.stderr)
             return 2
-        for tests in dict.fromkeys(m.tests for m in chosen):
-            status, seconds, last = run_tests(copy, tests)
-            print(f"baseline  {seconds:6.1f}s  {' '.join(tests)}: {last}", flush=True)
-            if status != 0:
-                print(f"mutants: error: the unmutated subset {' '.join(tests)} does not pass", file=sys.stderr)
-                return 2
+        baseline = union_of_subsets([m.tests for m in chosen])
+        status, seconds, last = run_tests(copy, baseline, stop_first=False)
+        print(f"baseline  {seconds:6.1f}s  every subset, unmutated: {last}", flush=True)
+        if status != 0:
+            print(f"mutants: error: the unmutated subsets do not pass: {' '.join(baseline)}", file=sys.stderr)
+            return 2
         missed = []
         for mutant in chosen:
             path = locate(mutant, copy)
