@@ -1,7 +1,8 @@
 """Tiny random-weight configs of every supported MoE family (for tests, demos and benchmarks).
 
 Each config keeps the family's routing semantics (renormalisation, sigmoid + correction bias,
-group-limited routing, shared experts, transposed weights with biases) at CPU-friendly sizes.
+group-limited routing, shared experts, transposed weights with biases, dense first layers, Llama-4's
+input-scaled experts) at CPU-friendly sizes.
 """
 
 from __future__ import annotations
@@ -125,6 +126,59 @@ def _gpt_oss(num_experts: int, top_k: int, layers: int):
     )
 
 
+def _llama4(num_experts: int, top_k: int, layers: int):
+    # MoE in every second layer (as Llama-4 Maverick), dense MLPs in between
+    return transformers.Llama4TextConfig(
+        **_COMMON,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_hidden_layers=2 * layers,
+        interleave_moe_layer_step=2,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+    )
+
+
+def _ernie4_5_moe(num_experts: int, top_k: int, layers: int):
+    settings = {key: value for key, value in _COMMON.items() if key != "head_dim"}
+    return transformers.Ernie4_5_MoeConfig(
+        **settings,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=layers + 1,
+        moe_layer_start_index=1,  # a dense first layer, as ERNIE-4.5-21B-A3B
+        moe_layer_interval=1,
+        moe_num_experts=num_experts,
+        moe_k=top_k,
+        moe_num_shared_experts=1,
+    )
+
+
+def _deepseek_v2(num_experts: int, top_k: int, layers: int):
+    settings = {key: value for key, value in _COMMON.items() if key != "head_dim"}
+    settings["num_key_value_heads"] = settings["num_attention_heads"]  # multi-head latent attention
+    return transformers.DeepseekV2Config(
+        **settings,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=layers + 1,
+        first_k_dense_replace=1,
+        n_routed_experts=num_experts,
+        n_shared_experts=1,
+        num_experts_per_tok=top_k,
+        topk_method="group_limited_greedy",  # DeepSeek-V2's routing (V2-Lite: greedy, n_group 1)
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=16.0,
+        norm_topk_prob=False,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+    )
+
+
 def _qwen3_moe(num_experts: int, top_k: int, layers: int):
     return tiny_qwen3_moe_config(num_experts=num_experts, num_experts_per_tok=top_k, num_hidden_layers=layers)
 
@@ -138,6 +192,9 @@ TINY_CONFIGS = {
     "mixtral": _mixtral,
     "olmoe": _olmoe,
     "gpt_oss": _gpt_oss,
+    "llama4": _llama4,
+    "ernie4_5_moe": _ernie4_5_moe,
+    "deepseek_v2": _deepseek_v2,
 }
 
 

@@ -17,6 +17,14 @@ Router of each family (what the model computes):
   best choice values, the best ``topk_group`` groups kept, top-k of the choice among them; the weight
   is s at the chosen experts, divided by its sum when ``norm_topk_prob``, times
   ``routed_scaling_factor``.
+* llama4: top-k of the logits; the weight sigmoid(logit) multiplies the expert's INPUT (not its
+  output); never renormalised (Llama4TextMoe / Llama4Router).
+* ernie4_5_moe: p = softmax of fp32 logits; the choice is the top-k of p + moe_statics
+  e_score_correction_bias (shape (1, E); it only selects); the weight is p / max(top-k sum, norm_min):
+  always renormalised, no config flag.
+* deepseek_v2: p = softmax of fp32 logits; ``group_limited_greedy``: groups scored by their best p,
+  the best ``topk_group`` groups kept (``greedy``: no groups); the weight is p x
+  ``routed_scaling_factor``; transformers 5 never renormalises (``norm_topk_prob`` is not read).
 
 REAP's g (the weight in weighted_ean_sum / reap):
 
@@ -27,6 +35,8 @@ REAP's g (the weight in weighted_ean_sum / reap):
   exactly when the model is (the flag cannot undo the model's own normalisation).
 * upstream REAP (the drop-in's reference): softmax over all router logits at the chosen experts,
   divided by the top-k sum iff ``getattr(model.config, "norm_topk_prob", False)`` and the flag.
+  For Llama-4, upstream's hook runs the experts on the unscaled hidden states (y = E(x)), and so does
+  reap-fast: the oracle's expert outputs are those on the unscaled input for every family.
 """
 
 from __future__ import annotations
@@ -42,8 +52,10 @@ class RouterRow:
     logit_bias: bool  # the router adds its own bias to the logits (gpt-oss)
     selection_bias: bool  # e_score_correction_bias is added to the scores for the choice only
     grouped: bool  # group-limited choice (n_group / topk_group)
-    model_renorm: str  # when the model divides its top-k weights by their sum: "always" | "norm_topk_prob"
+    model_renorm: str  # when the model divides its top-k weights by their sum: "always" | "norm_topk_prob" | "never"
     scale_key: str | None  # config key of the factor the model multiplies its weights by
+    group_score: str = "top2_sum"  # how a routing group is scored: sum of its 2 best choice values, or "max"
+    model_weight: str = "probs"  # "probs": the (renormalised, scaled) scores; "sigmoid_logit": Llama-4's input scale
 
 
 ROUTERS: dict[str, RouterRow] = {
@@ -55,6 +67,9 @@ ROUTERS: dict[str, RouterRow] = {
     "mixtral": RouterRow("softmax", False, False, False, "always", None),
     "olmoe": RouterRow("softmax", False, False, False, "norm_topk_prob", None),
     "gpt_oss": RouterRow("softmax", True, False, False, "always", None),
+    "llama4": RouterRow("softmax", False, False, False, "never", None, model_weight="sigmoid_logit"),
+    "ernie4_5_moe": RouterRow("softmax", False, True, False, "always", None),
+    "deepseek_v2": RouterRow("softmax", False, False, True, "never", "routed_scaling_factor", group_score="max"),
 }
 
 # Is g divided by its top-k sum?  family -> {config norm_topk_prob: (flag true, flag false)}.
@@ -68,6 +83,9 @@ NATIVE_RENORMALISED: dict[str, dict[bool | None, tuple[bool, bool]]] = {
     "mixtral": {None: (True, False)},
     "olmoe": {True: (True, False), False: (False, False)},
     "gpt_oss": {None: (True, False)},
+    "llama4": {None: (False, False)},
+    "ernie4_5_moe": {None: (True, False)},
+    "deepseek_v2": {None: (False, False)},
 }
 
 # Upstream REAP reads only model.config.norm_topk_prob: Mixtral, Qwen3.5 and gpt-oss get the raw softmax.
@@ -78,6 +96,9 @@ UPSTREAM_RENORMALISED: dict[str, dict[bool | None, tuple[bool, bool]]] = {
     "mixtral": {None: (False, False)},
     "olmoe": {True: (True, False), False: (False, False)},
     "gpt_oss": {None: (False, False)},
+    "llama4": {None: (False, False)},
+    "ernie4_5_moe": {None: (False, False)},
+    "deepseek_v2": {True: (True, False), False: (False, False)},
 }
 
 # The factor divided out of the model's weights to get g (1 where the family has none).
@@ -85,7 +106,7 @@ NATIVE_SCALE_KEY = {family: row.scale_key for family, row in ROUTERS.items()}
 
 
 # model_type values of a family's configs that differ from the family name
-MODEL_TYPE_FAMILY = {"qwen3_5_moe_text": "qwen3_5_moe", "kimi_k2": "deepseek_v3"}
+MODEL_TYPE_FAMILY = {"qwen3_5_moe_text": "qwen3_5_moe", "kimi_k2": "deepseek_v3", "llama4_text": "llama4"}
 
 
 def table_family(config) -> str:
@@ -119,28 +140,39 @@ def route64(family: str, config, router, hidden: torch.Tensor) -> Routing:
     logits = hidden.double() @ weight.T
     if row.logit_bias:
         logits = logits + router.bias.detach().double()
-    if row.score == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-        choice = logits.clone()
-    else:
-        scores = torch.sigmoid(logits)
-        choice = scores + (router.e_score_correction_bias.detach().double() if row.selection_bias else 0.0)
-    if row.grouped:
-        choice = limit_to_groups(choice, int(config.n_group), int(config.topk_group))
+    scores = torch.softmax(logits, dim=-1) if row.score == "softmax" else torch.sigmoid(logits)
+    choice = scores + selection_bias(router) if row.selection_bias else logits.clone()
+    if row.grouped and getattr(config, "topk_method", None) != "greedy":  # DeepSeek-V2 "greedy": no groups
+        choice = limit_to_groups(choice, int(config.n_group), int(config.topk_group), row.group_score)
     index = torch.sort(choice.topk(top_k, dim=-1).indices, dim=-1).values
     probs = scores.gather(1, index)
-    model_renorm = row.model_renorm == "always" or bool(getattr(config, "norm_topk_prob", False))
+    if row.model_weight == "sigmoid_logit":
+        return Routing(index=index, model_weights=torch.sigmoid(logits.gather(1, index)), probs=probs)
+    model_renorm = row.model_renorm == "always" or (
+        row.model_renorm == "norm_topk_prob" and bool(getattr(config, "norm_topk_prob", False))
+    )
     weights = probs / probs.sum(-1, keepdim=True) if model_renorm else probs.clone()
     if row.scale_key is not None:
         weights = weights * float(getattr(config, row.scale_key))
     return Routing(index=index, model_weights=weights, probs=probs)
 
 
-def limit_to_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """``choice`` with every expert outside the ``topk_group`` best groups set to -inf (group score: sum of best 2)."""
+def selection_bias(router) -> torch.Tensor:
+    """The correction bias (E,) added to the scores for the choice: the router's own, or ERNIE's moe_statics (1, E)."""
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None:
+        bias = router.moe_statics.e_score_correction_bias
+    return bias.detach().double().reshape(-1)
+
+
+def limit_to_groups(choice: torch.Tensor, n_group: int, topk_group: int, score: str = "top2_sum") -> torch.Tensor:
+    """``choice`` with every expert outside the ``topk_group`` best groups set to -inf.
+
+    Groups are scored by the sum of their 2 best choice values (DeepSeek-V3, GLM-4.5) or by their best ("max",
+    DeepSeek-V2)."""
     tokens, experts = choice.shape
     grouped = choice.view(tokens, n_group, experts // n_group)
-    group_score = grouped.topk(2, dim=-1).values.sum(-1)
+    group_score = grouped.max(dim=-1).values if score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
     best = group_score.topk(topk_group, dim=-1).indices
     allowed = torch.zeros(tokens, n_group, dtype=torch.bool).scatter_(1, best, True)
     return choice.masked_fill(~allowed.repeat_interleave(experts // n_group, dim=1), float("-inf"))

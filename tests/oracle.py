@@ -6,6 +6,8 @@ over experts pick the routed, non-padding tokens. Used by the reference-path, ke
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -20,12 +22,17 @@ def _activation64(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
 def all_expert_outputs64(experts: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """y for every expert on every token: (E, T, H) float64."""
     x = hidden.double()
+    num_experts = experts.down_proj.shape[0]
+    if not hasattr(experts, "_apply_gate"):
+        # Llama-4's experts (no experts interface): the stock module in float64 on the unscaled input
+        # repeated for every expert, exactly as upstream REAP's Llama-4 hook runs it
+        return copy.deepcopy(experts).double()(x.repeat(num_experts, 1)).view(num_experts, *x.shape)
     transposed = getattr(experts, "is_transposed", False)
     has_bias = getattr(experts, "has_bias", False)
     first = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
     first_bias = getattr(experts, "gate_up_proj_bias", None) if has_bias else None
     outputs = []
-    for e in range(experts.down_proj.shape[0]):
+    for e in range(num_experts):
         w1, w2 = first[e].double(), experts.down_proj[e].double()
         h = x @ w1 if transposed else x @ w1.T
         if first_bias is not None:

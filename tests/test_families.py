@@ -30,7 +30,8 @@ def test_budget_leaving_fewer_experts_than_top_k_is_refused(family):
     config = tiny_family_config(family, num_experts=8, top_k=2)
     assert check_prune_budget(config, compression_ratio=0.5) == 4
     # DeepSeek's two routing groups round 7 down to 6, which leaves one expert per group
-    expected = "at least 2 experts per group" if family == "deepseek_v3" else "leaves 1 per layer, fewer than the model's top-k of 2"
+    grouped = family in ("deepseek_v3", "deepseek_v2")
+    expected = "at least 2 experts per group" if grouped else "leaves 1 per layer, fewer than the model's top-k of 2"
     with pytest.raises(SelectionError, match=expected):
         check_prune_budget(config, n_experts_to_prune=7)
 

@@ -37,6 +37,13 @@ VARIANTS = [
     ("deepseek_v3", 3, {**GROUPED, "norm_topk_prob": False, "routed_scaling_factor": 2.5}),
     ("glm4_moe", 3, {**GROUPED, "norm_topk_prob": True, "routed_scaling_factor": 1.5}),
     ("glm4_moe", 2, {**GROUPED, "norm_topk_prob": False, "routed_scaling_factor": 1.5}),
+    ("llama4", 1, {}),
+    ("llama4", 3, {}),
+    ("ernie4_5_moe", 2, {}),
+    ("ernie4_5_moe", 3, {}),
+    # DeepSeek-V2: group-limited (groups scored by their best) with norm_topk_prob set, which transformers ignores
+    ("deepseek_v2", 3, {**GROUPED, "norm_topk_prob": True, "routed_scaling_factor": 16.0}),
+    ("deepseek_v2", 2, {"topk_method": "greedy", "n_group": 1, "topk_group": 1}),  # V2-Lite's routing
 ]
 VARIANT_IDS = [f"{f}-k{k}-" + "-".join(f"{key}={v}" for key, v in o.items() if key != "n_group") for f, k, o in VARIANTS]
 
@@ -64,6 +71,8 @@ def variant_model(family: str, top_k: int, overrides: dict, seed: int = 3):
                 # unbalanced: group 3 is pushed down, single experts pushed up, so the bias changes choices
                 bias = torch.tensor([0.02, 0.25, -0.05, 0.0, 0.2, -0.1, -0.6, -0.5])
                 router.e_score_correction_bias.copy_(bias)
+            if hasattr(router, "moe_statics"):  # ERNIE: (1, E) bias on the softmax probabilities
+                router.moe_statics.e_score_correction_bias.copy_(torch.randn(1, 8, generator=generator) * 0.05)
     return model
 
 
@@ -87,7 +96,13 @@ def capture_router_inputs(model, batch_list):
 
     def hook(layer):
         def fn(module, args, output):
-            captured[layer.layer_index] = (args[0].reshape(-1, args[0].shape[-1]).detach(), output[1], output[2])
+            hidden = args[0].reshape(-1, args[0].shape[-1]).detach()
+            if len(output) == 2:  # Llama-4's router: (sigmoid scores, 0 off the top-k; logits), choice = top-k logits
+                scores, logits = output
+                index = torch.topk(logits, layer.block.top_k, dim=1).indices
+                captured[layer.layer_index] = (hidden, scores.gather(1, index), index)
+            else:
+                captured[layer.layer_index] = (hidden, output[1], output[2])
 
         return fn
 

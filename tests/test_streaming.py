@@ -150,6 +150,10 @@ def test_streaming_equals_in_memory_other_families(family, tmp_path):
 def test_unsupported_family_is_refused_clearly():
     with pytest.raises(UnsupportedModelError, match="layer streaming .* mixtral .* without --layerwise"):
         streaming_supported(tiny_family_config("mixtral"))
+    from transformers import Llama4Config
+
+    with pytest.raises(UnsupportedModelError, match="multimodal llama4 .* without --layerwise"):
+        streaming_supported(Llama4Config(text_config=tiny_family_config("llama4").to_dict()))
 
 
 def test_hidden_tier_choice():

@@ -50,6 +50,14 @@ class MoEAdapter:
       * ``"model_weights"``: g = the model's own top-k routing weight with ``routed_scaling_factor``
         divided out (sigmoid routers with score-correction bias: the bias only selects experts),
         divided by the top-k sum when renormalisation is on.
+
+    router_fp32: the router computes its logits in fp32 from fp32 casts of its input and weight
+    (ERNIE-4.5, DeepSeek-V2); the softmax gate then does the same, so g sees the model's own logits.
+    expert_input_scaled: the routing weight multiplies the expert's *input*, not its output, and the
+    experts module has no experts interface (Llama-4); observation then replaces the MoE block's
+    forward (see ``reap_fast/observe/input_scaled.py``).
+    router_tensors: names under the router module (dotted for submodules, e.g. ERNIE's
+    ``moe_statics.e_score_correction_bias`` of shape (1, E)); each is sliced on its expert dimension.
     """
 
     family: str
@@ -64,6 +72,10 @@ class MoEAdapter:
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for group-limited routing
     notes: str = ""
     extra_count_keys: tuple[str, ...] = field(default_factory=tuple)  # other config keys holding E
+    router_fp32: bool = False
+    expert_input_scaled: bool = False
+    # (module tensor name suffix, checkpoint key suffix) where transformers renames at load time (layer streaming)
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def text_config(self, config):
         """The config that holds the MoE keys (nested text config for multimodal wrappers)."""
@@ -85,7 +97,7 @@ class MoEAdapter:
     def gate_function(self, layer: MoELayer, config, renormalize: bool) -> Callable[..., torch.Tensor]:
         """A function (hidden_states, top_k_index, top_k_weights) -> g as fp32 (T, k)."""
         if self.gate_mode == "softmax":
-            return _softmax_gate(layer.router, renormalize)
+            return _softmax_gate(layer.router, renormalize, self.router_fp32)
         return _model_weight_gate(self.routed_scaling_factor(config), renormalize)
 
 
@@ -95,10 +107,14 @@ def _renormalize(gates: torch.Tensor) -> torch.Tensor:
     return gates.clamp(min=torch.finfo(torch.float32).eps)
 
 
-def _softmax_gate(router: nn.Module, renormalize: bool) -> Callable[..., torch.Tensor]:
+def _softmax_gate(router: nn.Module, renormalize: bool, fp32: bool = False) -> Callable[..., torch.Tensor]:
     def gate(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # The same op the router ran, so the logits are bit-identical to the model's own.
-        logits = F.linear(hidden_states, router.weight, getattr(router, "bias", None))
+        weight, bias = router.weight, getattr(router, "bias", None)
+        if fp32:
+            hidden_states, weight = hidden_states.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        logits = F.linear(hidden_states, weight, bias)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         gates = probs.gather(1, top_k_index.long())
         return _renormalize(gates) if renormalize else gates
@@ -112,6 +128,28 @@ def _model_weight_gate(scale: float, renormalize: bool) -> Callable[..., torch.T
         return _renormalize(gates) if renormalize else gates
 
     return gate
+
+
+def router_tensor(router: nn.Module, name: str) -> torch.Tensor | None:
+    """The router parameter or buffer ``name`` (dotted for submodules), or None when absent."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = router
+    for part in owner_path.split(".") if owner_path else ():
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return None
+    value = getattr(owner, leaf, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def expert_dim(tensor: torch.Tensor, num_experts: int) -> int:
+    """The dimension of a router tensor that indexes experts: dim 0, else the only one of size E."""
+    if tensor.dim() > 0 and tensor.shape[0] == num_experts:
+        return 0
+    dims = [d for d, size in enumerate(tensor.shape) if size == num_experts]
+    if len(dims) != 1:
+        raise UnsupportedModelError(f"cannot tell which dimension of a {tuple(tensor.shape)} router tensor indexes {num_experts} experts")
+    return dims[0]
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:

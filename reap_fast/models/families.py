@@ -52,6 +52,38 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
         router_tensors=("weight", "bias"),
         notes="softmax over the top-k logits equals renormalised full softmax; router bias sliced",
     ),
+    MoEAdapter(
+        family="llama4",
+        model_types=("llama4", "llama4_text"),
+        num_experts_key="num_local_experts",
+        renormalize_key=None,  # the router never renormalises (sigmoid of each chosen logit)
+        expert_input_scaled=True,
+        notes="sigmoid of the top-k logits scales the expert input; g = softmax over all logits and y = the "
+        "expert on the unscaled input, as upstream REAP records them; shared expert untouched",
+    ),
+    MoEAdapter(
+        family="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        num_experts_key="moe_num_experts",
+        top_k_key="moe_k",
+        renormalize_key=None,
+        always_renormalizes=True,  # weights / max(top-k sum, moe_norm_min), no config flag
+        router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+        router_fp32=True,
+        checkpoint_renames=(("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias"),),
+        notes="softmax router; moe_statics correction bias only selects experts; shared experts untouched",
+    ),
+    MoEAdapter(
+        family="deepseek_v2",
+        model_types=("deepseek_v2",),
+        num_experts_key="n_routed_experts",
+        renormalize_key=None,  # transformers' DeepseekV2TopkRouter never renormalises (weights = softmax x scale)
+        router_fp32=True,
+        group_keys=("n_group", "topk_group"),
+        scaling_factor_key="routed_scaling_factor",
+        notes="softmax router, greedy or group-limited greedy; g = softmax over all logits (the model's weight "
+        "without routed_scaling_factor); shared experts untouched",
+    ),
 )
 
 _BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}

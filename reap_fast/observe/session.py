@@ -4,11 +4,14 @@
 experts module a probe (its layer's accumulator and gate function). There are no forward hooks: the
 experts function receives the routed tokens, computes the layer output and the statistics together.
 The token mask (padding and packing separators excluded) is handed to the probes for each forward
-call by the observer that runs it, never through a module-level global.
+call by the observer that runs it, never through a module-level global. Families whose experts have no
+experts interface because the routing weight scales the expert input (Llama-4) get their MoE block's
+forward replaced for the observation instead (``input_scaled.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Iterable
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
+from .input_scaled import input_scaled_moe_forward
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +86,17 @@ class Observer:
             gate_fn = self.adapter.gate_function(layer, self.model.config, self.renormalize)
             probe = LayerProbe(layer, gate_fn, self.accumulators[layer.layer_index], self)
             object.__setattr__(layer.experts, "_reap_probe", probe)
+            if self.adapter.expert_input_scaled:  # no experts interface: the block's forward is replaced
+                forward = functools.partial(input_scaled_moe_forward, layer.block, probe, get_engine(self.engine))
+                object.__setattr__(layer.block, "forward", forward)
         return self
 
     def __exit__(self, *exc_info) -> None:
         for layer in self.layers:
             if "_reap_probe" in layer.experts.__dict__:
                 object.__delattr__(layer.experts, "_reap_probe")
+            if "forward" in layer.block.__dict__:
+                object.__delattr__(layer.block, "forward")
         if self._previous_implementation is not None:
             self.model.set_experts_implementation(self._previous_implementation)
         self._token_mask = None

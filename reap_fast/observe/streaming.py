@@ -75,7 +75,10 @@ logger = logging.getLogger(__name__)
 
 # Families whose streamed statistics are tested equal to the in-memory forward (tests/test_streaming.py).
 # Mixtral is not: its checkpoints name the MoE block ``block_sparse_moe`` and the experts w1/w2/w3.
-STREAMING_FAMILIES = ("qwen3_moe", "qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss")
+STREAMING_FAMILIES = (
+    "qwen3_moe", "qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss",
+    "llama4", "ernie4_5_moe", "deepseek_v2",
+)
 
 GiB = 1024**3
 _EXPERT_KEY = re.compile(r"^(?P<base>.*experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
@@ -266,18 +269,32 @@ def _expert_sources(name: str, num_experts: int, available: set[str]) -> tuple[s
     return None
 
 
-def layer_tensors(reader: CheckpointTensors, prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+def _renamed(name: str, renames: tuple[tuple[str, str], ...], available: set[str]) -> str | None:
+    """The checkpoint key of module tensor ``name`` under one of the family's renames, if present."""
+    for module_suffix, checkpoint_suffix in renames:
+        if name.endswith(module_suffix):
+            candidate = name[: len(name) - len(module_suffix)] + checkpoint_suffix
+            if candidate in available:
+                return candidate
+    return None
+
+
+def layer_tensors(
+    reader: CheckpointTensors, prefix: str, module: nn.Module, renames: tuple[tuple[str, str], ...] = ()
+) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of ``module`` (keys under ``prefix``), fused experts stacked, shapes checked.
 
-    Every tensor under ``prefix`` must be used and every parameter found, so a checkpoint layout that
-    needs other conversions (renamed keys, transposed or quantised experts) stops with a clear error.
+    ``renames`` are the family's (module name suffix, checkpoint name suffix) pairs (the adapter's
+    ``checkpoint_renames``). Every tensor under ``prefix`` must be used and every parameter found, so a
+    checkpoint layout that needs other conversions (transposed or quantised experts) stops with a clear error.
     """
     available = reader.names_under(prefix)
     shapes = {name: tuple(value.shape) for name, value in module.state_dict(keep_vars=True).items()}
     plan: dict[str, tuple[str, list[list[str]]]] = {}
     for name in _persistent_names(module):
-        if name in available:
-            plan[name] = ("copy", [[name]])
+        source = name if name in available else _renamed(name, renames, available)
+        if source is not None:
+            plan[name] = ("copy", [[source]])
             continue
         sources = _expert_sources(name, shapes[name][0], available) if len(shapes[name]) == 3 else None
         if sources is None:
@@ -298,7 +315,7 @@ def layer_tensors(reader: CheckpointTensors, prefix: str, module: nn.Module) -> 
     tensors = {}
     for name, (kind, groups) in plan.items():
         if kind == "copy":
-            tensor = raw.pop(prefix + name)
+            tensor = raw.pop(prefix + groups[0][0])
         else:
             stacked = [torch.stack([raw.pop(prefix + key) for key in group]) for group in groups]
             tensor = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)
@@ -447,6 +464,11 @@ def _activation_bytes(text_config, batch: int, length: int, element: int) -> int
 def streaming_supported(config) -> None:
     """Raise a clear error when ``config``'s family is not one streaming is checked exact on."""
     family = get_adapter(config).family
+    if getattr(config, "model_type", None) == "llama4":
+        raise UnsupportedModelError(
+            "layer streaming (--layerwise) reads text-only Llama-4 checkpoints (model_type llama4_text); this multimodal "
+            "llama4 checkpoint keeps its text layers under another prefix: observe it without --layerwise"
+        )
     if family not in STREAMING_FAMILIES:
         raise UnsupportedModelError(
             f"layer streaming (--layerwise) supports {', '.join(STREAMING_FAMILIES)}; {family} is not checked exact "
@@ -480,6 +502,7 @@ def observe_streaming(
     report = report if report is not None else StreamingReport()
     config = AutoConfig.from_pretrained(model_path)
     streaming_supported(config)
+    renames = get_adapter(config).checkpoint_renames
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     reader = CheckpointTensors(model_path)
     model = build_skeleton(config, dtype)
@@ -558,7 +581,7 @@ def observe_streaming(
                     layer = real_layers[index]
                     prefix = f"{layers_name}.{index}."
                     began = time.perf_counter()
-                    placed = materialize(layer, layer_tensors(reader, prefix, layer), device)
+                    placed = materialize(layer, layer_tensors(reader, prefix, layer, renames), device)
                     _synchronize(device)
                     report.load_seconds += time.perf_counter() - began
                     report.add(placed)

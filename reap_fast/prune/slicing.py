@@ -3,7 +3,8 @@
 For every MoE layer the kept experts' rows are gathered from every per-expert tensor of the experts
 module (``gate_up_proj``, ``down_proj`` and, for gpt-oss, ``gate_up_proj_bias``/``down_proj_bias``:
 all of its direct parameters and buffers indexed by expert on dim 0) and from the router tensors the
-family adapter names (``weight``, and ``bias`` or ``e_score_correction_bias``). The modules' expert
+family adapter names (``weight``, and ``bias`` or ``e_score_correction_bias``; ERNIE's
+``moe_statics.e_score_correction_bias`` of shape (1, E) on its last dimension). The modules' expert
 counts (``num_experts`` and friends) and the config's count key are set to the new count; the top-k
 (config and modules) is clamped to it. Shared experts and their gates are left untouched.
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models import MoELayer, find_moe_layers, get_adapter
+from ..models.base import expert_dim, router_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -65,29 +67,35 @@ def _check_keep(layers: list[MoELayer], keep: Mapping[int, torch.Tensor], top_k:
     return checked
 
 
-def _slice_tensors(module: nn.Module, index: torch.Tensor, old_count: int, names: tuple[str, ...] | None = None) -> list[str]:
-    """Gather rows ``index`` on dim 0 of the module's direct parameters/buffers (all with dim0 == old_count, or ``names``)."""
-    sliced = []
+def _gather(owner: nn.Module, leaf: str, index: torch.Tensor, dim: int) -> None:
+    """Replace ``owner.<leaf>`` (parameter or buffer) by its entries ``index`` along ``dim``."""
+    tensor = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{owner.__class__.__name__}.{leaf} is on the meta device (offloaded weights); load the model without "
+            "disk offload to prune it"
+        )
+    new = tensor.detach().index_select(dim, index.to(tensor.device)).contiguous()
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(new, requires_grad=tensor.requires_grad)
+    else:
+        owner._buffers[leaf] = new
+
+
+def _slice_tensors(module: nn.Module, index: torch.Tensor, old_count: int) -> list[str]:
+    """Gather rows ``index`` on dim 0 of the module's direct parameters/buffers that have ``old_count`` rows."""
     candidates = list(module._parameters.items()) + list(module._buffers.items())
-    for name, tensor in candidates:
-        if tensor is None or (names is not None and name not in names):
-            continue
-        if tensor.dim() == 0 or tensor.shape[0] != old_count:
-            if names is not None:
-                raise ValueError(f"{module.__class__.__name__}.{name} has shape {tuple(tensor.shape)}, expected {old_count} rows")
-            continue
-        if tensor.device.type == "meta":
-            raise ValueError(
-                f"{module.__class__.__name__}.{name} is on the meta device (offloaded weights); load the model without "
-                "disk offload to prune it"
-            )
-        new = tensor.detach().index_select(0, index.to(tensor.device)).contiguous()
-        if name in module._parameters:
-            module._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
-        else:
-            module._buffers[name] = new
-        sliced.append(name)
+    sliced = [name for name, tensor in candidates if tensor is not None and tensor.dim() > 0 and tensor.shape[0] == old_count]
+    for name in sliced:
+        _gather(module, name, index, 0)
     return sliced
+
+
+def _slice_router_tensor(router: nn.Module, name: str, index: torch.Tensor, old_count: int) -> None:
+    """Gather the kept experts of the router tensor ``name`` (dotted for submodules) on its expert dimension."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = router.get_submodule(owner_path) if owner_path else router
+    _gather(owner, leaf, index, expert_dim(router_tensor(router, name), old_count))
 
 
 def _set_counts(module: nn.Module, old_count: int, new_count: int, top_k: int | None) -> None:
@@ -133,8 +141,9 @@ def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven
             sliced = _slice_tensors(layer.experts, index, old_count)
             if "down_proj" not in sliced or "gate_up_proj" not in sliced:
                 raise ValueError(f"layer {layer.layer_index}: experts module lacks gate_up_proj/down_proj to slice")
-            present = tuple(name for name in adapter.router_tensors if getattr(layer.router, name, None) is not None)
-            _slice_tensors(layer.router, index, old_count, names=present)
+            for name in adapter.router_tensors:
+                if router_tensor(layer.router, name) is not None:
+                    _slice_router_tensor(layer.router, name, index, old_count)
             for module in (layer.block, layer.experts, layer.router):
                 _set_counts(module, old_count, new_count, top_k)
     new_count = max(counts.values())
