@@ -6,10 +6,12 @@ import re
 
 import torch
 
+from .errors import ReapFastError
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class DeviceError(ValueError):
+class DeviceError(ReapFastError, ValueError):
     """A device that is malformed or not present on this machine."""
 
 

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ReapFastError
+
 GateMode = Literal["softmax", "model_weights"]
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ReapFastError, ValueError):
     """The model family has no adapter, or its structure is not what the adapter expects."""
 
 

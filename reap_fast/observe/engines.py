@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from ..errors import ReapFastError
 from ..metrics import BatchStats
 from .reference import reference_experts_forward
 
@@ -26,7 +27,7 @@ Engine = Callable[..., tuple[torch.Tensor, BatchStats | None]]
 ENGINE_NAMES = ("reference", "triton")
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(ReapFastError, RuntimeError):
     """The requested engine cannot run here (e.g. Triton without a GPU or interpreter)."""
 
 
@@ -44,7 +45,7 @@ def get_engine(name: str) -> Engine:
         return reference_experts_forward
     if name == "triton":
         return _triton_engine()
-    raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+    raise EngineUnavailableError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
 
 
 def implementation_name(engine: str) -> str:

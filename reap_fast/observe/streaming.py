@@ -66,6 +66,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..errors import ReapFastError
 from ..metrics import LayerAccumulator
 from ..models import UnsupportedModelError, get_adapter
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators
@@ -84,7 +85,7 @@ GiB = 1024**3
 _EXPERT_KEY = re.compile(r"^(?P<base>.*experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
 
 
-class StreamingError(ValueError):
+class StreamingError(ReapFastError, ValueError):
     """The checkpoint cannot be streamed layer by layer (layout, format or family)."""
 
 

@@ -33,6 +33,7 @@ import logging
 
 import torch
 
+from ..errors import ReapFastError, UsageError
 from ..metrics import LayerMetrics
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ UPSTREAM_METHOD_CHOICES = (
 METHOD_CHOICES = UPSTREAM_METHOD_CHOICES + ("random",)
 
 
-class UnknownMethodError(ValueError):
+class UnknownMethodError(ReapFastError, ValueError):
     """A pruning method that is neither known nor a key of the observation file."""
 
 
@@ -88,7 +89,7 @@ def num_experts_of(metrics: dict[int, LayerMetrics]) -> int:
     counts = {layer: int(metrics[layer]["expert_frequency"].shape[0]) for layer in metrics}
     distinct = sorted(set(counts.values()))
     if len(distinct) != 1:
-        raise ValueError(f"layers of the observation have different expert counts: {counts}")
+        raise UsageError(f"layers of the observation have different expert counts: {counts}")
     return distinct[0]
 
 

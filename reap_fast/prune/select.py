@@ -32,13 +32,14 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ReapFastError
 from ..metrics import LayerMetrics
 from .scores import DEFAULT_METHOD, layer_scores, num_experts_of, sorted_layers, super_expert_mask
 
 logger = logging.getLogger(__name__)
 
 
-class SelectionError(ValueError):
+class SelectionError(ReapFastError, ValueError):
     """An impossible pruning request (bad ratio or count, too few experts left, bad groups)."""
 
 

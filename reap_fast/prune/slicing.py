@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import ReapFastError
 from ..models import MoELayer, find_moe_layers, get_adapter
 from ..models.base import expert_dim, router_tensor
 
@@ -35,11 +36,11 @@ _TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok")
 ORIGINAL_COUNTS_ATTRIBUTE = "reap_fast_original_num_experts"
 
 
-class UnevenPruningError(ValueError):
+class UnevenPruningError(ReapFastError, ValueError):
     """Layers would keep different numbers of experts, which the model family cannot express."""
 
 
-class KeepIndexError(ValueError):
+class KeepIndexError(ReapFastError, ValueError):
     """Keep indices that do not fit the model (layers, range, duplicates, fewer than top-k)."""
 
 
