@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from .errors import EXIT_INTERRUPTED, ReapFastError
 from .metrics import LayerMetrics
+from .outputs import OutputLock, check_output_file, clean_leftovers
+from .preflight import check_output_location
 
 logger = logging.getLogger("reap_fast")
 
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     observe.add_argument("--output", required=True, help="observation file to write (.pt)")
     observe.add_argument("--resume", action="store_true", help="continue an interrupted observation")
     observe.add_argument("--checkpoint-dir", default=None, help="partial statistics (default: OUTPUT.partial)")
-    observe.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    observe.add_argument("--overwrite", action="store_true", help="replace an existing observation file")
     observe.add_argument("--top", type=int, default=3, help="experts shown per layer in the summary table")
 
     prune = commands.add_parser("prune", help="remove the lowest-scoring experts and save the smaller model")
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_arguments(prune)
     prune.add_argument("--device", default="auto")
     prune.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    prune.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
+    prune.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
 
     quantize = commands.add_parser("quantize", help="AutoRound W4A16 quantization of a (pruned) model")
     quantize.add_argument("--model", required=True, help="model folder to quantize")
@@ -92,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--batch-size", type=int, default=8)
     quantize.add_argument("--seed", type=int, default=42)
     quantize.add_argument("--device", default="auto")
-    quantize.add_argument("--overwrite", action="store_true")
+    quantize.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
 
     run = commands.add_parser("run", help="observe -> prune -> [quantize] -> [eval], resumable")
     _add_observe_arguments(run)
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-dataset", default=None, help="held-out text spec for --eval (implies --eval)")
     run.add_argument("--eval-samples", type=int, default=16, help="held-out sequences for perplexity")
     run.add_argument("--eval-max-length", type=int, default=512, help="tokens per held-out sequence")
-    run.add_argument("--overwrite", action="store_true", help="start over in an --output holding another run")
+    run.add_argument("--overwrite", action="store_true", help="start over in an --output holding another reap-fast run")
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on the built-in tiny model")
     demo.add_argument("--output", default="demo_out", help="folder for the demo's files")
@@ -127,32 +132,37 @@ def format_expert_table(metrics: dict[int, LayerMetrics], top: int = 3) -> str:
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
+    from .identity import attach_identity, model_identity
     from .metrics import save_metrics
     from .observe import observe_checkpoint
     from .observe.distributed import is_main_process
+    from .observe.runner import load_config
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists (use --overwrite to replace it)")
-    metrics = observe_checkpoint(
-        args.model,
-        args.dataset,
-        samples_per_category=args.samples_per_category,
-        model_max_length=args.model_max_length,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        engine=args.engine,
-        renormalize=args.renormalize_router_weights,
-        device=args.device,
-        dtype=args.dtype,
-        layerwise=args.layerwise,
-        resume=args.resume,
-        checkpoint_dir=args.checkpoint_dir or f"{output}.partial",
-        checkpoint_every=args.checkpoint_every,
-    )
-    if not is_main_process():
-        return 0
-    save_metrics(metrics, output)
+    # Under torchrun only rank 0 writes, so only rank 0 holds the output.
+    with OutputLock(output) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        clean_leftovers(output)
+        check_output_file(output, {"model folder": args.model}, args.overwrite)
+        check_output_location(output, 0)
+        metrics = observe_checkpoint(
+            args.model,
+            args.dataset,
+            samples_per_category=args.samples_per_category,
+            model_max_length=args.model_max_length,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            engine=args.engine,
+            renormalize=args.renormalize_router_weights,
+            device=args.device,
+            dtype=args.dtype,
+            layerwise=args.layerwise,
+            resume=args.resume,
+            checkpoint_dir=args.checkpoint_dir or f"{output}.partial",
+            checkpoint_every=args.checkpoint_every,
+        )
+        if not is_main_process():
+            return 0
+        save_metrics(attach_identity(metrics, model_identity(load_config(args.model), args.model)), output)
     print(format_expert_table(metrics, args.top))
     print(f"saved {len(metrics)} layers of REAP statistics to {output}")
     return 0
@@ -184,9 +194,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .data import calibration_texts
-    from .quantize import check_model_dir, quantize_w4a16
+    from .quantize import check_model_dir, check_output_dir, quantize_w4a16
 
     check_model_dir(args.model)
+    check_output_dir(args.output, overwrite=args.overwrite, model_dir=Path(args.model))  # before reading any data
     texts = calibration_texts(args.dataset, AutoTokenizer.from_pretrained(args.model), args.nsamples, seed=args.seed)
     folder = quantize_w4a16(
         args.model, args.output, texts, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -237,11 +248,8 @@ COMMANDS = {
 }
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: shown as one line, not a traceback."""
-    from .observe import EngineUnavailableError
-
-    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, EngineUnavailableError)
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,13 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    debug = args.debug or bool(os.environ.get("REAP_FAST_DEBUG"))
+    # SIGTERM unwinds like an exception, so locks are released and child processes stopped.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_system_exit)
     try:
         return COMMANDS[args.command](args)
-    except user_errors() as exc:
-        if args.debug or os.environ.get("REAP_FAST_DEBUG"):
+    except ReapFastError as exc:
+        if debug:
             raise
         print(f"reap-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"reap-fast {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

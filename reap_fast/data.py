@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 
+from .errors import ReapFastError
+
 if TYPE_CHECKING:
     import datasets
 
@@ -66,7 +68,7 @@ _ROWS_PER_READ = 256
 _TEXTS_PER_TOKENIZE = 64
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(ReapFastError, ValueError):
     """Bad calibration input; the message is one line meant for the user."""
 
     def __init__(self, message: str) -> None:
@@ -201,7 +203,34 @@ def _run_builder(builder: str, files: list[Path], what: str, **config: Any) -> d
         reason = _reason(exc)
         if "corresponds to no data" in reason:  # datasets' way of saying that there are no rows
             raise CalibrationDataError(f"cannot use {what}: the dataset is empty") from None
+        if builder == "json":
+            reason = _first_bad_json_line(files) or reason  # datasets reports a byte offset, people want a line
         raise CalibrationDataError(f"cannot read {what}: {reason}") from None
+
+
+def _first_bad_json_line(files: list[Path]) -> str | None:
+    """``"<file> line N: <reason>"`` for the first line of a JSON-lines file that is not one JSON object."""
+    import gzip
+
+    for path in files:
+        if path.suffix == ".json":
+            continue  # a whole-file JSON document: the parser's message stands
+        opener = gzip.open if path.suffix == ".gz" else open
+        where = f"{path} " if len(files) > 1 else ""
+        try:
+            with opener(path, "rt", encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        return f"{where}line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+                    if not isinstance(row, dict):
+                        return f"{where}line {number}: expected a JSON object, got {type(row).__name__}"
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{path}: {exc.__class__.__name__}: {exc}"
+    return None
 
 
 def _load_local_file(path: Path, category: CategorySpec) -> datasets.Dataset:
@@ -337,7 +366,8 @@ def _resolve_columns(ds: datasets.Dataset, category: CategorySpec) -> tuple[str,
         if name in columns and _is_string(ds.features[name]):
             return "text", (name,)
     raise CalibrationDataError(
-        f"{category.label}: no text or chat column found; columns are {columns} (pass column=... to pick one)"
+        f"{category.label}: no text or chat column found; columns are {columns} (name the text column one of "
+        f"{', '.join(TEXT_COLUMNS[:4])}, ... or the chat column one of {', '.join(CHAT_COLUMNS)})"
     )
 
 
@@ -618,10 +648,32 @@ def _categories(spec: str, column: str | None) -> list[CategorySpec]:
     for label in labels:
         if labels.count(label) > 1:
             raise CalibrationDataError(f"category '{label}' appears twice in the dataset spec")
+    seen: dict[tuple[str, str | None, str], str] = {}
+    for category in categories:
+        path = Path(os.path.expanduser(category.name))
+        if not path.exists():
+            continue
+        key = (str(path.resolve()), category.subset, category.split)  # ./a.jsonl and a.jsonl are one file
+        if key in seen:
+            raise CalibrationDataError(
+                f"'{seen[key]}' and '{category.name}' are the same file in the dataset spec; give it once"
+            )
+        seen[key] = category.name
     for category in categories:
         if category.column is None:
             category.column = column
     return categories
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Cheap check of a spec before long work: it parses, and its local files and folders exist."""
+    for category in _categories(spec, None):
+        path = Path(os.path.expanduser(category.name))
+        if path.exists():
+            if path.is_file() and not os.access(path, os.R_OK):
+                raise CalibrationDataError(f"cannot read '{path}': permission denied")
+        elif _looks_like_path(category.name):
+            raise CalibrationDataError(f"{category.label}: no such file or folder '{path}'")
 
 
 class _Counted:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
+from .children import run_child
 from .corpus import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def prepare_demo_inputs(folder: Path, steps: int) -> tuple[Path, str, str]:
 
 def generate_with_quantized(model_dir: Path, prompt: str = PROMPT) -> str:
     """Greedy continuation of ``prompt`` by a W4A16 folder, computed in a child process."""
-    completed = subprocess.run([sys.executable, "-c", GENERATE, str(model_dir), prompt], capture_output=True, text=True)
+    completed = run_child([sys.executable, "-c", GENERATE, str(model_dir), prompt], capture_output=True)
     if completed.returncode != 0:
         raise RuntimeError(f"reloading {model_dir} failed: {completed.stderr.strip().splitlines()[-1:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -10,17 +10,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from .outputs import apply_umask, work_prefix
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=work_prefix(path, "tmp"), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        apply_umask(tmp)  # mkstemp creates 0600; the file gets what a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,10 +44,11 @@ def publish_folder(staging: str | os.PathLike, output_dir: str | os.PathLike) ->
     stage never leaves a half-written folder under the final name.
     """
     staging, output_dir = Path(staging), Path(output_dir)
+    apply_umask(staging, recursive=True)  # mkdtemp creates 0700
     if not output_dir.exists():
         os.replace(staging, output_dir)
         return output_dir
-    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    trash = Path(tempfile.mkdtemp(prefix=work_prefix(output_dir, "old"), dir=output_dir.parent))
     os.replace(output_dir, trash / output_dir.name)
     try:
         os.replace(staging, output_dir)

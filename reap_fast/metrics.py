@@ -22,11 +22,13 @@ Saved format (``torch.save``), exactly as upstream's ``MoETransformerObserver.re
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .errors import ReapFastError, one_line
 from .fileio import atomic_write
 
 METRIC_DTYPES: dict[str, torch.dtype] = {
@@ -43,8 +45,27 @@ METRIC_DTYPES: dict[str, torch.dtype] = {
 
 LayerMetrics = dict[str, torch.Tensor]
 
+# Per-layer key of the model identity record in files reap-fast writes (see reap_fast.identity).
+IDENTITY_KEY = "reap_fast_model"
+# Keys that hold counts or sums of norms, gates or maxima floored at zero: never negative.
+NON_NEGATIVE_KEYS = tuple(METRIC_DTYPES)
+# Per-token means and the sums they derive from: mean == sum / frequency where frequency > 0.
+MEAN_OF_SUM = {"ean_mean": "ean_sum", "reap": "weighted_ean_sum"}
+# Upstream keeps these means as running fp32 averages, so they agree with sum / frequency only to ~1e-4.
+MEAN_RTOL = 1e-2
 
-class MetricsFileError(ValueError):
+
+class Observation(dict):
+    """``{layer: metrics}`` with the identity of the model it was observed on (None for upstream's files).
+
+    The identity travels in the file under :data:`IDENTITY_KEY` in every layer; in memory it is this
+    attribute, so every layer dictionary holds tensors only.
+    """
+
+    identity: dict | None = None
+
+
+class MetricsFileError(ReapFastError, ValueError):
     """An observation file that is missing, unreadable or not in the REAP format."""
 
 
@@ -163,12 +184,46 @@ def validate_metrics(metrics: object, source: str = "metrics") -> dict[int, Laye
                 raise MetricsFileError(
                     f"{source}: layer {layer} key {key} has shape {tuple(value.shape)}, expected {expected_shape}"
                 )
+        check_values(layer_metrics, f"{source}: layer {layer}")
     return metrics
+
+
+def check_values(layer_metrics: LayerMetrics, where: str) -> None:
+    """Finite, non-negative values whose means agree with their sums (one-line MetricsFileError otherwise)."""
+    for key in METRIC_DTYPES:
+        value = layer_metrics[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise MetricsFileError(f"{where} key {key} holds {bad} non-finite values (NaN or inf)")
+        if key in NON_NEGATIVE_KEYS and bool((value < 0).any()):
+            raise MetricsFileError(f"{where} key {key} holds negative values (counts and sums cannot be negative)")
+    frequency = layer_metrics["expert_frequency"]
+    if bool((frequency > layer_metrics["total_tokens"]).any()):
+        raise MetricsFileError(f"{where}: an expert_frequency exceeds total_tokens (a token is routed to an expert once)")
+    used = frequency > 0
+    safe = frequency.clamp(min=1).to(torch.float64)
+    for mean_key, sum_key in MEAN_OF_SUM.items():
+        expected = layer_metrics[sum_key] / safe
+        mean = layer_metrics[mean_key].to(torch.float64)
+        tolerance = MEAN_RTOL * expected.abs() + 1e-6 * float(expected.abs().max().clamp(min=1e-30))
+        wrong = used & ((mean - expected).abs() > tolerance)
+        if bool(wrong.any()):
+            expert = int(wrong.nonzero()[0, 0])
+            raise MetricsFileError(
+                f"{where}: {mean_key} of expert {expert} is {float(mean[expert]):.6g} but {sum_key} / expert_frequency "
+                f"is {float(expected[expert]):.6g}; the file is inconsistent"
+            )
+    for key in ("ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum", "ean_mean", "reap"):
+        if bool((layer_metrics[key][~used] != 0).any()):
+            raise MetricsFileError(f"{where}: {key} is non-zero for an expert that no token was routed to")
 
 
 def save_metrics(metrics: dict[int, LayerMetrics], path: str | os.PathLike) -> Path:
     """Validate and write an observation file atomically (temporary file + rename)."""
     validate_metrics(metrics, "metrics to save")
+    identity = getattr(metrics, "identity", None)
+    if identity:
+        metrics = {layer: {**values, IDENTITY_KEY: dict(identity)} for layer, values in metrics.items()}
     return atomic_torch_save(metrics, path)
 
 
@@ -177,14 +232,27 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def load_metrics(path: str | os.PathLike) -> dict[int, LayerMetrics]:
+def describe_load_error(exc: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: never the advice to allow arbitrary pickles."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global: ([\w.]+)", text)
+        detail = f" (it references {found.group(1)})" if found else ""
+        return f"it holds Python objects other than tensors{detail}, which reap-fast refuses to unpickle"
+    return f"{exc.__class__.__name__}: {one_line(exc)}"
+
+
+def load_metrics(path: str | os.PathLike) -> Observation:
     """Load and validate an observation file (ours or upstream REAP's)."""
     path = Path(path)
     if not path.is_file():
         raise MetricsFileError(f"observation file not found: {path}")
     try:
         metrics = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise MetricsFileError(f"cannot read observation file {path}: {exc.__class__.__name__}: {exc}") from None
-    # Upstream files may carry extra merging statistics; keep every key, validate ours.
-    return validate_metrics(metrics, str(path))
+    except Exception as exc:  # torch raises many types for a corrupt file; pickle refusals run to many lines
+        raise MetricsFileError(f"cannot read observation file {path}: {describe_load_error(exc)}") from None
+    observation = Observation(validate_metrics(metrics, str(path)))
+    identities = [values.pop(IDENTITY_KEY, None) for values in observation.values()]
+    # Upstream files may carry extra merging statistics; keep every other key, validate ours.
+    observation.identity = identities[0] if isinstance(identities[0], dict) else None
+    return observation

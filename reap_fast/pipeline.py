@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,14 +24,27 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from .children import run_child
+from .errors import ReapFastError
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
+from .outputs import (
+    OutputError,
+    OutputLock,
+    check_not_overlapping,
+    check_output,
+    clean_folder_leftovers,
+    clean_leftovers,
+    work_prefix,
+    write_marker,
+)
+from .preflight import check_model_folder, check_output_location, weights_bytes
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("observe", "prune", "quantize", "eval")
 
 
-class PipelineError(ValueError):
+class PipelineError(ReapFastError, ValueError):
     """A pipeline setting or state that prevents the run (one-line message)."""
 
 
@@ -124,11 +136,13 @@ class Pipeline:
 
     def _load_state(self) -> dict[str, Any]:
         fresh = {"settings": self.config.fingerprint(), "stages": {}}
+        try:
+            check_not_overlapping(self.root, self.inputs())
+            if not self.state_path.is_file():
+                check_output(self.root, self.inputs(), self.config.overwrite)
+        except OutputError as exc:
+            raise PipelineError(str(exc)) from None
         if not self.state_path.is_file():
-            if self.root.exists() and any(self.root.iterdir()) and not self.config.overwrite:
-                raise PipelineError(
-                    f"{self.root} is not empty and holds no pipeline.json (choose a new --output or pass --overwrite)"
-                )
             return fresh
         state = json.loads(self.state_path.read_text())
         if state.get("settings") != fresh["settings"]:
@@ -168,19 +182,45 @@ class Pipeline:
         for later in STAGES[STAGES.index(stage):]:
             self.state["stages"].pop(later, None)
 
+    def inputs(self) -> dict[str, str]:
+        """The run's inputs that no output may overlap."""
+        return {"model folder": self.config.model}
+
     def check_inputs(self) -> None:
-        """Model family, pruning budget and output folder, checked before any calibration work."""
+        """Everything checkable before calibration work: model folder and family, pruning budget, room for the
+        outputs, quantizability (with --quantize) and the held-out text (with --eval-dataset)."""
         from .observe.runner import load_config
         from .prune import check_prune_budget
 
         c = self.config
-        check_prune_budget(load_config(c.model), c.compression_ratio, c.n_experts_to_prune, c.global_ranking)
+        config = load_config(c.model)
+        check_model_folder(c.model, need_tokenizer=True)
+        check_prune_budget(config, c.compression_ratio, c.n_experts_to_prune, c.global_ranking)
+        weights = weights_bytes(c.model)
+        check_output_location(self.root, weights + (weights // 2 if c.quantize else 0))
+        if c.quantize:
+            from .quantize import auto_round_version, check_group_size
+
+            auto_round_version()
+            check_group_size(config, 128)
+        if c.eval_dataset:
+            from .data import check_dataset_spec
+
+            check_dataset_spec(c.eval_dataset)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
-        self.check_inputs()
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.state, self.state_path)
+        with OutputLock(self.root):  # a second run on the same --output is refused at once
+            clean_leftovers(self.root)
+            self.state = self._load_state()  # another run may have finished since this object was made
+            self.check_inputs()
+            self.root.mkdir(parents=True, exist_ok=True)
+            clean_folder_leftovers(self.root)
+            write_marker(self.root, "run")
+            atomic_write_json(self.state, self.state_path)
+            return self._run_stages()
+
+    def _run_stages(self) -> dict[str, Any]:
         actions: dict[str, Callable[[], list[Path]]] = {
             "observe": self._observe,
             "prune": self._prune,
@@ -201,8 +241,10 @@ class Pipeline:
         return self.summary()
 
     def _observe(self) -> list[Path]:
+        from .identity import attach_identity, model_identity
         from .metrics import save_metrics
         from .observe import observe_checkpoint
+        from .observe.runner import load_config
 
         c = self.config
         metrics = observe_checkpoint(
@@ -210,7 +252,8 @@ class Pipeline:
             c.renormalize, c.device, c.dtype, progress=c.progress, layerwise=c.layerwise, resume=True,
             checkpoint_dir=str(self.root / "observation.partial"), checkpoint_every=c.checkpoint_every,
         )
-        return [save_metrics(metrics, self.observation)]
+        identity = model_identity(load_config(c.model), c.model)
+        return [save_metrics(attach_identity(metrics, identity), self.observation)]
 
     def _prune(self) -> list[Path]:
         from .prune import prune_checkpoint
@@ -279,12 +322,12 @@ class Pipeline:
 def evaluate_in_subprocess(model_dir: str, texts_file: Path, seq_len: int, quantized: bool = False) -> dict[str, Any]:
     """Held-out perplexity of a checkpoint, computed in a child process (a quantized model's loader patches
     transformers classes process-wide, so it never runs in the pipeline's own process)."""
-    result_file = texts_file.with_name(f".eval-{Path(model_dir).name}-{time.time_ns()}.json")
+    result_file = texts_file.with_name(f"{work_prefix(texts_file, 'scratch')}{Path(model_dir).name}.json")
     command = [sys.executable, "-m", "reap_fast.evaluate", "--model", model_dir, "--texts-file", str(texts_file),
                "--seq-len", str(seq_len), "--json", str(result_file)]
     if quantized:
         command.append("--quantized")
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = run_child(command, capture_output=True)
     if completed.returncode != 0:
         tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
         raise PipelineError(f"evaluation of {model_dir} failed: {tail}")

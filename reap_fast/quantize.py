@@ -27,15 +27,18 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .children import exit_on_sigterm, run_child
 from .devices import resolve_device
+from .errors import ReapFastError
 from .fileio import publish_folder, sha256_file
+from .outputs import OutputLock, check_output, clean_leftovers, work_prefix, write_marker
+from .preflight import check_model_folder, check_output_location, weights_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ _SIZE_ATTRIBUTES = (
 )
 
 
-class QuantizationError(ValueError):
+class QuantizationError(ReapFastError, ValueError):
     """A problem with the inputs or settings of a quantization run (one-line message)."""
 
 
@@ -81,47 +84,21 @@ def auto_round_version() -> str:
         return str(getattr(auto_round, "__version__", "unknown"))
 
 
-def _looks_like_model(folder: Path) -> bool:
-    if not folder.is_dir():
-        return False
-    if (folder / "config.json").exists() or (folder / MARKER_FILE).exists():
-        return True
-    return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir())
-
-
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """The model folder as a Path; error when it is missing or holds no config.json / weights."""
-    folder = Path(model_dir).expanduser()
-    if not folder.exists():
-        raise QuantizationError(f"model folder not found: {folder}")
-    if not folder.is_dir():
-        raise QuantizationError(f"model path is not a folder: {folder}")
-    if not (folder / "config.json").exists():
-        raise QuantizationError(f"not a Hugging Face model folder (no config.json): {folder}")
-    if not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
-        raise QuantizationError(f"no weight files (*.safetensors / *.bin) in model folder: {folder}")
-    return folder
+    """The model folder as a Path; error when it is missing, incomplete or corrupt, or has no tokenizer."""
+    try:
+        check_model_folder(str(Path(model_dir).expanduser()), need_tokenizer=True)
+    except ReapFastError as error:
+        raise QuantizationError(str(error)) from None
+    return Path(model_dir).expanduser()
 
 
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, model_dir: Path | None = None) -> Path:
-    """The output folder as a Path; refuse a folder that already holds a model unless ``overwrite``."""
-    folder = Path(output_dir).expanduser()
-    if model_dir is not None and folder.resolve() == Path(model_dir).resolve():
-        raise QuantizationError(f"output folder is the model folder: {folder}; choose another --output")
-    if folder.exists():
-        if not folder.is_dir():
-            raise QuantizationError(f"output path exists and is not a folder: {folder}")
-        if overwrite:
-            return folder
-        if _looks_like_model(folder):
-            raise QuantizationError(
-                f"output folder already holds a model: {folder}; pass overwrite=True (--overwrite) to replace it"
-            )
-        if any(folder.iterdir()):
-            raise QuantizationError(
-                f"output folder exists and is not empty: {folder}; pass overwrite=True (--overwrite) to replace it"
-            )
-    return folder
+    """The output folder as a Path, checked against the output contract (:func:`reap_fast.outputs.check_output`)."""
+    try:
+        return check_output(output_dir, {"model folder": model_dir}, overwrite)
+    except ReapFastError as error:
+        raise QuantizationError(str(error)) from None
 
 
 def _router_like(name: str) -> bool:
@@ -192,7 +169,7 @@ def check_group_size(config: Any, group_size: int) -> None:
         described.append(f"{label}={size} (e.g. {example})")
     raise QuantizationError(
         f"group_size {group_size} does not divide the in-features of quantized layers: {', '.join(described)}; "
-        f"choose a --group-size that divides them"
+        "this model cannot be quantized with that group size"
     )
 
 
@@ -340,90 +317,97 @@ def quantize_w4a16(
     packing), routers and shared-expert gates in 16 bit, the tokenizer alongside, and
     ``reap_fast_quant.json``. The folder appears at ``output_dir`` only once complete.
     """
-    version = auto_round_version()
-    model_path = check_model_dir(model_dir)
-    out = check_output_dir(output_dir, overwrite=overwrite, model_dir=model_path)
-    if bits not in (2, 3, 4, 8):
-        raise QuantizationError(f"bits must be 2, 3, 4 or 8, got {bits}")
-    for label, value, low in (("iters", iters, 0), ("nsamples", nsamples, 1), ("batch_size", batch_size, 1)):
-        if value < low:
-            raise QuantizationError(f"{label} must be >= {low}, got {value}")
-    device = resolve_device(device)
+    with OutputLock(output_dir):  # one process per output; leftovers of killed runs go first
+        clean_leftovers(output_dir)
+        version = auto_round_version()
+        model_path = check_model_dir(model_dir)
+        out = check_output_dir(output_dir, overwrite=overwrite, model_dir=model_path)
+        if bits not in (2, 3, 4, 8):
+            raise QuantizationError(f"bits must be 2, 3, 4 or 8, got {bits}")
+        for label, value, low in (("iters", iters, 0), ("nsamples", nsamples, 1), ("batch_size", batch_size, 1)):
+            if value < low:
+                raise QuantizationError(f"{label} must be >= {low}, got {value}")
+        device = resolve_device(device)
 
-    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
 
-    config = AutoConfig.from_pretrained(model_path)
-    check_group_size(config, group_size)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except Exception as error:
-        raise QuantizationError(f"cannot load the tokenizer from {model_path}: {error}") from error
-    usable = check_texts(tokenizer, texts, seqlen, nsamples=nsamples, min_samples=min_samples)
+        config = AutoConfig.from_pretrained(model_path)
+        check_group_size(config, group_size)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception as error:
+            raise QuantizationError(f"cannot load the tokenizer from {model_path}: {error}") from error
+        usable = check_texts(tokenizer, texts, seqlen, nsamples=nsamples, min_samples=min_samples)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    workspace = Path(tempfile.mkdtemp(prefix=f".{out.name}.ar-work-", dir=out.parent))
-    previous_workspace = os.environ.get("AR_WORK_SPACE")
-    os.environ["AR_WORK_SPACE"] = str(workspace)
-    try:
-        routers = _run_auto_round(
-            model_path,
-            staging,
-            tokenizer,
-            list(texts),
-            bits=bits,
-            group_size=group_size,
-            sym=sym,
-            iters=iters,
-            nsamples=nsamples,
-            seqlen=seqlen,
-            batch_size=batch_size,
-            device=device,
-            seed=seed,
-        )
-        tokenizer.save_pretrained(staging)
-        qcfg = verify_saved(staging, bits=bits, group_size=group_size, sym=sym, routers=routers)
-        marker = {
-            "format": MARKER_FORMAT,
-            "complete": True,
-            "tool": "reap-fast quantize",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source_model": str(model_path.resolve()),
-            "auto_round_version": version,
-            "transformers_version": importlib.metadata.version("transformers"),
-            "torch_version": importlib.metadata.version("torch"),
-            "settings": {
-                "scheme": f"W{bits}A16",
-                "bits": bits,
-                "group_size": group_size,
-                "sym": sym,
-                "iters": iters,
-                "nsamples": nsamples,
-                "seqlen": seqlen,
-                "batch_size": batch_size,
-                "device": device,
-                "seed": seed,
-                "format": "auto_round",
-                "packing_format": qcfg.get("packing_format"),
-                "calibration_texts": len(texts),
-                "calibration_texts_used": min(usable, nsamples),
-            },
-            "unquantized_routers": sorted(routers),
-            "weight_files": {p.name: sha256_file(p) for p in _weight_files(staging)},
-        }
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        publish_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
-        if previous_workspace is None:
-            os.environ.pop("AR_WORK_SPACE", None)
-        else:
-            os.environ["AR_WORK_SPACE"] = previous_workspace
-    logger.info("quantized model written to %s", out)
-    return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            check_output_location(out, weights_bytes(model_path) // 2)  # 4-bit weights of a 16-bit model, with room
+        except ReapFastError as error:
+            raise QuantizationError(str(error)) from None
+        staging = Path(tempfile.mkdtemp(prefix=work_prefix(out, "partial"), dir=out.parent))
+        workspace = Path(tempfile.mkdtemp(prefix=work_prefix(out, "ar-work"), dir=out.parent))
+        previous_workspace = os.environ.get("AR_WORK_SPACE")
+        os.environ["AR_WORK_SPACE"] = str(workspace)
+        try:
+            routers = _run_auto_round(
+                model_path,
+                staging,
+                tokenizer,
+                list(texts),
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                iters=iters,
+                nsamples=nsamples,
+                seqlen=seqlen,
+                batch_size=batch_size,
+                device=device,
+                seed=seed,
+            )
+            tokenizer.save_pretrained(staging)
+            qcfg = verify_saved(staging, bits=bits, group_size=group_size, sym=sym, routers=routers)
+            marker = {
+                "format": MARKER_FORMAT,
+                "complete": True,
+                "tool": "reap-fast quantize",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source_model": str(model_path.resolve()),
+                "auto_round_version": version,
+                "transformers_version": importlib.metadata.version("transformers"),
+                "torch_version": importlib.metadata.version("torch"),
+                "settings": {
+                    "scheme": f"W{bits}A16",
+                    "bits": bits,
+                    "group_size": group_size,
+                    "sym": sym,
+                    "iters": iters,
+                    "nsamples": nsamples,
+                    "seqlen": seqlen,
+                    "batch_size": batch_size,
+                    "device": device,
+                    "seed": seed,
+                    "format": "auto_round",
+                    "packing_format": qcfg.get("packing_format"),
+                    "calibration_texts": len(texts),
+                    "calibration_texts_used": min(usable, nsamples),
+                },
+                "unquantized_routers": sorted(routers),
+                "weight_files": {p.name: sha256_file(p) for p in _weight_files(staging)},
+            }
+            (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            write_marker(staging, "w4a16")
+            publish_folder(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+            if previous_workspace is None:
+                os.environ.pop("AR_WORK_SPACE", None)
+            else:
+                os.environ["AR_WORK_SPACE"] = previous_workspace
+        logger.info("quantized model written to %s", out)
+        return out
 
 
 def _run_auto_round(
@@ -521,7 +505,10 @@ def run_quantize_subprocess(
     unknown = sorted(set(options) - set(_OPTION_FLAGS))
     if unknown:
         raise TypeError(f"unknown quantization options: {unknown}")
-    with tempfile.TemporaryDirectory(prefix="reap-fast-quant-") as scratch:
+    output_path = Path(output_dir).expanduser().absolute()
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the output, named with this pid: a run killed with SIGKILL leaves it to the next run's cleanup.
+    with tempfile.TemporaryDirectory(prefix=work_prefix(output_path, "scratch"), dir=output_path.parent) as scratch:
         scratch_path = Path(scratch)
         if texts is not None:
             if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -551,9 +538,7 @@ def run_quantize_subprocess(
         child_env["PYTHONPATH"] = os.pathsep.join(
             [package_root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
-        result = subprocess.run(
-            argv, env=child_env, timeout=timeout, capture_output=capture_output, text=True, check=False
-        )
+        result = run_child(argv, env=child_env, timeout=timeout, capture_output=capture_output)
         if result.returncode == 0:
             return Path(output_dir)
         details = json.loads(error_file.read_text()) if error_file.exists() else {}
@@ -605,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``reap-fast quantize`` / ``python -m reap_fast.quantize``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()  # a terminated child still removes its staging folders
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -629,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             min_samples=args.min_samples,
         )
-    except QuantizationError as error:
+    except ReapFastError as error:
         report("QuantizationError", str(error))
         print(f"reap-fast quantize: error: {error}", file=sys.stderr)
         return EXIT_QUANT_ERROR
@@ -649,8 +635,8 @@ def load_quantized(output_dir: str | os.PathLike, *, device: str = "cpu", dtype:
     """Reload a quantized output with transformers; returns ``(model, tokenizer)``.
 
     Needs auto-round installed. On CPU transformers uses auto-round's torch backend
-    (``auto_round:torch_zp``), which computes in float16. Loading converts the model through
-    auto-round, which also patches transformers' MoE classes process-wide: call this in a separate
+    (``auto_round:torch_zp``), which computes in float16, or in bfloat16 on processors with AMX /
+    AVX512-BF16 (read ``model.dtype``). Loading converts the model through auto-round, which also patches transformers' MoE classes process-wide: call this in a separate
     process, or last, after everything that needs the original classes.
     """
     auto_round_version()

@@ -36,7 +36,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..metrics import LayerAccumulator, atomic_torch_save
+from ..errors import ReapFastError
+from ..metrics import LayerAccumulator, atomic_torch_save, describe_load_error
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ FORMAT_VERSION = 1
 TEST_SIGNAL_ENV = "REAP_FAST_TEST_SIGTERM_AFTER_BATCHES"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ReapFastError, ValueError):
     """A checkpoint exists but belongs to another run (or resume was not asked for)."""
 
 
@@ -176,7 +177,7 @@ class ObservationCheckpointer:
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt or foreign file
-            raise CheckpointMismatchError(f"cannot read checkpoint {self.state_path}: {exc}") from None
+            raise CheckpointMismatchError(f"cannot read checkpoint {self.state_path}: {describe_load_error(exc)}") from None
         if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
             raise CheckpointMismatchError(f"{self.state_path} is not a reap-fast observation checkpoint")
         theirs = state.get("fingerprint", {})

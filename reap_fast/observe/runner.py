@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..devices import resolve_device
+from ..errors import ReapFastError, UsageError, one_line
 from ..metrics import LayerMetrics
 from ..models import get_adapter
+from ..preflight import check_model_folder, is_path_like
 from .session import Observer
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ReapFastError, ValueError):
     """The checkpoint cannot be loaded (missing folder, no config, unsupported family)."""
 
 
@@ -51,17 +53,18 @@ def resolve_engine(engine: str, device: str) -> str:
 
 def load_config(path: str):
     """The checkpoint's config, after checking the folder and the model family (no weights loaded)."""
-    local = Path(path)
-    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local:
+    path = str(path)
+    local = Path(path).expanduser()
+    if is_path_like(path):
         if not local.is_dir():
             raise ModelLoadError(f"model folder not found: {path}")
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        path = str(local)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read the config of {path}: {one_line(exc)}") from None
     get_adapter(config)  # unsupported families stop here, before any weight is read
     return config
 
@@ -69,6 +72,7 @@ def load_config(path: str):
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     """Load a supported MoE checkpoint and its tokenizer for observation; returns (model, tokenizer)."""
     load_config(path)
+    check_model_folder(path, need_tokenizer=True)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device)
@@ -110,10 +114,11 @@ def observe_checkpoint(
     from .distributed import all_reduce_accumulators, init_distributed
 
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if checkpoint_dir is None and resume:
-        raise ValueError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")
+        raise UsageError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")
     config = load_config(model_path)
+    check_model_folder(model_path, need_tokenizer=True)
     if layerwise:
         from .streaming import streaming_supported
 
@@ -228,7 +233,7 @@ def run_observation(
     from ..data import build_calibration_set
 
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
     calibration = build_calibration_set(
         dataset, tokenizer, samples_per_category=samples_per_category, model_max_length=model_max_length, seed=seed
     )

@@ -18,8 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ReapFastError
+from ..identity import check_identity
 from ..metrics import LayerMetrics, load_metrics
 from ..models import get_adapter
+from ..outputs import OutputLock, clean_leftovers
+from ..preflight import check_model_folder, check_output_location, weights_bytes
 from .save import OutputExistsError, holds_model, prepare_output_dir, save_pruned
 from .scores import DEFAULT_METHOD, METHOD_CHOICES, UnknownMethodError, layer_scores, super_expert_mask
 from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts, uniform_prune_count
@@ -54,7 +58,7 @@ __all__ = [
 ]
 
 
-class MetricsMismatchError(ValueError):
+class MetricsMismatchError(ReapFastError, ValueError):
     """The observation file was recorded on another model (layer set or expert count differ)."""
 
 
@@ -144,37 +148,43 @@ def prune_checkpoint(
 
     if compression_ratio is None and n_experts_to_prune is None:
         compression_ratio = 0.5
-    prepare_output_dir(output_dir, overwrite)  # fail before loading anything
-    check_prune_budget(load_config(str(model_path)), compression_ratio, n_experts_to_prune, global_ranking,
-                       min_experts_per_layer)
-    metrics = load_metrics(metrics_path)
-    model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
-    check_metrics_match(model, metrics, str(metrics_path))
-    routing = model_routing(model)
-    keep = select_experts(
-        metrics,
-        method=method,
-        compression_ratio=compression_ratio,
-        n_experts_to_prune=n_experts_to_prune,
-        seed=seed,
-        global_ranking=global_ranking,
-        min_experts_per_layer=min_experts_per_layer,
-        preserve_super_experts=preserve_super_experts,
-        preserve_outliers=preserve_outliers,
-        top_k=routing["top_k"],
-        groups=routing["groups"],
-    )
-    prune_model(model, keep)
-    info = {
-        "method": method,
-        "compression_ratio": compression_ratio,
-        "n_experts_to_prune": n_experts_to_prune,
-        "seed": seed,
-        "global_ranking": global_ranking,
-        "preserve_super_experts": preserve_super_experts,
-        "preserve_outliers": preserve_outliers,
-        "source_model": str(model_path),
-        "observation_file": str(metrics_path),
-        **(metadata or {}),
-    }
-    return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)
+    with OutputLock(output_dir):
+        clean_leftovers(output_dir)
+        # everything is checked before the model is loaded
+        prepare_output_dir(output_dir, overwrite, {"model folder": model_path, "observation file": metrics_path})
+        check_prune_budget(load_config(str(model_path)), compression_ratio, n_experts_to_prune, global_ranking,
+                           min_experts_per_layer)
+        metrics = load_metrics(metrics_path)
+        check_model_folder(model_path, need_tokenizer=True)
+        check_output_location(output_dir, weights_bytes(model_path))  # the pruned model is at most as large
+        check_identity(metrics, load_config(str(model_path)), model_path, str(metrics_path))
+        model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
+        check_metrics_match(model, metrics, str(metrics_path))
+        routing = model_routing(model)
+        keep = select_experts(
+            metrics,
+            method=method,
+            compression_ratio=compression_ratio,
+            n_experts_to_prune=n_experts_to_prune,
+            seed=seed,
+            global_ranking=global_ranking,
+            min_experts_per_layer=min_experts_per_layer,
+            preserve_super_experts=preserve_super_experts,
+            preserve_outliers=preserve_outliers,
+            top_k=routing["top_k"],
+            groups=routing["groups"],
+        )
+        prune_model(model, keep)
+        info = {
+            "method": method,
+            "compression_ratio": compression_ratio,
+            "n_experts_to_prune": n_experts_to_prune,
+            "seed": seed,
+            "global_ranking": global_ranking,
+            "preserve_super_experts": preserve_super_experts,
+            "preserve_outliers": preserve_outliers,
+            "source_model": str(model_path),
+            "observation_file": str(metrics_path),
+            **(metadata or {}),
+        }
+        return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)

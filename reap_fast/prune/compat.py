@@ -45,6 +45,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import EXIT_INTERRUPTED, ReapFastError
+
 logger = logging.getLogger("reap_fast.prune")
 
 _METHOD_HELP = "Method to use for pruning experts (lowest scores are removed)."
@@ -218,7 +220,7 @@ YAML_SECTIONS = (
 )
 
 
-class CliError(Exception):
+class CliError(ReapFastError):
     """A user error reported as one line with exit status 1."""
 
 
@@ -374,6 +376,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
 
     from transformers import AutoTokenizer
 
+    from ..identity import ModelIdentityError, attach_identity, check_identity, model_identity
     from ..metrics import MetricsFileError, load_metrics, save_metrics
     from ..observe.runner import load_config, load_model, observe_checkpoint, run_observation
     from . import (
@@ -430,7 +433,8 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         else:
             model, tokenizer = load_model(model_args.model_name, device=extra.device, dtype=extra.dtype)
             metrics = run_observation(model, tokenizer, calibration_spec(ds_args), **options)
-        save_metrics(metrics, obs_path)
+        identity = model_identity(load_config(model_args.model_name), model_args.model_name)
+        save_metrics(attach_identity(metrics, identity), obs_path)
         logger.info("observation saved to %s", obs_path)
     if reap_args.run_observer_only:
         logger.info("observer run completed; exiting since --run_observer_only is set")
@@ -447,8 +451,9 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     if model is None:
         model, tokenizer = load_model(model_args.model_name, device=extra.device, dtype=extra.dtype)
     try:
+        check_identity(metrics, model.config, model_args.model_name, str(obs_path))
         check_metrics_match(model, metrics, str(obs_path))
-    except MetricsMismatchError as exc:
+    except (MetricsMismatchError, ModelIdentityError) as exc:
         raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
     routing = model_routing(model)
     keep = select_experts(
@@ -474,41 +479,25 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         "observation_file": str(obs_path),
         "args": yaml_args(parsed, layerwise),
     }
-    save_pruned(model, tokenizer, pruned_dir, keep, metadata, overwrite=True)
+    save_pruned(model, tokenizer, pruned_dir, keep, metadata, overwrite=True, flag="--overwrite_pruned_model")
     logger.info("pruned model saved to %s", pruned_dir)
     return 0
 
 
 def main(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
-    """Entry point: returns 0 on success, 1 on a user error (one line on stderr); 2 for bad flags (argparse)."""
-    from ..data import CalibrationDataError
-    from ..metrics import MetricsFileError
-    from ..models import UnsupportedModelError
-    from . import MetricsMismatchError, OutputExistsError, SelectionError, UnevenPruningError
-    from .scores import UnknownMethodError
+    """Entry point: returns 0 on success, 1 on a user error (one line on stderr); 2 for bad flags (argparse).
 
+    Every :class:`~reap_fast.errors.ReapFastError` is a user error here; the drop-in keeps exit status 1
+    for them, as its scripts always have, and 130 after Ctrl-C.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    user_errors: tuple[type[BaseException], ...] = (
-        CliError,
-        CalibrationDataError,
-        MetricsFileError,
-        MetricsMismatchError,
-        OutputExistsError,
-        SelectionError,
-        UnevenPruningError,
-        UnknownMethodError,
-        UnsupportedModelError,
-    )
-    try:
-        from ..observe.runner import ModelLoadError
-
-        user_errors += (ModelLoadError,)
-    except ImportError:  # pragma: no cover - older runner
-        pass
     prog = "reap_fast.layerwise_prune" if layerwise else "reap_fast.prune"
     try:
         return run(argv, layerwise)
-    except user_errors as exc:
+    except ReapFastError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,6 +1,6 @@
 """Write a pruned model: weights, config, tokenizer, ``pruned_experts.json`` and ``reap_args.yaml``.
 
-Everything is written into a temporary sibling folder (``.<name>.tmp-<random>``) that is renamed to the
+Everything is written into a temporary sibling folder (``.<name>.tmp-p<pid>-<random>``) that is renamed to the
 output directory once complete, so an interrupted save never leaves a half-written model behind.
 
 ``pruned_experts.json``::
@@ -20,7 +20,7 @@ import logging
 import os
 import pathlib
 import shutil
-import uuid
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from ..fileio import publish_folder
+from ..outputs import OutputError, check_output, work_prefix, write_marker
 from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
 
-class OutputExistsError(FileExistsError):
-    """The output directory already holds a model (or other files) and overwrite was not asked for."""
+OutputExistsError = OutputError  # the name this module exported before the shared output contract
 
 
 def holds_model(folder: str | os.PathLike) -> bool:
@@ -69,23 +69,14 @@ def expert_report(keep: Mapping[int, torch.Tensor], original_counts: Mapping[int
     return report
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that ``output_dir`` may be written; return it as a Path."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputExistsError(f"output path {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and not overwrite:
-        if holds_model(output_dir):
-            raise OutputExistsError(
-                f"output directory {output_dir} already holds a model; pass overwrite=True "
-                "(CLI: --overwrite_pruned_model) to replace it"
-            )
-        if any(output_dir.iterdir()):
-            raise OutputExistsError(
-                f"output directory {output_dir} is not empty; pass overwrite=True (CLI: --overwrite_pruned_model) "
-                "to replace it"
-            )
-    return output_dir
+def prepare_output_dir(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    flag: str = "--overwrite",
+) -> Path:
+    """Check ``output_dir`` against the output contract (:func:`reap_fast.outputs.check_output`); return it."""
+    return check_output(output_dir, inputs, overwrite, flag)
 
 
 def save_pruned(
@@ -95,10 +86,14 @@ def save_pruned(
     keep: Mapping[int, torch.Tensor],
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    flag: str = "--overwrite",
 ) -> Path:
-    """Save a model pruned by :func:`reap_fast.prune.prune_model` into ``output_dir`` (atomically)."""
+    """Save a model pruned by :func:`reap_fast.prune.prune_model` into ``output_dir`` (atomically).
+
+    ``flag`` is the overwrite option the refusal names (the drop-in's is ``--overwrite_pruned_model``).
+    """
     metadata = dict(metadata or {})
-    output_dir = prepare_output_dir(output_dir, overwrite)
+    output_dir = prepare_output_dir(output_dir, overwrite, flag=flag)
     counts = expert_counts(model)
     if len(set(counts.values())) > 1:
         raise UnevenPruningError(
@@ -113,9 +108,8 @@ def save_pruned(
     args = metadata.pop("args", None)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging = Path(tempfile.mkdtemp(prefix=work_prefix(output_dir, "tmp"), dir=output_dir.parent))
     try:
-        staging.mkdir()
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -125,6 +119,7 @@ def save_pruned(
             handle.write("\n")
         with open(staging / "reap_args.yaml", "w", encoding="utf-8") as handle:
             yaml.dump(_plain(args if args is not None else metadata), handle, default_flow_style=False)
+        write_marker(staging, "pruned")
         publish_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""The identity of the model an observation file was recorded on, and the check before pruning with it.
+
+reap-fast stores ``{"model", "model_type", "num_layers", "num_experts", "config_sha256"}`` under
+:data:`reap_fast.metrics.IDENTITY_KEY` in every layer's dictionary of the files it writes (upstream REAP
+ignores keys it does not use); :func:`reap_fast.metrics.load_metrics` returns it as ``.identity``. A file with the record is refused for a model whose family, layer count, expert count or
+architecture config differ; a file without it (written by upstream REAP) is accepted on its shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ReapFastError
+from .metrics import LayerMetrics, Observation
+from .models import get_adapter
+
+logger = logging.getLogger(__name__)
+
+# Config entries that change when the same model is saved again, not when it is another model.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "architectures")
+
+
+class ModelIdentityError(ReapFastError):
+    """The observation file was recorded on another model than the one being pruned."""
+
+
+def config_digest(config: Any) -> str:
+    """SHA-256 of the model's config without the entries a re-save changes."""
+    values = config.to_dict()
+    for key in _VOLATILE_CONFIG_KEYS:
+        values.pop(key, None)
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_identity(config: Any, model_path: str | os.PathLike) -> dict[str, Any]:
+    """The identity record of a model (its path, family, layer and expert counts, config digest)."""
+    adapter = get_adapter(config)
+    text_config = adapter.text_config(config)
+    local = Path(model_path).expanduser()
+    return {
+        "model": str(local.resolve()) if local.exists() else str(model_path),
+        "model_type": str(getattr(text_config, "model_type", getattr(config, "model_type", ""))),
+        "num_layers": int(getattr(text_config, "num_hidden_layers")),
+        "num_experts": int(getattr(text_config, adapter.num_experts_key)),
+        "config_sha256": config_digest(config),
+    }
+
+
+def attach_identity(metrics: dict[int, LayerMetrics], identity: dict[str, Any]) -> Observation:
+    """``metrics`` as an :class:`~reap_fast.metrics.Observation` that records ``identity`` when saved."""
+    observation = Observation(metrics)
+    observation.identity = dict(identity)
+    return observation
+
+
+def check_identity(metrics: dict[int, LayerMetrics], config: Any, model_path: str | os.PathLike, source: str) -> None:
+    """Refuse ``metrics`` recorded on another model than ``config``'s (files without a record pass)."""
+    recorded = getattr(metrics, "identity", None)
+    if not recorded:
+        return
+    current = model_identity(config, model_path)
+    for key, label in (("model_type", "model family"), ("num_layers", "layer count"), ("num_experts", "expert count"),
+                       ("config_sha256", "config")):
+        if key in recorded and recorded[key] != current[key]:
+            shown = "differs" if key == "config_sha256" else f"{recorded[key]} in the file vs {current[key]} here"
+            raise ModelIdentityError(
+                f"{source} was observed on another model ({recorded.get('model', 'unknown')}): {label} {shown}; "
+                "observe this model first"
+            )
+    if recorded.get("model") != current["model"]:
+        logger.info("%s was observed on %s (same architecture as %s)", source, recorded.get("model"), current["model"])
