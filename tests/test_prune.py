@@ -54,6 +54,15 @@ def hand_metrics(scores: dict[str, list[list[float]]], num_experts: int = E, lay
                 entry[key] = torch.tensor(scores[key][row], dtype=torch.float64).to(dtype)
             else:
                 entry[key] = torch.ones(num_experts, dtype=dtype)
+        # A valid file: each per-token mean equals its sum / frequency, and unused experts have zero sums.
+        frequency = entry["expert_frequency"].to(torch.float64)
+        for mean_key, sum_key in (("ean_mean", "ean_sum"), ("reap", "weighted_ean_sum")):
+            if sum_key in scores:
+                entry[mean_key] = torch.where(frequency > 0, entry[sum_key] / frequency.clamp(min=1), 0.0).float()
+            else:
+                entry[mean_key] = torch.where(frequency > 0, entry[mean_key], 0.0).to(entry[mean_key].dtype)
+                entry[sum_key] = entry[mean_key].to(torch.float64) * frequency
+        entry["weighted_expert_frequency_sum"] = torch.where(frequency > 0, entry["weighted_expert_frequency_sum"], 0.0)
         metrics[layer] = entry
     return metrics
 
