@@ -55,7 +55,8 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global", dest="global_ranking", action="store_true",
                         help="rank layer-normalised scores across layers (per-layer counts: refused for every "
                         "supported family, whose config holds one count)")
-    parser.add_argument("--min-experts-per-layer", type=int, default=None, help="floor for --global")
+    parser.add_argument("--min-experts-per-layer", type=int, default=None,
+                        help="refuse a budget that leaves fewer experts per layer")
     parser.add_argument("--preserve-super-experts", action="store_true", help="never remove super experts")
     if not any(action.dest == "seed" for action in parser._actions):
         parser.add_argument("--seed", type=int, default=42)
@@ -218,8 +219,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         n_experts_to_prune=args.n_experts_to_prune, method=args.method,
         samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
         batch_size=args.batch_size, seed=args.seed, renormalize=args.renormalize_router_weights,
-        global_ranking=args.global_ranking, preserve_super_experts=args.preserve_super_experts,
-        engine=args.engine, device=args.device, dtype=args.dtype, layerwise=args.layerwise,
+        global_ranking=args.global_ranking, min_experts_per_layer=args.min_experts_per_layer,
+        preserve_super_experts=args.preserve_super_experts, engine=args.engine, device=args.device, dtype=args.dtype,
+        layerwise=args.layerwise,
         checkpoint_every=args.checkpoint_every,
         quantize=args.quantize, quant_iters=args.iters, quant_nsamples=args.nsamples, quant_seqlen=args.seqlen,
         quant_batch_size=args.quant_batch_size, eval_dataset=args.eval_dataset, eval_samples=args.eval_samples,

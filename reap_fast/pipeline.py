@@ -64,6 +64,7 @@ class PipelineConfig:
     seed: int = 42
     renormalize: bool = True
     global_ranking: bool = False
+    min_experts_per_layer: int | None = None
     preserve_super_experts: bool = False
     engine: str = "auto"
     device: str = "auto"
@@ -195,7 +196,7 @@ class Pipeline:
         c = self.config
         config = load_config(c.model)
         check_model_folder(c.model, need_tokenizer=True)
-        check_prune_budget(config, c.compression_ratio, c.n_experts_to_prune, c.global_ranking)
+        check_prune_budget(config, c.compression_ratio, c.n_experts_to_prune, c.global_ranking, c.min_experts_per_layer)
         weights = weights_bytes(c.model)
         check_output_location(self.root, weights + (weights // 2 if c.quantize else 0))
         if c.quantize:
@@ -262,7 +263,7 @@ class Pipeline:
         folder = prune_checkpoint(
             c.model, self.observation, self.pruned, method=c.method, compression_ratio=c.compression_ratio,
             n_experts_to_prune=c.n_experts_to_prune, seed=c.seed, global_ranking=c.global_ranking,
-            preserve_super_experts=c.preserve_super_experts, overwrite=True, device=c.device, dtype=c.dtype,
+            min_experts_per_layer=c.min_experts_per_layer, preserve_super_experts=c.preserve_super_experts, overwrite=True, device=c.device, dtype=c.dtype,
         )
         return [folder]
 

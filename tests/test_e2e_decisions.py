@@ -317,6 +317,15 @@ def test_global_ranking_is_refused_in_one_line_before_any_work(plain_checkpoint,
     assert not list(tmp_path.glob("artifacts/**/*.pt"))
 
 
+def test_run_honours_min_experts_per_layer_before_any_work(plain_checkpoint, dataset, tmp_path, capsys):
+    """`run --min-experts-per-layer` was accepted and ignored; 50 % of 8 leaves 4 < 5: refused at once."""
+    assert cli_main(["run", "--model", str(plain_checkpoint), "--dataset", f"{dataset}:4", *OBSERVE, "--output",
+                     str(tmp_path / "run"), "--compression-ratio", "0.5", "--min-experts-per-layer", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "min_experts_per_layer=5" in err
+    assert not list((tmp_path / "run").rglob("*.pt"))
+
+
 # --- kill -9 after a periodic checkpoint -----------------------------------------------------------------------
 
 # Runs `reap-fast observe` in a child that announces each periodic checkpoint and stalls after the second
