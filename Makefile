@@ -3,7 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench study study-quick mutants clean
+# A second venv with upstream REAP's stack (transformers 4.55), used by the tests that load pruned folders
+# in it and by the drop-in's end-to-end test against upstream itself. Tests find its python through
+# REAP_UPSTREAM_PYTHON (default: this venv) and skip with the reason when it is absent.
+UPSTREAM_VENV ?= .venv-upstream
+UPSTREAM_PY := $(UPSTREAM_VENV)/bin/python
+UPSTREAM_STAMP := $(UPSTREAM_VENV)/.installed
+PYTHON311 ?= $(shell command -v python3.11 || command -v python3)
+
+.PHONY: demo test bench study study-quick mutants clean venv-upstream
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,6 +20,15 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,quant]"
 	touch $(STAMP)
+
+$(UPSTREAM_STAMP): Makefile
+	test -x $(UPSTREAM_PY) || $(PYTHON311) -m venv $(UPSTREAM_VENV)
+	$(UPSTREAM_PY) -m pip install -q torch==2.13.0
+	$(UPSTREAM_PY) -m pip install -q transformers==4.55.0 "datasets>=3.6,<4" accelerate pyyaml tqdm numpy scipy \
+		scikit-learn matplotlib seaborn python-dotenv requests uvloop safetensors
+	touch $(UPSTREAM_STAMP)
+
+venv-upstream: $(UPSTREAM_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m reap_fast demo --output demo_out
@@ -35,4 +52,4 @@ bench: $(STAMP)
 	$(VENV)/bin/pytest bench -q --benchmark-json=bench/results/local.json
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(UPSTREAM_VENV) demo_out .pytest_cache

@@ -35,10 +35,17 @@ class ModelLoadError(ReapFastError, ValueError):
     """The checkpoint cannot be loaded (missing folder, no config, unsupported family)."""
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' -> bfloat16 on GPU, float32 on CPU."""
+def resolve_dtype(dtype: str, config=None) -> torch.dtype:
+    """'auto' -> the checkpoint's own dtype (``torch_dtype`` of its config; float32 when it names none).
+
+    A bf16 checkpoint is observed and pruned in bf16 on every device, as upstream loads it
+    (``torch_dtype="auto"``): no whole-model conversion, and the pruned folder keeps the dtype.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        stored = getattr(config, "dtype", None) if config is not None else None
+        if isinstance(stored, str):
+            stored = DTYPES.get(stored)
+        return stored if stored in DTYPES.values() else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -71,10 +78,10 @@ def load_config(path: str):
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     """Load a supported MoE checkpoint and its tokenizer for observation; returns (model, tokenizer)."""
-    load_config(path)
+    config = load_config(path)
     check_model_folder(path, need_tokenizer=True)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
@@ -124,7 +131,7 @@ def observe_checkpoint(
 
         streaming_supported(config)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, config)
     rank, world, device = init_distributed(device)
     engine_name = resolve_engine(engine, device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -1,5 +1,11 @@
 """Write a pruned model: weights, config, tokenizer, ``pruned_experts.json`` and ``reap_args.yaml``.
 
+When the model came unchanged but for the slicing from a local safetensors folder named by
+``metadata["source_model"]`` (as ``prune_checkpoint`` and the drop-in CLI pass it), the folder is
+written in that source's own layout by :mod:`.checkpoint` (its config keys, tokenizer files, tensor
+names, dtypes and shards), so it loads wherever the source loads (transformers 4.55 and 5.x). Other models (built or trained in memory, ``.bin`` checkpoints) are written by
+``save_pretrained`` of the installed transformers.
+
 Everything is written into a temporary sibling folder (``.<name>.tmp-p<pid>-<random>``) that is renamed to the
 output directory once complete, so an interrupted save never leaves a half-written model behind.
 
@@ -28,7 +34,9 @@ import torch
 import yaml
 
 from ..fileio import publish_folder
+from ..preflight import TOKENIZER_FILES
 from ..outputs import OutputError, check_output, work_prefix, write_marker
+from .checkpoint import PrunePlan, SourceLayoutError, source_checkpoint, write_source_layout
 from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
 
 logger = logging.getLogger(__name__)
@@ -79,6 +87,37 @@ def prepare_output_dir(
     return check_output(output_dir, inputs, overwrite, flag)
 
 
+def _weight_numel(model) -> int:
+    """Elements of the model's saved state (tied tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tensor.numel()) if tensor.device.type != "meta" else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+    return total
+
+
+def _write_like_source(model, source: Path, staging: Path, keep: Mapping[int, torch.Tensor], original) -> bool:
+    """Write ``staging`` in the source's layout; False (staging emptied) when the layout cannot be edited."""
+    counts = set(int(count) for count in original.values())
+    plan = PrunePlan(
+        keep={int(layer): sorted(int(i) for i in torch.as_tensor(kept).flatten().tolist()) for layer, kept in keep.items()},
+        original_count=counts.pop() if len(counts) == 1 else -1,
+    )
+    try:
+        written = write_source_layout(source, staging, plan)
+        expected = _weight_numel(model)
+        if written != expected:
+            raise SourceLayoutError(f"the source layout gave {written} weights, the pruned model holds {expected}")
+    except SourceLayoutError as exc:
+        logger.warning("cannot write %s in its own layout (%s); saving with transformers' save_pretrained", source, exc)
+        for path in staging.iterdir():
+            path.unlink()
+        return False
+    return True
+
+
 def save_pruned(
     model,
     tokenizer,
@@ -107,11 +146,15 @@ def save_pruned(
         original = {layer: original for layer in keep}
     args = metadata.pop("args", None)
 
+    source = source_checkpoint(metadata.get("source_model"))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=work_prefix(output_dir, "tmp"), dir=output_dir.parent))
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
+        if source is None or not _write_like_source(model, source, staging, keep, original):
+            model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        elif tokenizer is not None and not any((staging / name).is_file() for name in TOKENIZER_FILES):
             tokenizer.save_pretrained(staging)
         report = {**_plain(metadata), "layers": expert_report(keep, original)}
         with open(staging / "pruned_experts.json", "w", encoding="utf-8") as handle:
