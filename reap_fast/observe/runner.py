@@ -35,17 +35,25 @@ class ModelLoadError(ReapFastError, ValueError):
     """The checkpoint cannot be loaded (missing folder, no config, unsupported family)."""
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint's config names (``dtype`` / ``torch_dtype``), float32 when it names none."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None)
+        if isinstance(value, torch.dtype) and value in DTYPES.values():
+            return value
+        if isinstance(value, str) and value.replace("torch.", "") in DTYPES:
+            return DTYPES[value.replace("torch.", "")]
+    return torch.float32
+
+
 def resolve_dtype(dtype: str, config=None) -> torch.dtype:
-    """'auto' -> the checkpoint's own dtype (``torch_dtype`` of its config; float32 when it names none).
+    """'auto' (or 'checkpoint') -> the checkpoint's own dtype; else the named dtype.
 
     A bf16 checkpoint is observed and pruned in bf16 on every device, as upstream loads it
     (``torch_dtype="auto"``): no whole-model conversion, and the pruned folder keeps the dtype.
     """
-    if dtype == "auto":
-        stored = getattr(config, "dtype", None) if config is not None else None
-        if isinstance(stored, str):
-            stored = DTYPES.get(stored)
-        return stored if stored in DTYPES.values() else torch.float32
+    if dtype in ("auto", "checkpoint"):
+        return checkpoint_dtype(config) if config is not None else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
