@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,quant]"
 	touch $(STAMP)
 
-$(UPSTREAM_STAMP): Makefile
+$(UPSTREAM_STAMP):
 	test -x $(UPSTREAM_PY) || $(PYTHON311) -m venv $(UPSTREAM_VENV)
 	$(UPSTREAM_PY) -m pip install -q torch==2.13.0
 	$(UPSTREAM_PY) -m pip install -q transformers==4.55.0 "datasets>=3.6,<4" accelerate pyyaml tqdm numpy scipy \
@@ -34,6 +34,7 @@ demo: $(STAMP)
 	$(PY) -m reap_fast demo --output demo_out
 
 test: $(STAMP)
+	$(MAKE) venv-upstream || echo "make venv-upstream failed: the tests that need transformers 4.55 will skip"
 	$(VENV)/bin/pytest -q
 
 # The quality study (README "Does the pruned model stay good?"); not part of CI. Resumes when interrupted.

@@ -192,7 +192,7 @@ class ReapFastArgs:
         default="auto", metadata={"choices": ["auto", "reference", "triton"], "help": "Observation engine (auto: triton on CUDA)."}
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
+    dtype: str = field(default="auto", metadata={"help": "auto (the checkpoint's own dtype), bfloat16, float16, float32."})
     global_ranking: bool = field(default=False, metadata={"help": "Rank layer-normalized scores across layers."})
     min_experts_per_layer: int | None = field(default=None, metadata={"help": "Per-layer floor (default: top-k)."})
     artifacts_dir: str = field(default="artifacts", metadata={"help": "Root of the results tree (upstream: ./artifacts)."})
