@@ -14,7 +14,7 @@ import torch
 
 from .errors import EXIT_INTERRUPTED, ReapFastError
 from .metrics import LayerMetrics
-from .outputs import OutputLock, check_output_file, clean_leftovers
+from .outputs import OutputError, OutputLock, check_output_file, clean_leftovers
 from .preflight import check_output_location
 
 logger = logging.getLogger("reap_fast")
@@ -134,7 +134,7 @@ def format_expert_table(metrics: dict[int, LayerMetrics], top: int = 3) -> str:
 
 def cmd_observe(args: argparse.Namespace) -> int:
     from .identity import attach_identity, model_identity
-    from .metrics import save_metrics
+    from .metrics import looks_like_observation, save_metrics
     from .observe import observe_checkpoint
     from .observe.distributed import is_main_process
     from .observe.runner import load_config
@@ -144,6 +144,10 @@ def cmd_observe(args: argparse.Namespace) -> int:
     with OutputLock(output) if os.environ.get("RANK", "0") == "0" else nullcontext():
         clean_leftovers(output)
         check_output_file(output, {"model folder": args.model}, args.overwrite)
+        if output.exists() and not looks_like_observation(output):
+            raise OutputError(
+                f"{output} is not an observation file; --overwrite replaces only those (choose another --output)"
+            )
         check_output_location(output, 0)
         metrics = observe_checkpoint(
             args.model,

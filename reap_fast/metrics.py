@@ -232,6 +232,18 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+def looks_like_observation(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds REAP statistics (``{layer: {"expert_frequency": ...}}``), valid or not."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, or one with pickled objects
+        return False
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(layer, int) and isinstance(values, dict) and "expert_frequency" in values
+        for layer, values in data.items()
+    )
+
+
 def describe_load_error(exc: BaseException) -> str:
     """One line for a failed ``torch.load(weights_only=True)``: never the advice to allow arbitrary pickles."""
     text = str(exc)

@@ -36,7 +36,7 @@ LEGACY_MARKERS = ("reap_fast_quant.json", "pruned_experts.json", "pipeline.json"
 OVERWRITE_FLAG = "--overwrite"
 LOCK_SUFFIX = ".reap-fast.lock"
 # Hidden working names made by work_prefix(): ".<output>.<kind>-p<pid>-<random>".
-LEFTOVER_PATTERN = re.compile(r"^\.(?P<output>.+)\.(?:tmp|partial|ar-work|old|scratch)-p(?P<pid>\d+)-[A-Za-z0-9_.]*$")
+LEFTOVER_PATTERN = re.compile(r"^\.(?P<output>.+)\.(?:tmp|partial|ar-work|old|scratch)-p(?P<pid>\d+)-[\w.-]*$")
 
 
 class OutputError(ReapFastError, FileExistsError):
