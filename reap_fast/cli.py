@@ -7,14 +7,13 @@ import logging
 import os
 import signal
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from .errors import EXIT_INTERRUPTED, ReapFastError
 from .metrics import LayerMetrics
-from .outputs import OutputError, OutputLock, check_output_file, clean_leftovers
+from .outputs import OutputError, check_output_file, clean_leftovers, output_lock
 from .preflight import check_output_location
 
 logger = logging.getLogger("reap_fast")
@@ -140,8 +139,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     from .observe.runner import load_config
 
     output = Path(args.output)
-    # Under torchrun only rank 0 writes, so only rank 0 holds the output.
-    with OutputLock(output) if os.environ.get("RANK", "0") == "0" else nullcontext():
+    with output_lock(output):
         clean_leftovers(output)
         check_output_file(output, {"model folder": args.model}, args.overwrite)
         if output.exists() and not looks_like_observation(output):

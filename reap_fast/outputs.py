@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping
 
@@ -189,6 +190,11 @@ class OutputLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def output_lock(output: str | os.PathLike) -> OutputLock | nullcontext:
+    """The output's lock; under torchrun only rank 0 (the writer) takes it, the other ranks share its work."""
+    return OutputLock(output) if os.environ.get("RANK", "0") == "0" else nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------

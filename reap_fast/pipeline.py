@@ -29,11 +29,11 @@ from .errors import ReapFastError
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
 from .outputs import (
     OutputError,
-    OutputLock,
     check_not_overlapping,
     check_output,
     clean_folder_leftovers,
     clean_leftovers,
+    output_lock,
     work_prefix,
     write_marker,
 )
@@ -211,7 +211,7 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
-        with OutputLock(self.root):  # a second run on the same --output is refused at once
+        with output_lock(self.root):  # a second run on the same --output is refused at once
             clean_leftovers(self.root)
             self.state = self._load_state()  # another run may have finished since this object was made
             self.check_inputs()
