@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 
 from .errors import ReapFastError
+from .preflight import is_path_like
 
 if TYPE_CHECKING:
     import datasets
@@ -179,7 +180,8 @@ def _builder_for(path: Path) -> str | None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or _builder_for(Path(name)) is not None
+    """A local path (never looked up on the hub): path-like as for ``--model``, or a data file's suffix."""
+    return name.startswith(".\\") or is_path_like(name) or _builder_for(Path(name)) is not None
 
 
 def _datasets():

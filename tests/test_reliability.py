@@ -388,6 +388,9 @@ def test_case7_messages(setup, tmp_path, capsys, monkeypatch):
         assert "model folder not found" in _one_line(capsys.readouterr().err)
     monkeypatch.undo()
     monkeypatch.chdir(setup["root"])
+    # the same for a calibration path (its first folder exists here, so it is not a hub dataset name)
+    assert _observe(setup["model"], "s/missing-data", tmp_path / "o.pt") == 2
+    assert "no such file or folder 's/missing-data'" in _one_line(capsys.readouterr().err)
 
     # a malformed jsonl line is reported by its line number
     bad = tmp_path / "bad.jsonl"
