@@ -2,8 +2,9 @@
 
 reap-fast stores ``{"model", "model_type", "num_layers", "num_experts", "config_sha256"}`` under
 :data:`reap_fast.metrics.IDENTITY_KEY` in every layer's dictionary of the files it writes (upstream REAP
-ignores keys it does not use); :func:`reap_fast.metrics.load_metrics` returns it as ``.identity``. A file with the record is refused for a model whose family, layer count, expert count or
-architecture config differ; a file without it (written by upstream REAP) is accepted on its shapes.
+ignores keys it does not use); :func:`reap_fast.metrics.load_metrics` returns it as ``.identity``. A
+file with the record is refused for a model whose family, layer count, expert count or architecture
+config differ; a file without it (written by upstream REAP) is accepted on its shapes.
 """
 
 from __future__ import annotations

@@ -199,7 +199,9 @@ def check_values(layer_metrics: LayerMetrics, where: str) -> None:
             raise MetricsFileError(f"{where} key {key} holds negative values (counts and sums cannot be negative)")
     frequency = layer_metrics["expert_frequency"]
     if bool((frequency > layer_metrics["total_tokens"]).any()):
-        raise MetricsFileError(f"{where}: an expert_frequency exceeds total_tokens (a token is routed to an expert once)")
+        raise MetricsFileError(
+            f"{where}: an expert_frequency exceeds total_tokens (a token is routed to an expert once)"
+        )
     used = frequency > 0
     safe = frequency.clamp(min=1).to(torch.float64)
     for mean_key, sum_key in MEAN_OF_SUM.items():

@@ -636,7 +636,8 @@ def load_quantized(output_dir: str | os.PathLike, *, device: str = "cpu", dtype:
 
     Needs auto-round installed. On CPU transformers uses auto-round's torch backend
     (``auto_round:torch_zp``), which computes in float16, or in bfloat16 on processors with AMX /
-    AVX512-BF16 (read ``model.dtype``). Loading converts the model through auto-round, which also patches transformers' MoE classes process-wide: call this in a separate
+    AVX512-BF16 (read ``model.dtype``). Loading converts the model through auto-round, which also
+    patches transformers' MoE classes process-wide: call this in a separate
     process, or last, after everything that needs the original classes.
     """
     auto_round_version()

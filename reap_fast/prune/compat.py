@@ -451,7 +451,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     if model is None:
         model, tokenizer = load_model(model_args.model_name, device=extra.device, dtype=extra.dtype)
     try:
-        check_identity(metrics, model.config, model_args.model_name, str(obs_path))
+        check_identity(metrics, load_config(model_args.model_name), model_args.model_name, str(obs_path))
         check_metrics_match(model, metrics, str(obs_path))
     except (MetricsMismatchError, ModelIdentityError) as exc:
         raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
