@@ -11,7 +11,7 @@ UPSTREAM_PY := $(UPSTREAM_VENV)/bin/python
 UPSTREAM_STAMP := $(UPSTREAM_VENV)/.installed
 PYTHON311 ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: demo test bench study study-quick mutants clean venv-upstream
+.PHONY: demo test bench study study-quick mutants clean venv-upstream upstream-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,11 @@ study-quick: $(STAMP)
 # Planted bugs (tools/mutants.py): every one-line wrong decision must make its tests fail (not part of `make test`).
 mutants: $(STAMP)
 	$(PY) tools/mutants.py
+
+# The drop-in against Cerebras REAP's own scripts (tests/test_upstream_e2e.py). Needs upstream's environment:
+# REAP_UPSTREAM_PYTHON (default .venv-upstream/bin/python) and its source (REAP_UPSTREAM_SRC).
+upstream-check: $(STAMP) $(UPSTREAM_STAMP)
+	$(VENV)/bin/pytest -q -m upstream tests/test_upstream_e2e.py
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench -q --benchmark-json=bench/results/local.json

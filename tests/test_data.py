@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from pathlib import Path
 
 import datasets
@@ -16,6 +17,7 @@ from reap_fast.data import (
     CalibrationDataError,
     CalibrationSet,
     CategorySpec,
+    PackingOptions,
     build_calibration_set,
     calibration_texts,
     load_documents,
@@ -24,9 +26,9 @@ from reap_fast.data import (
 from reap_fast.tiny import byte_tokenizer
 
 EOS, PAD = 256, 257  # byte_tokenizer: <|endoftext|>, <|pad|>; byte b has id b
-# The documented document order for seed 42 (the default): Python's random.Random(42).shuffle of the file's
-# row numbers, written out by hand (independent of data.py) for 5 and 3 documents.
-SEED_42_ORDER = {5: [3, 1, 2, 4, 0], 3: [1, 0, 2]}
+# The documented document order for seed 42 (the default), upstream's sampler: random.Random(42).randint(0, n - 1)
+# drawn again on repeats, written out by hand (independent of reap_fast.data) for 5 and 3 documents.
+SEED_42_ORDER = {5: [0, 2, 1, 4, 3], 3: [2, 0, 1]}
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +255,7 @@ def test_no_usable_column_and_missing_chat_template(tmp_path, tok):
         load_documents(category(str(chat)), plain)
 
 
-def test_bos_added_to_text_but_not_doubled_after_template(tmp_path):
+def _bos_tokenizer():
     from tokenizers import processors
 
     tokenizer = byte_tokenizer()
@@ -261,36 +263,91 @@ def test_bos_added_to_text_but_not_doubled_after_template(tmp_path):
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)]
     )
+    return tokenizer, start
+
+
+def test_bos_added_as_upstream_and_not_doubled_with_dedupe_bos(tmp_path):
+    tokenizer, start = _bos_tokenizer()
     plain = texts_file(tmp_path, ["ab"], "plain.jsonl")
     templated = texts_file(tmp_path, ["<|im_start|>cd"], "templated.jsonl")
-    result = build_calibration_set(f"{plain}:1,{templated}:1", tokenizer, model_max_length=4, pack=False)
-    assert result.input_ids.tolist() == [[start, 97, 98], [start, 99, 100]]
+    spec = f"{plain}:1,{templated}:1"
+    upstream = build_calibration_set(spec, tokenizer, model_max_length=4, pack=False)
+    assert upstream.input_ids.tolist() == [[start, 97, 98, PAD], [start, start, 99, 100]]  # tokenizer(text), as upstream
+    deduped = build_calibration_set(spec, tokenizer, model_max_length=4, pack=False, options=PackingOptions(dedupe_bos=True))
+    assert deduped.input_ids.tolist() == [[start, 97, 98], [start, 99, 100]]
 
 
 # --- packing -------------------------------------------------------------------------------------
 
 
-def test_packing_layout_equal_length_documents(tmp_path, tok):
-    texts = ["aaa", "bbb", "ccc", "ddd", "eee"]
+def upstream_rows(docs: list[list[int]], rows: int, length: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Upstream's packed sampler written out by hand: randint without repeats, token 0 / mask 0 gaps."""
+    rng = random.Random(seed)
+    sampled, out_ids, out_mask = [], [], []
+    while len(out_ids) < rows and len(sampled) < len(docs):
+        ids, mask, at = [0] * length, [0] * length, 0
+        while at < length and len(sampled) < len(docs):
+            index = rng.randint(0, len(docs) - 1)
+            if index in sampled:
+                continue
+            sampled.append(index)
+            doc = docs[index][: length - at]
+            ids[at : at + len(doc)] = doc
+            mask[at : at + len(doc)] = [1] * len(doc)
+            at += len(doc) + 1
+        out_ids.append(ids)
+        out_mask.append(mask)
+    return out_ids, out_mask
+
+
+@pytest.mark.parametrize("seed", [0, 7, 42])
+@pytest.mark.parametrize("length", [8, 13])
+def test_packing_matches_upstreams_sampler_and_layout(tmp_path, tok, seed, length):
+    texts = [("abcdefghijklmnopqrstuvwxyz"[i % 26]) * (1 + (i * 7) % 11) for i in range(30)]
     path = texts_file(tmp_path, texts)
-    order = [ids(texts[i]) for i in SEED_42_ORDER[5]]
-    assert [ids(d) for d in load_documents(category(path), tok, seed=42)] == order
-    result = build_calibration_set(path, tok, samples_per_category=3, model_max_length=8, seed=42)
+    result = build_calibration_set(path, tok, samples_per_category=5, model_max_length=length, seed=seed)
+    expected_ids, expected_mask = upstream_rows([ids(t) for t in texts], 5, length, seed)
+    assert result.input_ids.tolist() == expected_ids
+    assert result.attention_mask.tolist() == expected_mask
+    assert result.stats_mask.tolist() == [[bool(m) for m in row] for row in expected_mask]
+
+
+def test_one_random_stream_across_categories_as_upstream(tmp_path, tok):
+    first = [ids(t) for t in ("aaa", "bbbb", "cc", "ddddd", "e")]
+    second = [ids(t) for t in ("ff", "ggg", "hhhh")]
+    a = texts_file(tmp_path, ["aaa", "bbbb", "cc", "ddddd", "e"], "a.jsonl")
+    b = texts_file(tmp_path, ["ff", "ggg", "hhhh"], "b.jsonl")
+    result = build_calibration_set(f"{a}:1,{b}:1", tok, model_max_length=8, seed=3)
+    rng = random.Random(3)
+    expected = []
+    for docs in (first, second):  # the second category continues the first one's random stream
+        row, at, taken = [0] * 8, 0, []
+        while at < 8 and len(taken) < len(docs):
+            index = rng.randint(0, len(docs) - 1)
+            if index not in taken:
+                taken.append(index)
+                doc = docs[index][: 8 - at]
+                row[at : at + len(doc)] = doc
+                at += len(doc) + 1
+        expected.append(row)
+    assert result.input_ids.tolist() == expected
+
+
+def test_packing_eos_separator_option(tmp_path, tok):
+    path = texts_file(tmp_path, ["aaa", "bbb", "ccc", "ddd", "eee"])
+    order = [ids(d) for d in load_documents(category(path), tok, seed=42)]
+    result = build_calibration_set(
+        path, tok, samples_per_category=3, model_max_length=8, seed=42, options=PackingOptions(separator="eos")
+    )
     d0, d1, d2, d3, d4 = order
-    assert result.input_ids.tolist() == [
-        d0 + [EOS] + d1 + [EOS],  # the trailing separator: the next document would not start
-        d2 + [EOS] + d3 + [EOS],
-        d4 + [PAD] * 5,  # documents ran out: last sequence kept and padded
-    ]
-    assert result.attention_mask.tolist() == [[1] * 8, [1] * 8, [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert result.input_ids.tolist() == [d0 + [EOS] + d1 + [EOS], d2 + [EOS] + d3 + [EOS], d4 + [EOS] + [PAD] * 4]
+    assert result.attention_mask.tolist() == [[1] * 8, [1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
     assert result.stats_mask.tolist() == [
         [True, True, True, False, True, True, True, False],
         [True, True, True, False, True, True, True, False],
         [True, True, True, False, False, False, False, False],
     ]
-    assert result.attention_mask.dtype == torch.long and result.stats_mask.dtype == torch.bool
     assert result.num_stat_tokens() == 15 and len(result) == 3 and result.seq_len == 8
-    assert result.categories == [path] * 3
 
 
 def test_packing_cuts_a_document_and_drops_its_tail(tmp_path, tok):
@@ -298,12 +355,20 @@ def test_packing_cuts_a_document_and_drops_its_tail(tmp_path, tok):
     path = texts_file(tmp_path, texts)
     d0, d1, d2 = (ids(texts[i]) for i in SEED_42_ORDER[3])
     result = build_calibration_set(f"{path}:2", tok, model_max_length=8)
-    assert result.input_ids.tolist() == [d0 + [EOS] + d1[:2], d2 + [PAD] * 3]
+    assert result.input_ids.tolist() == [d0 + [0] + d1[:2], d2 + [0] * 3]
     assert result.stats_mask.tolist() == [[True] * 5 + [False, True, True], [True] * 5 + [False] * 3]
-    assert result.attention_mask.tolist() == [[1] * 8, [1] * 5 + [0] * 3]
+    assert torch.equal(result.attention_mask.bool(), result.stats_mask)
     with pytest.raises(CalibrationDataError) as info:
         build_calibration_set(f"{path}:3", tok, model_max_length=8)
     assert "asked for 3 samples but its 3 documents give only 2 packed sequences of 8 tokens" in str(info.value)
+    fewer = build_calibration_set(f"{path}:3", tok, model_max_length=8, options=PackingOptions(allow_fewer=True))
+    assert torch.equal(fewer.input_ids, result.input_ids)  # upstream: a warning and the sequences there are
+
+
+def test_batches_count_as_upstream_with_sequences_per_count(tmp_path, tok):
+    path = texts_file(tmp_path, [f"d{i}" for i in range(40)])
+    result = build_calibration_set(f"{path}:3", tok, model_max_length=8, options=PackingOptions(sequences_per_count=4))
+    assert len(result) == 12
 
 
 def test_long_document_fills_a_sequence_alone(tmp_path, tok):
@@ -405,8 +470,10 @@ def test_bad_arguments(tmp_path, tok):
     for bad in (0, -3):
         with pytest.raises(CalibrationDataError, match="samples_per_category must be an integer >= 1"):
             build_calibration_set(path, tok, bad, model_max_length=8)
-    with pytest.raises(CalibrationDataError, match="appears twice"):
-        build_calibration_set(f"{path}:1,{path}:1", tok, model_max_length=8)
+    twice = build_calibration_set(f"{path}:1,{path}:1", tok, model_max_length=8)  # allowed, as upstream
+    assert twice.input_ids.tolist() == [ids("abc") + [0] * 5] * 2
+    with pytest.raises(CalibrationDataError, match="separator must be"):
+        PackingOptions(separator="space")
 
 
 def test_missing_unreadable_and_empty_inputs(tmp_path, tok):

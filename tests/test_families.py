@@ -72,9 +72,9 @@ def test_pipeline_checks_budget_and_family_before_observing(tmp_path, monkeypatc
 
 
 def test_drop_in_cli_checks_budget_before_observing(tmp_path, monkeypatch, capsys):
-    from reap_fast.prune.compat import main
+    from reap_fast.upstream.main import main
 
-    monkeypatch.setattr("reap_fast.observe.runner.run_observation", lambda *a, **k: pytest.fail("observed"))
+    monkeypatch.setattr("reap_fast.observe.runner.observe_checkpoint", lambda *a, **k: pytest.fail("observed"))
     model = _save(tmp_path, tiny_family_config("qwen3_moe", num_experts=8, top_k=2), "moe")
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello world"}\n')

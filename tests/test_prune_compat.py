@@ -15,15 +15,8 @@ import reap_fast.observe.runner as runner
 from reap_fast import layerwise_prune
 from reap_fast.metrics import load_metrics, save_metrics
 from reap_fast.prune.__main__ import main as prune_main
-from reap_fast.prune.compat import (
-    ClusterArgs,
-    PruneArgs,
-    is_composite,
-    observation_path,
-    parse_args,
-    pruned_model_name,
-    results_directory,
-)
+from reap_fast.upstream.args import ClusterArgs, PruneArgs, parse_args
+from reap_fast.upstream.layout import is_composite, observation_path, pruned_model_name, results_directory
 from reap_fast.tiny import make_tiny_checkpoint
 
 PRUNED = Path("artifacts/model/data.jsonl/pruned_models/reap-renorm_true-seed_7-0.25")
@@ -45,7 +38,7 @@ def underscore_argv(inputs):
     checkpoint, data = inputs
     return [
         "--model_name", checkpoint, "--dataset_name", data, "--prune_method", "reap", "--compression_ratio", "0.25",
-        "--seed", "7", "--samples_per_category", "4", "--model_max_length", "32", "--batch_size", "2",
+        "--seed", "7", "--batches_per_category", "4", "--model_max_length", "32", "--batch_size", "2",
         "--record_pruning_metrics_only", "true", "--renormalize_router_weights", "true", "--output_file_name", "obs.pt",
     ]  # fmt: skip
 
@@ -105,7 +98,7 @@ def test_existing_observation_is_reused_and_pruned_model_skipped(inputs, undersc
     def no_observation(*args, **kwargs):
         raise AssertionError("the observation should have been reused")
 
-    monkeypatch.setattr(runner, "run_observation", no_observation)
+    monkeypatch.setattr(runner, "observe_checkpoint", no_observation)
     weights = underscore_run / PRUNED / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="reap_fast"):
@@ -120,7 +113,7 @@ def test_existing_observation_is_reused_and_pruned_model_skipped(inputs, undersc
     def observed(*args, **kwargs):
         raise Called
 
-    monkeypatch.setattr(runner, "run_observation", observed)
+    monkeypatch.setattr(runner, "observe_checkpoint", observed)
     with pytest.raises(Called):
         prune_main(underscore_argv(inputs) + ["--overwrite_observations", "true"])
 
@@ -130,7 +123,7 @@ def test_layerwise_uses_its_prefix_and_observation_path(inputs, underscore_run, 
     target = Path("artifacts/model/data.jsonl/layerwise/obs.pt")
     target.parent.mkdir(parents=True)
     shutil.copy(underscore_run / OBSERVATION, target)
-    monkeypatch.setattr(runner, "run_observation", lambda *a, **k: pytest.fail("observation not reused"))
+    monkeypatch.setattr(runner, "observe_checkpoint", lambda *a, **k: pytest.fail("observation not reused"))
     assert layerwise_prune.main(underscore_argv(inputs) + ["--batch_group_size", "2"]) == 0
     layerwise_dir = Path("artifacts/model/data.jsonl/pruned_models/layerwise_reap-renorm_true-seed_7-0.25")
     assert (layerwise_dir / "model.safetensors").is_file()
@@ -150,13 +143,13 @@ def test_ignored_flags_give_one_warning(inputs, underscore_run, monkeypatch, cap
     ]  # fmt: skip
     _, ignored = parse_args(argv)
     assert ignored == sorted(
-        ["--do_eval", "--smoke-test", "--merge_method", "--distance_measure", "--lm_eval_tasks", "--no_frequency_penalty"]
+        ["--smoke-test", "--merge_method", "--distance_measure", "--lm_eval_tasks", "--no_frequency_penalty"]
     )
     with caplog.at_level(logging.WARNING, logger="reap_fast"):
         assert prune_main(argv) == 0
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("reap_fast")]
     assert len(warnings) == 1
-    assert "--do_eval" in warnings[0].getMessage() and "--merge_method" in warnings[0].getMessage()
+    assert "--smoke-test" in warnings[0].getMessage() and "--merge_method" in warnings[0].getMessage()
     assert parse_args(underscore_argv(inputs))[1] == []
 
 
@@ -174,13 +167,17 @@ def test_defaults_are_upstreams():
     assert parsed["ClusterArgs"].compression_ratio == 0.5
     assert parsed["ReapArgs"].seed == 42
     assert parsed["ObserverArgs"].batches_per_category == 1024
-    assert parsed["ObserverArgs"].batch_size == 1
+    assert parsed["ObserverArgs"].batch_size == 8
+    assert parsed["ReapArgs"].do_eval is True
     assert parsed["ObserverArgs"].model_max_length == 2048
     assert parsed["ObserverArgs"].output_file_name == "observations_1024_cosine.pt"
     assert parsed["ObserverArgs"].renormalize_router_weights is True
     assert parsed["ModelArgs"].model_name == "Qwen/Qwen3-30B-A3B"
     assert parsed["DatasetArgs"].dataset_name == "theblackcat102/evol-codealpaca-v1"
     assert parsed["ReapFastArgs"].engine == "auto"
+    extra = parsed["ReapFastArgs"]  # reap-fast's alternatives are off: upstream's behaviour by default
+    assert (extra.packing_separator, extra.dedupe_bos, extra.strict_samples) == ("masked", False, False)
+    assert (extra.renormalize_rule, extra.super_experts_all_methods, extra.dtype) == ("upstream", False, "auto")
 
 
 @pytest.mark.parametrize(
@@ -258,5 +255,5 @@ def test_help_lists_upstream_and_extra_flags(capsys):
             entry(["--help"])
         assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--perserve_super_experts", "--samples_per_category", "--engine", "--batch_group_size", "--no_do_eval"):
+    for flag in ("--perserve_super_experts", "--packing_separator", "--engine", "--batch_group_size", "--no_do_eval"):
         assert flag in out

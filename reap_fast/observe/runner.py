@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..data import CalibrationSet
 from ..devices import resolve_device
 from ..errors import ReapFastError, UsageError, one_line
 from ..metrics import LayerMetrics
@@ -90,14 +91,17 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     check_model_folder(path, need_tokenizer=True)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device)
+    # "cuda" with several GPUs visible: accelerate spreads the layers over all of them (as upstream's
+    # device_map="auto"); "cuda:N" pins the model to one GPU.
+    device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 
 
 def observe_checkpoint(
     model_path: str,
-    dataset: str,
+    dataset: str | CalibrationSet,
     samples_per_category: int | None,
     model_max_length: int = 2048,
     batch_size: int = 1,
@@ -123,6 +127,8 @@ def observe_checkpoint(
       SIGINT/SIGTERM; ``resume`` continues from it (same settings required) and gives the numbers of an
       uninterrupted run; the folder is removed after success (:mod:`reap_fast.observe.checkpointing`).
       With several processes each rank uses ``checkpoint_dir/rank<r>-of-<n>``.
+    * ``dataset``: a calibration spec (built with reap-fast's defaults) or an already built
+      :class:`~reap_fast.data.CalibrationSet` (``samples_per_category`` and ``seed`` then only label the run).
     """
     from ..data import build_calibration_set
     from .checkpointing import ObservationCheckpointer, run_fingerprint
@@ -142,10 +148,13 @@ def observe_checkpoint(
     torch_dtype = resolve_dtype(dtype, config)
     rank, world, device = init_distributed(device)
     engine_name = resolve_engine(engine, device)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    calibration = build_calibration_set(
-        dataset, tokenizer, samples_per_category=samples_per_category, model_max_length=model_max_length, seed=seed
-    )
+    if isinstance(dataset, CalibrationSet):
+        calibration, dataset = dataset, "<calibration set>"
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        calibration = build_calibration_set(
+            dataset, tokenizer, samples_per_category=samples_per_category, model_max_length=model_max_length, seed=seed
+        )
     if world > 1:
         calibration = calibration.shard(rank, world)
         logger.info("rank %d of %d observes %d sequences", rank, world, len(calibration))

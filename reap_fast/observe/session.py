@@ -27,6 +27,8 @@ from .input_scaled import input_scaled_moe_forward
 
 logger = logging.getLogger(__name__)
 
+RENORMALIZE_ALWAYS = "always"  # Observer(renormalize=...): renormalise g over the top-k for every family
+
 
 class LayerProbe:
     """What one experts module needs to observe: its accumulator, gate function and observer."""
@@ -57,7 +59,7 @@ class Observer:
         metrics = observer.metrics()  # {layer: {upstream keys}}
     """
 
-    def __init__(self, model: nn.Module, engine: str = "reference", renormalize: bool = True) -> None:
+    def __init__(self, model: nn.Module, engine: str = "reference", renormalize: bool | str = True) -> None:
         self.model = model
         self.adapter: MoEAdapter = get_adapter(model.config)
         self.layers: list[MoELayer] = find_moe_layers(model)
@@ -67,9 +69,15 @@ class Observer:
             )
         self.engine = engine
         get_engine(engine)  # fail early with a clear message
-        # As upstream: renormalisation applies only where the model itself renormalises its top-k weights
-        # (norm_topk_prob, or a router that always does, as Mixtral's and Qwen3.5's).
-        self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)
+        # True: renormalise only where the model itself renormalises its top-k weights (norm_topk_prob, or a
+        # router that always does, as Mixtral's and Qwen3.5's); "always": whatever the model does (the
+        # caller decided, e.g. upstream's rule); False: never.
+        if renormalize == RENORMALIZE_ALWAYS:
+            self.renormalize = True
+        elif isinstance(renormalize, bool):
+            self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)
+        else:
+            raise ValueError(f"renormalize must be True, False or {RENORMALIZE_ALWAYS!r}, got {renormalize!r}")
         device = self.layers[0].experts.down_proj.device
         self.accumulators = {
             layer.layer_index: LayerAccumulator(layer.num_experts, layer.experts.down_proj.device) for layer in self.layers
@@ -104,11 +112,13 @@ class Observer:
     def token_mask_for(self, num_tokens: int, layer: MoELayer) -> torch.Tensor | None:
         """The current forward call's flattened statistics mask, checked against the layer's tokens."""
         mask = self._token_mask
-        if mask is not None and mask.numel() != num_tokens:
+        if mask is None:
+            return None
+        if mask.numel() != num_tokens:
             raise ValueError(
                 f"layer {layer.layer_index} received {num_tokens} tokens but the statistics mask has {mask.numel()}"
             )
-        return mask
+        return mask.to(layer.experts.down_proj.device)  # no copy unless the model is spread over devices
 
     @torch.no_grad()
     def forward(

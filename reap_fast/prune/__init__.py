@@ -8,7 +8,7 @@ Public API::
     prune_checkpoint("model/", "observations.pt", "out/", compression_ratio=0.5)    # all of the above
 
 Drop-in command lines: ``python -m reap_fast.prune`` and ``python -m reap_fast.layerwise_prune`` accept
-upstream REAP's flags (see :mod:`reap_fast.prune.compat`).
+upstream REAP's flags (see :mod:`reap_fast.upstream`).
 """
 
 from __future__ import annotations

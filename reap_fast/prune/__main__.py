@@ -1,4 +1,4 @@
-"""``python -m reap_fast.prune``: drop-in for upstream ``python -m reap.prune`` (see :mod:`reap_fast.prune.compat`)."""
+"""``python -m reap_fast.prune``: drop-in for upstream ``python -m reap.prune`` (see :mod:`reap_fast.upstream`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Observe (or reuse the observation), prune and save, with upstream REAP's flags."""
-    from .compat import main as compat_main
+    from ..upstream.main import main as upstream_main
 
-    return compat_main(argv, layerwise=False)
+    return upstream_main(argv, layerwise=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""The drop-in against Cerebras REAP itself: same command line, same observation, same experts, same weights.
+
+Runs upstream's ``prune.py`` and ``layerwise_prune.py`` unchanged in their own environment (see
+``tests/upstream_oracle.py``) and ``python -m reap_fast.prune`` / ``layerwise_prune`` with the same flags,
+on a tiny Qwen3-MoE saved by upstream's transformers, for a chat dataset (evol-codealpaca, rendered by the
+chat template) and a plain-text one (C4), three seeds each. Slow (two processes per case): marked
+``upstream``, run with ``make upstream-check``; skipped with the reason when upstream or its
+environment is absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from reap_fast.metrics import load_metrics
+from upstream_oracle import (
+    CHAT_DATASET,
+    TEXT_DATASET,
+    build_checkpoint,
+    compare_observations,
+    find_upstream,
+    kept_experts,
+    run_dropin,
+    run_upstream,
+    write_datasets,
+)
+
+pytestmark = pytest.mark.upstream
+
+SEEDS = (0, 7, 42)
+DATASETS = {"chat": CHAT_DATASET, "text": TEXT_DATASET}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("upstream-e2e")
+    upstream = find_upstream(root)
+    if isinstance(upstream, str):
+        pytest.skip(upstream)
+    write_datasets(root)
+    checkpoint = build_checkpoint(upstream, root / "model")
+    return root, upstream, checkpoint
+
+
+def _argv(checkpoint: Path, dataset: str, seed: int) -> list[str]:
+    return [
+        "--model_name", str(checkpoint), "--dataset_name", dataset, "--seed", str(seed),
+        "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "2", "--batch_size", "2",
+        "--model_max_length", "64", "--renormalize_router_weights", "true", "--record_pruning_metrics_only", "true",
+        "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
+    ]  # fmt: skip
+
+
+def _workdir(root: Path, name: str) -> Path:
+    cwd = root / name
+    cwd.mkdir()
+    shutil.copytree(root / CHAT_DATASET.split("/")[0], cwd / CHAT_DATASET.split("/")[0])
+    return cwd
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["prune", "layerwise_prune"])
+@pytest.mark.parametrize("kind", sorted(DATASETS))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_same_observation_experts_and_weights_as_upstream(setup, layerwise, kind, seed):
+    root, upstream, checkpoint = setup
+    dataset = DATASETS[kind]
+    argv = _argv(checkpoint, dataset, seed)
+    name = f"{'layerwise' if layerwise else 'prune'}-{kind}-{seed}"
+    theirs_dir, ours_dir = _workdir(root, f"up-{name}"), _workdir(root, f"rf-{name}")
+    theirs = run_upstream(upstream, theirs_dir, argv, layerwise)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    ours = run_dropin(ours_dir, argv, layerwise)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+
+    results = Path("artifacts") / checkpoint.name / dataset.split("/")[-1]
+    observation = results / ("layerwise" if layerwise else "all") / "obs.pt"
+    their_metrics = torch.load(theirs_dir / observation, weights_only=False)
+    our_metrics = load_metrics(ours_dir / observation)
+    assert compare_observations(our_metrics, their_metrics) == []
+    tokens = int(our_metrics[0]["total_tokens"])
+    assert tokens > 2 * 2 * 64 // 2, f"only {tokens} tokens observed"  # 4 packed rows of 64, mostly documents
+
+    pruned = results / "pruned_models" / f"{'layerwise_' if layerwise else ''}reap-renorm_true-seed_{seed}-0.50"
+    layers = sorted(our_metrics)
+    their_kept = kept_experts(theirs_dir / pruned, checkpoint, layers)
+    our_kept = kept_experts(ours_dir / pruned, checkpoint, layers)
+    assert all(min(slots) >= 0 for slots in their_kept.values()), their_kept
+    assert our_kept == their_kept
