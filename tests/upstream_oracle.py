@@ -12,21 +12,22 @@ What the harness adds around upstream, and nothing else:
 * at HEAD, ``prune.py`` passes its argument dataclasses to ``dump_args_to_yaml`` positionally, which raises
   ``TypeError`` after the model is saved; the driver gives that call the names it expects;
 * offline data: the chat dataset is a local folder ``theblackcat102/evol-codealpaca-v1/train.jsonl`` in the
-  working directory (``datasets.load_dataset`` reads a local folder of that name), and the plain-text
-  dataset ``allenai/c4`` is the shard upstream downloads, placed in a Hugging Face hub cache
-  (``HF_HUB_OFFLINE=1``), so upstream's own loading code runs unchanged.
+  working directory (``datasets.load_dataset`` reads a local folder of that name). Upstream's only
+  plain-text dataset, ``allenai/c4``, is read from a fixed hub URL that cannot be served offline, so the
+  driver registers upstream's own C4 processor class under a second name, ``local/plain-text``, a local
+  folder of C4-like rows (``text``, ``timestamp``, ``url``); reap-fast reads that folder as any local
+  dataset (its ``text`` column).
 """
 
 from __future__ import annotations
 
-import gzip
+import io
 import json
 import os
 import random
 import subprocess
 import sys
 import tarfile
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SNAPSHOT = "/work/.mirror/CerebrasResearch+reap/repo"
 CHAT_DATASET = "theblackcat102/evol-codealpaca-v1"
-TEXT_DATASET = "allenai/c4"
-C4_FILE = "en/c4-train.00000-of-01024.json.gz"
-C4_REVISION = "0" * 40
+TEXT_DATASET = "local/plain-text"
 
 _STUBS = {
     "vllm/__init__.py": "class TokensPrompt(dict):\n    pass\n",
@@ -58,8 +57,11 @@ _DRIVER = '''"""Run an upstream entry point unchanged, naming the arguments of H
 import runpy
 import sys
 
+import reap.data
 import reap.main
 
+# Upstream's plain-text processor (C4's) for the local plain-text folder; upstream's logic is untouched.
+reap.data.DATASET_REGISTRY["local/plain-text"] = reap.data.DATASET_REGISTRY["allenai/c4"]
 _dump = reap.main.dump_args_to_yaml
 _SECTIONS = ("reap_args", "ds_args", "obs_args", "model_args", "eval_args", "prune_args", "cluster_args")
 
@@ -170,7 +172,7 @@ def _words(rng: random.Random, count: int) -> str:
 
 
 def write_datasets(workdir: Path, rows: int = 40) -> None:
-    """The chat dataset folder (in ``workdir``) and the C4 shard in the hub cache ``workdir/hub``."""
+    """The chat and the plain-text dataset folders in ``workdir``."""
     rng = random.Random(1234)
     chat = workdir / CHAT_DATASET / "train.jsonl"
     chat.parent.mkdir(parents=True, exist_ok=True)
@@ -178,32 +180,49 @@ def write_datasets(workdir: Path, rows: int = 40) -> None:
         for i in range(rows):
             row = {"instruction": f"task {i}: " + _words(rng, rng.randint(1, 12)), "output": _words(rng, rng.randint(2, 30))}
             handle.write(json.dumps(row) + "\n")
-    repo = workdir / "hub" / "datasets--allenai--c4"
-    shard = repo / "snapshots" / C4_REVISION / C4_FILE
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(C4_REVISION)
-    with gzip.open(shard, "wt") as handle:
+    text = workdir / TEXT_DATASET / "train.jsonl"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    with open(text, "w") as handle:
         for i in range(rows):
-            row = {"text": f"Document {i}. " + _words(rng, rng.randint(3, 60)), "timestamp": "2019-04-25", "url": f"u{i}"}
+            row = {"text": f"Document {i}. " + _words(rng, rng.randint(1, 14)), "timestamp": "2019-04-25", "url": f"u{i}"}
             handle.write(json.dumps(row) + "\n")
 
 
-def run_upstream(upstream: Upstream, cwd: Path, argv: list[str], layerwise: bool) -> subprocess.CompletedProcess:
-    """Upstream's entry point in ``cwd`` (its ``artifacts/`` tree lands there)."""
+def _upstream_command(upstream: Upstream, cwd: Path, argv: list[str], layerwise: bool) -> tuple[list[str], dict]:
     env = _offline_env(cwd.parent, "upstream")
     env["PYTHONPATH"] = os.pathsep.join([str(upstream.stubs), str(upstream.source / "src")])
     entry = "reap.layerwise_prune" if layerwise else "reap.prune"
-    command = [str(upstream.python), str(upstream.stubs / "upstream_driver.py"), entry, *argv]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    return [str(upstream.python), str(upstream.stubs / "upstream_driver.py"), entry, *argv], env
 
 
-def run_dropin(cwd: Path, argv: list[str], layerwise: bool) -> subprocess.CompletedProcess:
-    """``python -m reap_fast.prune`` (or ``layerwise_prune``) in ``cwd`` with this interpreter."""
+def _dropin_command(cwd: Path, argv: list[str], layerwise: bool) -> tuple[list[str], dict]:
     env = _offline_env(cwd.parent, "reap-fast")
     env["PYTHONPATH"] = str(REPO)
     module = "reap_fast.layerwise_prune" if layerwise else "reap_fast.prune"
-    return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    return [sys.executable, "-m", module, *argv], env
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished process: exit status and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_both(upstream: Upstream, cwds: tuple[Path, Path], argv: list[str], layerwise: bool) -> tuple[Finished, Finished]:
+    """Upstream's entry point in ``cwds[0]`` and the drop-in in ``cwds[1]``, at the same time, same flags."""
+    commands = [_upstream_command(upstream, cwds[0], argv, layerwise), _dropin_command(cwds[1], argv, layerwise)]
+    processes = [
+        subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for (command, env), cwd in zip(commands, cwds)
+    ]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate()
+        results.append(Finished(process.returncode, stdout, stderr))
+    return results[0], results[1]
 
 
 def compare_observations(ours: dict, theirs: dict, rtol: float = 1e-4) -> list[str]:
@@ -219,7 +238,7 @@ def compare_observations(ours: dict, theirs: dict, rtol: float = 1e-4) -> list[s
                 problems.append(f"layer {layer}: upstream has no {key}")
                 continue
             value = torch.as_tensor(value)
-            other = torch.as_tensor(getattr(other, "mean", other))
+            other = other if torch.is_tensor(other) else torch.as_tensor(other.mean)  # upstream's running-mean tracker
             if value.dtype in (torch.int64, torch.int32):
                 if not torch.equal(value.long(), other.long()):
                     problems.append(f"layer {layer} {key}: {value.tolist()} vs {other.tolist()}")
