@@ -142,7 +142,7 @@ def test_native_cli_prunes_every_routing_group_alike(grouped_checkpoint, dataset
 
 
 def dropin_argv(checkpoint, dataset, *extra):
-    return ["--model_name", str(checkpoint), "--dataset_name", dataset, "--seed", "7", "--samples_per_category", "4",
+    return ["--model_name", str(checkpoint), "--dataset_name", dataset, "--seed", "7", "--batches_per_category", "2",
             "--model_max_length", "32", "--batch_size", "2", "--record_pruning_metrics_only", "true",
             "--output_file_name", "obs.pt", *extra]
 
@@ -265,14 +265,7 @@ def test_dropin_renormalize_false_changes_the_observation(renormalising_checkpoi
         assert (off[layer]["reap"] <= on[layer]["reap"] + 1e-6).all() and (off[layer]["reap"] < on[layer]["reap"]).any()
 
 
-UPSTREAM_MODE_MISSING = pytest.mark.xfail(
-    strict=True,
-    reason="the drop-in does not yet follow upstream's g (renormalise only when config.norm_topk_prob): "
-    "upstream-semantics mode of issue 14 (engineer 'dropin') not landed",
-)
-
-
-@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=UPSTREAM_MODE_MISSING), "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
 def test_dropin_follows_upstreams_renormalisation_rule(family, dataset, tmp_path, monkeypatch):
     """Upstream reads only config.norm_topk_prob: Mixtral (no such key) and OLMoE (False) get the raw softmax."""
     from gate_table import UPSTREAM_RENORMALISED, renormalised
