@@ -190,6 +190,7 @@ def _prune(parsed: dict[str, Any], metrics: dict, obs_path: Path, pruned_dir: Pa
 
 def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     """Parse, observe (or reuse the observation), prune, save and evaluate, as upstream's ``main``."""
+    from ..models import get_adapter
     from ..observe.runner import load_config
     from ..prune import check_prune_budget, holds_model
     from ..prune.select import experts_to_prune
@@ -232,6 +233,13 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         return 0
 
     total = int(metrics[min(metrics)]["expert_frequency"].shape[0])
+    adapter = get_adapter(config)
+    model_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
+    if total != model_experts:
+        raise CliError(
+            f"{obs_path}: metrics file of another model: expert counts differ ({total} in the file vs "
+            f"{model_experts} in the model); pass --overwrite_observations to record a new one"
+        )
     n_prune = experts_to_prune(total, ratio, prune_args.n_experts_to_prune)
     renorm = bool(obs_args.renormalize_router_weights)
     name = pruned_model_name(prune_args, n_prune, total, reap_args.seed, renorm, layerwise)
