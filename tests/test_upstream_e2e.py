@@ -49,7 +49,7 @@ def _argv(checkpoint: Path, dataset: str, seed: int) -> list[str]:
     return [
         "--model_name", str(checkpoint), "--dataset_name", dataset, "--seed", str(seed),
         "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "2", "--batch_size", "2",
-        "--model_max_length", "64", "--renormalize_router_weights", "true", "--record_pruning_metrics_only", "true",
+        "--model_max_length", "128", "--renormalize_router_weights", "true", "--record_pruning_metrics_only", "true",
         "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
     ]  # fmt: skip
 
@@ -81,7 +81,7 @@ def test_same_observation_experts_and_weights_as_upstream(setup, layerwise, kind
     our_metrics = load_metrics(ours_dir / observation)
     assert compare_observations(our_metrics, their_metrics) == []
     tokens = int(our_metrics[0]["total_tokens"])
-    assert 2 * 2 * 64 // 2 < tokens < 2 * 2 * 64, f"{tokens} tokens observed"  # 4 packed rows of 64, with gaps
+    assert 2 * 2 * 128 // 2 < tokens < 2 * 2 * 128, f"{tokens} tokens observed"  # 4 packed rows of 128, with gaps
 
     pruned = results / "pruned_models" / f"{'layerwise_' if layerwise else ''}reap-renorm_true-seed_{seed}-0.50"
     layers = sorted(our_metrics)

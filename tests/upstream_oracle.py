@@ -178,7 +178,7 @@ def write_datasets(workdir: Path, rows: int = 40) -> None:
     chat.parent.mkdir(parents=True, exist_ok=True)
     with open(chat, "w") as handle:
         for i in range(rows):
-            row = {"instruction": f"task {i}: " + _words(rng, rng.randint(1, 12)), "output": _words(rng, rng.randint(2, 30))}
+            row = {"instruction": f"task {i}: " + _words(rng, rng.randint(1, 4)), "output": _words(rng, rng.randint(1, 10))}
             handle.write(json.dumps(row) + "\n")
     text = workdir / TEXT_DATASET / "train.jsonl"
     text.parent.mkdir(parents=True, exist_ok=True)
