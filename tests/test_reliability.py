@@ -437,7 +437,7 @@ def test_case7_sigint_ends_with_one_line_and_exit_130(tmp_path):
 
 def _all_cli_options() -> set[str]:
     """Every option of reap-fast's subcommands and of its other command lines."""
-    from reap_fast.prune.compat import build_parser as dropin_parser
+    from reap_fast.upstream.args import build_parser as dropin_parser
     from reap_fast.quantize import build_parser as quantize_child_parser
 
     parsers = [build_parser(), dropin_parser(False), dropin_parser(True), quantize_child_parser()]

@@ -42,8 +42,7 @@ class Mutant:
 BASE = ("reap_fast/models/base.py",)
 SESSION = ("reap_fast/observe/session.py",)
 PRUNE = ("reap_fast/prune/__init__.py",)
-DROPIN = ("reap_fast/upstream/prune.py", "reap_fast/upstream/compat.py", "reap_fast/upstream/__init__.py",
-          "reap_fast/prune/compat.py")
+DROPIN = ("reap_fast/upstream/main.py",)
 SELECT = ("reap_fast/prune/select.py",)
 GATES = ("tests/test_gate_oracle.py",)
 E2E = "tests/test_e2e_decisions.py"
@@ -78,13 +77,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)",
            "self.renormalize = renormalize", GATES),
     Mutant("drop-in forces renormalize=True", DROPIN,
-           "renormalize=renorm,", "renormalize=True,", (E2E, "-k", "renormalize_false")),
+           "renormalize=renormalize,", "renormalize=True,", (E2E, "-k", "renormalize_false")),
     # --- groups ------------------------------------------------------------------------------------------
     Mutant("prune_checkpoint calls select_experts without groups", PRUNE,
            '        groups=routing["groups"],\n    )\n    prune_model(model, keep)\n    info = {',
            "        groups=None,\n    )\n    prune_model(model, keep)\n    info = {", (E2E, "-k", "native_cli_prunes")),
-    Mutant("drop-in calls select_experts without groups", DROPIN,
-           'groups=routing["groups"],', "groups=None,", (E2E, "-k", "dropin_prunes")),
     Mutant("model_routing reports no groups", PRUNE,
            "groups = (int(n_group), int(topk_group) if topk_group is not None else int(n_group))", "groups = None",
            (E2E, "-k", "prunes_every")),
@@ -96,7 +93,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "preserve_super_experts=preserve_super_experts,", "preserve_super_experts=False,",
            (E2E, "-k", "native_cli_keeps")),
     Mutant("drop-in drops --perserve_super_experts", DROPIN,
-           "preserve_super_experts=prune_args.perserve_super_experts,", "preserve_super_experts=False,",
+           "preserve_super_experts=preserve_super,", "preserve_super_experts=False,",
            (E2E, "-k", "dropin_keeps")),
     Mutant("super experts also marked in the last quarter of layers", ("reap_fast/prune/scores.py",),
            "if not include_last_layers:", "if include_last_layers:", ("tests/test_prune.py", "-k", "super")),
@@ -132,10 +129,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "gates=None if gates is None else top_k_weights.detach().to(torch.float32),",
            ("tests/test_families.py", "-k", "triton and deepseek")),
     # --- packing -------------------------------------------------------------------------------------------
-    Mutant("packing separators counted in the statistics", ("reap_fast/data.py",),
-           "ids[rows, pos], attention[rows, pos] = sep_id, 1",
-           "ids[rows, pos], attention[rows, pos], stats[rows, pos] = sep_id, 1, True",
+    Mutant("packing separators counted in the statistics", ("reap_fast/data/packing.py",),
+           "ids[end], attention[end] = separator_id, 1",
+           "ids[end], attention[end], counted[end] = separator_id, 1, True",
            ("tests/test_data.py", "-k", "packing")),
+    Mutant("no gap between packed documents (upstream leaves one)", ("reap_fast/data/packing.py",),
+           "position = end + 1", "position = end", ("tests/test_data.py", "-k", "packing")),
     # --- slicing ---------------------------------------------------------------------------------------------
     Mutant("router rows sliced from the front instead of the kept experts", ("reap_fast/prune/slicing.py",),
            "_slice_tensors(layer.router, index, old_count, names=present)",
