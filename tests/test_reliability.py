@@ -459,14 +459,16 @@ def test_case7_hints_name_only_options_the_cli_has():
     options = _all_cli_options()
     package = REPO / "reap_fast"
     modules = [package / name for name in ("cli.py", "pipeline.py", "quantize.py", "outputs.py", "preflight.py",
-                                           "metrics.py", "data.py", "identity.py", "errors.py", "devices.py")]
-    modules += sorted((package / "prune").glob("*.py")) + sorted((package / "observe").glob("*.py"))
+                                           "metrics.py", "identity.py", "errors.py", "devices.py")]
+    for folder in ("prune", "observe", "data", "upstream"):
+        modules += sorted((package / folder).glob("*.py"))
     source = "\n".join(path.read_text() for path in modules if path.is_file())
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", source))
     placeholders = {"--nproc-per-node", "--flag", "--flag-name", "--flag_name", "--no_flag"}  # torchrun's, docs
     unknown = sorted(flag for flag in named if flag not in options and flag not in placeholders)
     assert not unknown, f"messages or docs name options no command line has: {unknown}"
-    assert "column=" not in (REPO / "reap_fast" / "data.py").read_text().split("def _resolve_columns")[1][:1500]
+    documents = (REPO / "reap_fast" / "data" / "documents.py").read_text()
+    assert "column=" not in documents.split("def _resolve_columns")[1][:1500]
 
 
 # ------------------------------------------------------------------------------------------------ 8
