@@ -109,11 +109,11 @@ def test_pruned_ernie_reloads_with_its_sliced_selection_bias_and_generates_the_s
     model = family_model("ernie4_5_moe")
     layers = find_moe_layers(model)
     keep = {layer.layer_index: torch.tensor(KEEP[pos]) for pos, layer in enumerate(layers)}
+    removed = {index: sorted(set(range(8)) - set(kept.tolist())) for index, kept in keep.items()}
     with torch.no_grad():
         for layer in layers:
-            removed = sorted(set(range(8)) - set(keep[layer.layer_index].tolist()))
-            _tensor(layer.router, "moe_statics.e_score_correction_bias")[0, removed] = -1e4
-    _push_logits_down(model, {layer.layer_index: sorted(set(range(8)) - set(keep[layer.layer_index].tolist())) for layer in layers})
+            _tensor(layer.router, "moe_statics.e_score_correction_bias")[0, removed[layer.layer_index]] = -1e4
+    _push_logits_down(model, removed)
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11, 64, 128]])
     with torch.no_grad():
         reference = model(ids).logits

@@ -150,7 +150,9 @@ def expert_dim(tensor: torch.Tensor, num_experts: int) -> int:
         return 0
     dims = [d for d, size in enumerate(tensor.shape) if size == num_experts]
     if len(dims) != 1:
-        raise UnsupportedModelError(f"cannot tell which dimension of a {tuple(tensor.shape)} router tensor indexes {num_experts} experts")
+        raise UnsupportedModelError(
+            f"cannot tell which dimension of a {tuple(tensor.shape)} router tensor indexes {num_experts} experts"
+        )
     return dims[0]
 
 

@@ -86,7 +86,9 @@ def _gather(owner: nn.Module, leaf: str, index: torch.Tensor, dim: int) -> None:
 def _slice_tensors(module: nn.Module, index: torch.Tensor, old_count: int) -> list[str]:
     """Gather rows ``index`` on dim 0 of the module's direct parameters/buffers that have ``old_count`` rows."""
     candidates = list(module._parameters.items()) + list(module._buffers.items())
-    sliced = [name for name, tensor in candidates if tensor is not None and tensor.dim() > 0 and tensor.shape[0] == old_count]
+    sliced = [
+        name for name, tensor in candidates if tensor is not None and tensor.dim() > 0 and tensor.shape[0] == old_count
+    ]
     for name in sliced:
         _gather(module, name, index, 0)
     return sliced
