@@ -51,6 +51,17 @@ FAMILIES = {
     "gpt_oss": ("GptOssConfig", dict(
         _COMMON, intermediate_size=32, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
         layer_types=["full_attention"] * 2)),
+    "llama4_text": ("Llama4TextConfig", dict(
+        _COMMON, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, interleave_moe_layer_step=2,
+        num_local_experts=8, num_experts_per_tok=2)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(
+        _NO_HEAD_DIM, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, moe_layer_start_index=1,
+        moe_layer_interval=1, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1)),
+    "deepseek_v2": ("DeepseekV2Config", dict(
+        _NO_HEAD_DIM, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=16.0, norm_topk_prob=False,
+        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
 }  # fmt: skip
 
 

@@ -196,6 +196,11 @@ def test_pruned_folder_keeps_source_layout(stack, family):
     check_layout(source, pruned, keep)
 
 
+# transformers 4.55 and 5.x compute Llama-4 differently: on an UNPRUNED source their last-position logits
+# already differ by 1.3e-2 (measured, fp32), so 4.55's logits are compared at that scale (tokens must agree).
+VERSION_LOGIT_ATOL = {"llama4_text": 5e-2}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_folder_generates_alike_in_455_and_5x(stack, family):
     source, pruned, keep = stack[0][family]
@@ -204,7 +209,8 @@ def test_pruned_folder_generates_alike_in_455_and_5x(stack, family):
     new = stack_helper.generate(pruned)
     reference = in_memory_pruned(source, keep)
     assert old["tokens"] == new["tokens"] == reference["tokens"]
-    torch.testing.assert_close(torch.tensor(old["logits"]), torch.tensor(reference["logits"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(old["logits"]), torch.tensor(reference["logits"]), rtol=1e-4,
+                               atol=VERSION_LOGIT_ATOL.get(family, 1e-4))
     torch.testing.assert_close(torch.tensor(new["logits"]), torch.tensor(reference["logits"]), rtol=1e-4, atol=1e-4)
 
 
