@@ -70,6 +70,9 @@ def test_super_expert_rules_and_notes():
     assert "1..3" in super_expert_layer_note([1, 2, 3])
     assert family_note(SimpleNamespace(model_type="qwen3_moe")) is None
     assert "GLM-4.5" in family_note(SimpleNamespace(model_type="glm4_moe"))
+    assert family_note(SimpleNamespace(model_type="llama4_text")) is None  # upstream records Llama-4 as reap-fast does
+    assert "correction bias" in family_note(SimpleNamespace(model_type="ernie4_5_moe"))
+    assert "group_limited_greedy" in family_note(SimpleNamespace(model_type="deepseek_v2"))
 
 
 def test_do_eval_never_skips_silently(tmp_path, capsys):

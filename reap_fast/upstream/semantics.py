@@ -28,6 +28,11 @@ _FAMILY_NOTES = {
     "qwen3_next": "upstream REAP has no observer for qwen3_next; reap-fast's adapter is used",
     "olmoe": "upstream REAP has no observer for olmoe; reap-fast's adapter is used",
     "gpt_oss": "upstream REAP has no observer for gpt_oss; reap-fast's adapter is used",
+    "ernie4_5_moe": "upstream's patched ERNIE-4.5 code chooses experts without the moe_statics correction bias; "
+    "reap-fast observes the model's own choice (softmax + bias), with upstream's g (softmax of the logits)",
+    "deepseek_v2": "upstream's observer takes the top-k of the raw router logits, which differs from the model's "
+    "choice under group_limited_greedy routing (DeepSeek-V2; V2-Lite's greedy routing agrees); reap-fast observes "
+    "the model's own choice, with upstream's g (softmax of the logits)",
 }
 
 
