@@ -127,15 +127,28 @@ def _best(entries: tuple, shape: dict[str, int], num_tokens: int) -> MoEConfig |
 _warned: set = set()
 
 
+def cuda_device_name(device: torch.device | None = None) -> str:
+    """``torch.cuda.get_device_name`` of ``device`` (None: the current device), or "cpu"."""
+    if device is not None and device.type != "cuda":
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(device)
+
+
 def get_config(
     num_experts: int, hidden_size: int, inter_size: int, top_k: int, num_tokens: int, dtype: torch.dtype,
-    device_name: str | None = None,
+    device_name: str | None = None, device: torch.device | None = None,
 ) -> MoEConfig:
-    """The block sizes for one MoE call (see the module docstring for the lookup order)."""
+    """The block sizes for one MoE call (see the module docstring for the lookup order).
+
+    The device file is the one of ``device_name``, else of ``device`` (a CUDA device: its own name,
+    not the current device's), else of the current CUDA device.
+    """
     if INTERPRET:
         return INTERPRETER_CONFIG
     if device_name is None:
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        device_name = cuda_device_name(device)
     shape = {"E": num_experts, "H": hidden_size, "I": inter_size, "k": top_k}
     config = _best(_load_entries(CONFIG_DIR / device_file_name(device_name)), shape, num_tokens)
     if config is None:

@@ -11,9 +11,15 @@ in token order), so program e walks exactly those rows, drops the pairs of maske
 * ``gate_sum[e]``         sum g              (fp64)
 * ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted)
 
-No atomics: every output element is written by one program, and the summation order depends only on
-the routing, so the statistics are bitwise reproducible from run to run. Summing in fp64 makes the
-per-call totals as exact as the fp32 row norms they add up.
+One more program (number E) counts the counted tokens (``tokens``, () int64). With ``ACCUMULATE``
+the kernel adds its results into running totals instead (``max_activation``: the maximum), e.g. the
+accumulators of a layer, and adds ``count[i] + count[j]`` into the (E, E) ``pairwise`` co-occurrence
+totals, so one launch does the whole statistics update of a MoE call.
+
+No floating-point atomics: every float output element is written by one program, and the summation
+order depends only on the routing, so the statistics are bitwise reproducible from run to run. (The
+pairwise totals are int64 atomic adds: integer sums do not depend on their order.) Summing in fp64
+makes the per-call totals as exact as the fp32 row norms they add up.
 """
 
 from __future__ import annotations
@@ -24,26 +30,49 @@ import triton.language as tl
 
 
 @triton.jit
+def _update(ptr, value, ACCUMULATE: tl.constexpr):
+    if ACCUMULATE:
+        value += tl.load(ptr)
+    tl.store(ptr, value)
+
+
+@triton.jit
 def _expert_stats_kernel(
     sorted_pair_ids_ptr,  # (rows,) int32: pair ids grouped by expert (alignment)
-    expert_start_ptr,  # (E,) int64: first row of each expert in sorted_pair_ids
-    counts_ptr,  # (E,) int64: routed pairs of each expert
+    expert_start_ptr,  # (E,) int32: first row of each expert in sorted_pair_ids
+    counts_ptr,  # (E,) int32: routed pairs of each expert
     pair_norm_ptr,  # (S,) fp32: ||y[p]||
     pair_max_ptr,  # (S,) fp32: max_j y[p, j]
     gates_ptr,  # (S,) fp32: REAP gate g of each pair (row-major (T, k))
-    mask_ptr,  # (T,) uint8: 1 = token counted (read only when HAS_MASK)
+    mask_ptr,  # (T,) bool: True = token counted (read only when HAS_MASK)
+    tokens_ptr,  # () int64 out: counted tokens
     count_ptr,  # (E,) int64 out
     ean_ptr,  # (E,) fp64 out
     weighted_ean_ptr,  # (E,) fp64 out
     gate_sum_ptr,  # (E,) fp64 out
     max_ptr,  # (E,) fp32 out
+    pairwise_ptr,  # (E, E) int64 in/out (only with PAIRWISE)
+    num_tokens,
+    num_experts,
     top_k,
     HAS_MASK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_ptr) instead of overwriting them
+    PAIRWISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0)
+    if expert == num_experts:  # the token counter
+        if HAS_MASK:
+            tokens = tl.zeros((BLOCK,), dtype=tl.int64)
+            for first in range(0, num_tokens, BLOCK):
+                offs = first + tl.arange(0, BLOCK)
+                tokens += tl.load(mask_ptr + offs, mask=offs < num_tokens, other=0).to(tl.int64)
+            _update(tokens_ptr, tl.sum(tokens, axis=0), ACCUMULATE)
+        else:
+            _update(tokens_ptr, tl.sum(tl.zeros((BLOCK,), dtype=tl.int64), axis=0) + num_tokens, ACCUMULATE)
+        return
     start = tl.load(expert_start_ptr + expert)
-    num_rows = tl.load(counts_ptr + expert).to(tl.int32)  # < T*k; an int32 loop bound
+    num_rows = tl.load(counts_ptr + expert)  # < T*k
     count = tl.zeros((BLOCK,), dtype=tl.int64)
     ean = tl.zeros((BLOCK,), dtype=tl.float64)
     weighted_ean = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -62,11 +91,22 @@ def _expert_stats_kernel(
         weighted_ean += gate * norm
         gate_sum += gate
         row_max = tl.maximum(row_max, tl.load(pair_max_ptr + pair, mask=counted, other=float("-inf")))
-    tl.store(count_ptr + expert, tl.sum(count, axis=0))
-    tl.store(ean_ptr + expert, tl.sum(ean, axis=0))
-    tl.store(weighted_ean_ptr + expert, tl.sum(weighted_ean, axis=0))
-    tl.store(gate_sum_ptr + expert, tl.sum(gate_sum, axis=0))
-    tl.store(max_ptr + expert, tl.max(row_max, axis=0))
+    expert_count = tl.sum(count, axis=0)
+    _update(count_ptr + expert, expert_count, ACCUMULATE)
+    _update(ean_ptr + expert, tl.sum(ean, axis=0), ACCUMULATE)
+    _update(weighted_ean_ptr + expert, tl.sum(weighted_ean, axis=0), ACCUMULATE)
+    _update(gate_sum_ptr + expert, tl.sum(gate_sum, axis=0), ACCUMULATE)
+    expert_max = tl.max(row_max, axis=0)
+    if ACCUMULATE:
+        expert_max = tl.maximum(expert_max, tl.load(max_ptr + expert))
+    tl.store(max_ptr + expert, expert_max)
+    if PAIRWISE:  # row e and column e each get count[e]: element (i, j) gains count[i] + count[j]
+        for first in range(0, num_experts, BLOCK):
+            other = first + tl.arange(0, BLOCK)
+            ok = other < num_experts
+            add = tl.zeros((BLOCK,), dtype=tl.int64) + expert_count
+            tl.atomic_add(pairwise_ptr + expert * num_experts + other, add, mask=ok)
+            tl.atomic_add(pairwise_ptr + other * num_experts + expert, add, mask=ok)
 
 
 STATISTICS_DTYPES = {
@@ -79,48 +119,74 @@ STATISTICS_DTYPES = {
 
 
 def statistics_buffers(num_experts: int, device: torch.device, *, filled: bool) -> dict[str, torch.Tensor]:
-    """The (E,) per-expert statistics tensors; ``filled``: the values of no counted pair (0, max -inf)."""
-    if not filled:
-        return {name: torch.empty(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
-    stats = {name: torch.zeros(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
-    stats["max_activation"].fill_(float("-inf"))
+    """The per-call statistics tensors ((E,) each, plus () ``tokens``); ``filled``: the values of no
+    counted pair (0, max -inf), else uninitialised."""
+    stats = {name: torch.empty(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
+    stats["tokens"] = torch.empty((), dtype=torch.int64, device=device)
+    if filled:
+        for name, tensor in stats.items():
+            tensor.fill_(float("-inf") if name == "max_activation" else 0)
     return stats
 
 
+def check_accumulators(accumulators: dict[str, torch.Tensor], num_experts: int, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``accumulators`` holds the statistics tensors (and optionally
+    ``pairwise`` (E, E) int64) with the right shapes, dtypes and device, contiguous."""
+    expected = {**STATISTICS_DTYPES, "tokens": torch.int64, "pairwise": torch.int64}
+    for name, tensor in accumulators.items():
+        if name not in expected:
+            raise ValueError(f"unknown accumulator {name!r}; expected {', '.join(expected)}")
+        shape = () if name == "tokens" else (num_experts, num_experts) if name == "pairwise" else (num_experts,)
+        if tuple(tensor.shape) != shape or tensor.dtype != expected[name] or tensor.device != device or not tensor.is_contiguous():
+            raise ValueError(f"accumulator {name!r} must be a contiguous {expected[name]} tensor of shape {shape} on {device}, "
+                             f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    missing = [name for name in expected if name != "pairwise" and name not in accumulators]
+    if missing:
+        raise ValueError(f"accumulators missing: {', '.join(missing)}")
+
+
 def expert_statistics(
-    sorted_pair_ids: torch.Tensor,
-    expert_start: torch.Tensor,
-    counts: torch.Tensor,
+    alignment,  # reap_kernels.align.Alignment
     pair_norm: torch.Tensor,
     pair_max: torch.Tensor,
     gates: torch.Tensor,
     token_mask: torch.Tensor | None,
     top_k: int,
+    accumulators: dict[str, torch.Tensor] | None = None,
     block: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Reduce the per-pair norms and maxima into per-expert statistics (see the module docstring).
 
-    ``gates`` is (T, k) fp32 and ``token_mask`` (T,) uint8 or None; the pair buffers are (T*k,) fp32.
+    ``gates`` is (T, k) fp32 and ``token_mask`` (T,) bool or None; the pair buffers are (T*k,) fp32.
+    Without ``accumulators`` the statistics of this call are returned in new tensors; with them (as
+    checked by :func:`check_accumulators`) they are added in, and ``accumulators`` is returned.
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
-    num_experts = counts.numel()
-    stats = statistics_buffers(num_experts, pair_norm.device, filled=False)  # the kernel writes every element
+    num_experts = alignment.counts.numel()
+    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pair_norm.device, filled=False)
+    pairwise = stats.get("pairwise")
     gates = gates.to(torch.float32).contiguous()
-    _expert_stats_kernel[(num_experts,)](
-        sorted_pair_ids,
-        expert_start,
-        counts,
+    _expert_stats_kernel[(num_experts + 1,)](
+        alignment.sorted_pair_ids,
+        alignment.expert_start,
+        alignment.counts,
         pair_norm,
         pair_max,
         gates,
         token_mask if token_mask is not None else pair_norm,  # never read without a mask
+        stats["tokens"],
         stats["count"],
         stats["ean_sum"],
         stats["weighted_ean_sum"],
         stats["gate_sum"],
         stats["max_activation"],
+        pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
+        gates.shape[0],
+        num_experts,
         top_k,
         HAS_MASK=token_mask is not None,
+        ACCUMULATE=accumulators is not None,
+        PAIRWISE=pairwise is not None,
         BLOCK=block,
     )
     return stats

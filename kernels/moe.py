@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from .align import align_by_expert
 from .combine import combine
 from .config import INTERPRET, MoEConfig, get_config
 from .down_proj import down_projection
-from .expert_stats import expert_statistics, statistics_buffers
+from .expert_stats import check_accumulators, expert_statistics, statistics_buffers
 from .gate_up import ACTIVATIONS, gate_up_activation
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,13 +63,21 @@ def fused_moe(
     gates: torch.Tensor | None = None,  # (T, k) float: REAP g; statistics are computed when given
     token_mask: torch.Tensor | None = None,  # (T,) bool: tokens counted in the statistics (None: all)
     config: MoEConfig | None = None,
+    accumulators: dict[str, torch.Tensor] | None = None,  # running totals the statistics are added into
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Routed MoE forward; returns ``(out (T, H) in the input dtype, stats or None)``.
 
     ``stats`` (only when ``gates`` is given) holds per-expert (E,) tensors: ``count`` int64,
     ``ean_sum``, ``weighted_ean_sum``, ``gate_sum`` fp64 and ``max_activation`` fp32 (-inf for experts
     without counted pairs), plus ``tokens`` () int64, the number of counted tokens. They are bitwise
-    reproducible: no atomics, a summation order fixed by the routing.
+    reproducible: no float atomics, a summation order fixed by the routing. With ``accumulators``
+    (tensors of those names, dtypes and shapes, optionally ``pairwise`` (E, E) int64) the statistics
+    kernel adds this call's statistics into them (maximum for ``max_activation``; ``pairwise[i, j]``
+    gains ``count[i] + count[j]``) and ``stats`` is ``accumulators``.
+
+    Launches: 2 (alignment) + gate_up + down + combine (+ 1 statistics kernel); no host synchronisation.
+    Every launch runs on the device of ``hidden_states`` (not the current CUDA device), with the block
+    sizes looked up for that device's name.
     """
     _check(hidden_states.dim() == 2, f"hidden_states must be (T, H), got shape {tuple(hidden_states.shape)}")
     dtype, device = hidden_states.dtype, hidden_states.device
@@ -110,40 +119,42 @@ def fused_moe(
         _check(gates is not None, "token_mask is only used with statistics (pass gates)")
         _check(token_mask.numel() == num_tokens, f"token_mask has {token_mask.numel()} entries, expected T={num_tokens}")
         _check(token_mask.dtype == torch.bool and token_mask.device == device, f"token_mask must be bool on {device}")
+    if accumulators is not None:
+        _check(gates is not None, "accumulators are only used with statistics (pass gates)")
+        check_accumulators(accumulators, num_experts, device)
     if config is None:
-        config = get_config(num_experts, hidden_size, inter_size, top_k, num_tokens, dtype)
+        config = get_config(num_experts, hidden_size, inter_size, top_k, num_tokens, dtype, device=device)
     config.validate()
 
     if num_tokens == 0:
         stats = None
         if gates is not None:
-            stats = statistics_buffers(num_experts, device, filled=True)
-            stats["tokens"] = torch.zeros((), dtype=torch.int64, device=device)
+            stats = accumulators if accumulators is not None else statistics_buffers(num_experts, device, filled=True)
         return hidden_states.new_zeros(0, hidden_size), stats
+    with device_guard(device):
+        upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
+        alignment = align_by_expert(top_k_index, num_experts, config.block_m)
+        intermediate = gate_up_activation(
+            hidden_states, w_gate_up, b_gate_up, alignment.sorted_pair_ids, alignment.block_expert,
+            alignment.max_blocks, top_k, transposed=layout.transposed, interleaved=layout.interleaved,
+            activation=layout.activation, alpha=layout.alpha, limit=layout.limit, gemm=config.gate_up,
+            block_m=config.block_m, upcast=upcast,
+        )
+        y = down_projection(
+            intermediate, w_down, b_down, alignment.sorted_pair_ids, alignment.block_expert, alignment.max_blocks,
+            transposed=layout.transposed, gemm=config.down, block_m=config.block_m, upcast=upcast,
+        )
+        out, pair_norm, pair_max = combine(
+            y, top_k_weights, dtype, with_stats=gates is not None,
+            block_h=config.combine_block_h, num_warps=config.combine_num_warps,
+        )
+        if gates is None:
+            return out, None
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        stats = expert_statistics(alignment, pair_norm, pair_max, gates, mask, top_k, accumulators)
+        return out, stats
 
-    upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
-    index32 = top_k_index.to(torch.int32).contiguous()
-    alignment = align_by_expert(index32, num_experts, config.block_m)
-    intermediate = gate_up_activation(
-        hidden_states, w_gate_up, b_gate_up, alignment.sorted_pair_ids, alignment.block_expert,
-        alignment.max_blocks, top_k, transposed=layout.transposed, interleaved=layout.interleaved,
-        activation=layout.activation, alpha=layout.alpha, limit=layout.limit, gemm=config.gate_up,
-        block_m=config.block_m, upcast=upcast,
-    )
-    y = down_projection(
-        intermediate, w_down, b_down, alignment.sorted_pair_ids, alignment.block_expert, alignment.max_blocks,
-        transposed=layout.transposed, gemm=config.down, block_m=config.block_m, upcast=upcast,
-    )
-    out, pair_norm, pair_max = combine(
-        y, top_k_weights, dtype, with_stats=gates is not None,
-        block_h=config.combine_block_h, num_warps=config.combine_num_warps,
-    )
-    if gates is None:
-        return out, None
-    mask8 = None if token_mask is None else token_mask.reshape(-1).to(torch.uint8)
-    stats = expert_statistics(
-        alignment.sorted_pair_ids, alignment.expert_start, alignment.counts, pair_norm, pair_max,
-        gates, mask8, top_k,
-    )
-    stats["tokens"] = (token_mask.sum() if token_mask is not None else torch.tensor(num_tokens, device=device)).to(torch.int64)
-    return out, stats
+
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device for the launches (Triton launches on the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

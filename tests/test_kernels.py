@@ -222,7 +222,8 @@ def test_expert_statistics_reduce_pairs_exactly(masked):
     """The per-expert reduction against float64 index_add over the same per-pair values.
 
     Skewed routing puts > 2 * BLOCK pairs on expert 0 (several loop iterations) and none on expert 5.
-    Sums of fp32 values in fp64 are exact to fp64 rounding; maxima and counts are exact.
+    Sums of fp32 values in fp64 are exact to fp64 rounding; maxima and counts are exact. Then the same
+    call in accumulate mode adds onto given running totals (and the pairwise co-occurrence counts).
     """
     from reap_kernels.expert_stats import expert_statistics
 
@@ -236,24 +237,39 @@ def test_expert_statistics_reduce_pairs_exactly(masked):
     pair_max = torch.randn(num_tokens * top_k, generator=generator)
     gates = torch.rand(num_tokens, top_k, generator=generator)
     mask = torch.rand(num_tokens, generator=generator) > 0.25 if masked else torch.ones(num_tokens, dtype=torch.bool)
-    alignment = reap_kernels.align_by_expert(index.to(torch.int32), num_experts, block_m=16)
+    alignment = reap_kernels.align_by_expert(index.to(DEVICE), num_experts, block_m=16)
+    args = (alignment, pair_norm.to(DEVICE), pair_max.to(DEVICE), gates.to(DEVICE), mask.to(DEVICE) if masked else None, top_k)
     with torch.device(DEVICE):
-        stats = expert_statistics(
-            alignment.sorted_pair_ids.to(DEVICE), alignment.expert_start.to(DEVICE), alignment.counts.to(DEVICE),
-            pair_norm.to(DEVICE), pair_max.to(DEVICE), gates.to(DEVICE),
-            mask.to(DEVICE, torch.uint8) if masked else None, top_k, block=128,
-        )
+        stats = expert_statistics(*args, block=128)
     counted = mask.repeat_interleave(top_k)
     expected_count = torch.zeros(num_experts, dtype=torch.int64).index_add_(0, flat[counted], torch.ones(int(counted.sum()), dtype=torch.int64))
     assert expected_count[0] > 2 * 128 and expected_count[5] == 0
     assert torch.equal(stats["count"].cpu(), expected_count)
+    assert stats["tokens"].dtype == torch.int64 and int(stats["tokens"]) == int(mask.sum())
     norm64, gate64 = pair_norm.double()[counted], gates.reshape(-1).double()[counted]
+    expected = {}
     for key, values in (("ean_sum", norm64), ("weighted_ean_sum", gate64 * norm64), ("gate_sum", gate64)):
-        expected = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat[counted], values)
+        expected[key] = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat[counted], values)
         assert stats[key].dtype == torch.float64
-        torch.testing.assert_close(stats[key].cpu(), expected, rtol=1e-13, atol=0, msg=key)
+        torch.testing.assert_close(stats[key].cpu(), expected[key], rtol=1e-13, atol=0, msg=key)
     expected_max = torch.full((num_experts,), float("-inf")).scatter_reduce_(0, flat[counted], pair_max[counted], "amax")
     assert torch.equal(stats["max_activation"].cpu(), expected_max)
+
+    # accumulate mode: hand-made running totals gain exactly this call's statistics
+    running = {
+        "tokens": torch.tensor(7), "count": torch.arange(num_experts), "pairwise": torch.ones(num_experts, num_experts, dtype=torch.int64),
+        "ean_sum": torch.full((num_experts,), 0.5, dtype=torch.float64), "weighted_ean_sum": torch.zeros(num_experts, dtype=torch.float64),
+        "gate_sum": torch.ones(num_experts, dtype=torch.float64), "max_activation": torch.full((num_experts,), 1.0),
+    }
+    before = {key: value.clone() for key, value in running.items()}
+    running = {key: value.to(DEVICE) for key, value in running.items()}
+    assert expert_statistics(*args, accumulators=running, block=128) is running
+    assert int(running["tokens"]) == 7 + int(mask.sum())
+    assert torch.equal(running["count"].cpu(), before["count"] + expected_count)
+    assert torch.equal(running["pairwise"].cpu(), 1 + expected_count[:, None] + expected_count[None, :])
+    for key in ("ean_sum", "weighted_ean_sum", "gate_sum"):
+        torch.testing.assert_close(running[key].cpu(), before[key] + expected[key], rtol=1e-13, atol=0, msg=key)
+    assert torch.equal(running["max_activation"].cpu(), torch.maximum(before["max_activation"], expected_max))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -275,7 +291,7 @@ def test_bad_inputs_raise_clear_errors():
         reap_kernels.fused_moe(x, w_gu, w_d, index.float(), weights)
     with pytest.raises(ValueError, match="not supported"):
         reap_kernels.fused_moe(x.double(), w_gu.double(), w_d.double(), index, weights)
-    with pytest.raises((RuntimeError, IndexError)):  # expert id out of range: loud, never silent
+    with pytest.raises(ValueError, match="outside"):  # expert id out of range: loud, never silent
         reap_kernels.fused_moe(x.cpu(), w_gu.cpu(), w_d.cpu(), index.cpu() + 4, weights.cpu())  # (CUDA: device assert)
 
 

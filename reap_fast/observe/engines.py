@@ -3,9 +3,11 @@
 Every engine is a free function with one signature (as transformers' ExpertsInterface backends)::
 
     engine(experts, hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k),
-           gates (T, k) fp32 | None, token_mask (T,) bool | None) -> (output (T, H), BatchStats | None)
+           gates (T, k) fp32 | None, token_mask (T,) bool | None, accumulator: LayerAccumulator | None)
+        -> (output (T, H), BatchStats | None)
 
-Statistics are produced when ``gates`` is given. Each engine is registered in transformers'
+Statistics are produced when ``gates`` is given: returned, or added into ``accumulator`` when one is
+given (then None is returned in their place). Each engine is registered in transformers'
 ``ExpertsInterface`` under ``reap_fast_<engine>``; a model switched to that implementation observes
 through its own forward whenever its experts modules carry a probe (see ``session.py``), and runs as
 a plain routed MoE forward otherwise.

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import BatchStats
+from ..metrics import BatchStats, LayerAccumulator
+from .triton_engine import restore_interleaved
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -81,12 +82,15 @@ def reference_experts_forward(
     top_k_weights: torch.Tensor,
     gates: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    accumulator: LayerAccumulator | None = None,
 ) -> tuple[torch.Tensor, BatchStats | None]:
     """Routed MoE forward of ``experts`` for (T, H) ``hidden_states``; statistics when ``gates`` is given.
 
     ``gates`` (T, k) fp32 is REAP's g per routed pair; ``token_mask`` (T,) bool marks the tokens counted
-    in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` or None.
+    in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` or None;
+    with ``accumulator`` the statistics are added into it and None is returned in their place.
     """
+    restore_interleaved(experts)  # a gpt-oss module the Triton engine rewrote goes back to its own layout
     num_tokens, top_k = top_k_index.shape
     num_experts = int(experts.down_proj.shape[0])
     expert_ids = top_k_index.reshape(-1)
@@ -114,4 +118,7 @@ def reference_experts_forward(
     y[order] = y_sorted
     weighted = y * top_k_weights.reshape(-1, 1)
     out = weighted.view(num_tokens, top_k, -1).sum(dim=1)
+    if accumulator is not None and stats is not None:
+        accumulator.add(stats)
+        stats = None
     return out.to(hidden_states.dtype), stats

@@ -24,6 +24,7 @@ from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
+from .triton_engine import restore_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,8 @@ class LayerProbe:
         token_mask = self.observer.token_mask_for(hidden_states.shape[0], self.layer)
         with torch.no_grad():
             gates = self.gate_fn(hidden_states, top_k_index, top_k_weights)
-        output, stats = engine(experts, hidden_states, top_k_index, top_k_weights, gates, token_mask)
-        with torch.no_grad():
-            self.accumulator.add(stats)
+        # the engine adds the statistics into the accumulator (the Triton engine in its statistics kernel)
+        output, _ = engine(experts, hidden_states, top_k_index, top_k_weights, gates, token_mask, self.accumulator)
         return output
 
 
@@ -105,6 +105,7 @@ class Observer:
                 object.__delattr__(layer.experts, "_reap_probe")
             if "forward" in layer.block.__dict__:
                 object.__delattr__(layer.block, "forward")
+            restore_interleaved(layer.experts)  # gpt-oss gate/up columns the Triton engine rewrote, if any
         if self._previous_implementation is not None:
             self.model.set_experts_implementation(self._previous_implementation)
         self._token_mask = None

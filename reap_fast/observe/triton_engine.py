@@ -7,14 +7,23 @@ the transformers experts module (``is_transposed``, ``is_concatenated``, ``has_b
 gate (silu(gate) * up, concatenated [gate; up]: Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4-MoE, OLMoE, ...)
 and gpt-oss's clamped, interleaved swiglu with biases. Anything else raises ``EngineUnavailableError``.
 Forward only (no autograd).
+
+gpt-oss stores gate and up columns interleaved (gate0, up0, gate1, ...). The first time the engine
+sees such a module it rewrites the weight and bias in place into the concatenated [gate | up] order
+(one expert at a time, so the extra memory is one expert's slice), so the kernels read contiguous
+columns; :func:`restore_interleaved` puts the module back as it was (``Observer`` does so on exit).
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-from ..metrics import BatchStats
+from ..metrics import BatchStats, LayerAccumulator
+
+DEINTERLEAVED = "_reap_deinterleaved"  # module attribute: (weakref to the rewritten weight, its version)
 
 
 def _unavailable(message: str) -> Exception:
@@ -64,6 +73,63 @@ def experts_layout(experts: nn.Module):
     raise _unavailable(f"{name}: its custom _apply_gate is not supported by the triton engine")
 
 
+def _permute_gate_up(experts: nn.Module, to_concatenated: bool) -> None:
+    """Reorder gate_up_proj's last dimension (and its bias) in place, one expert at a time."""
+    tensors = [experts.gate_up_proj]
+    if getattr(experts, "has_bias", False):
+        tensors.append(experts.gate_up_proj_bias)
+    with torch.no_grad():
+        for tensor in tensors:
+            half = tensor.shape[-1] // 2
+            for expert in range(tensor.shape[0]):
+                rows = tensor[expert]
+                if to_concatenated:  # (gate0, up0, gate1, up1, ...) -> (gate..., up...)
+                    rows.copy_(torch.cat([rows[..., 0::2], rows[..., 1::2]], dim=-1))
+                else:
+                    rows.copy_(torch.stack([rows[..., :half], rows[..., half:]], dim=-1).flatten(-2))
+
+
+def _is_deinterleaved(experts: nn.Module) -> bool:
+    marker = experts.__dict__.get(DEINTERLEAVED)
+    if marker is None:
+        return False
+    weight = experts.gate_up_proj
+    return marker[0]() is weight and marker[1] == weight._version
+
+
+def deinterleave_once(experts: nn.Module) -> None:
+    """Rewrite a gpt-oss module's interleaved gate/up columns as [gate | up], unless already done.
+
+    The marker remembers the rewritten tensor and its version counter: new weights (a streamed layer
+    loaded again, ``copy_`` into the parameter) are rewritten again.
+    """
+    if _is_deinterleaved(experts):
+        return
+    _permute_gate_up(experts, to_concatenated=True)
+    weight = experts.gate_up_proj
+    object.__setattr__(experts, DEINTERLEAVED, (weakref.ref(weight), weight._version))
+
+
+def restore_interleaved(experts: nn.Module) -> None:
+    """Undo :func:`deinterleave_once` (no-op for a module the engine did not rewrite)."""
+    if _is_deinterleaved(experts):
+        _permute_gate_up(experts, to_concatenated=False)
+    experts.__dict__.pop(DEINTERLEAVED, None)
+
+
+def _accumulator_tensors(accumulator: LayerAccumulator) -> dict[str, torch.Tensor]:
+    """The layer's running totals under the names ``reap_kernels.fused_moe`` adds into."""
+    return {
+        "tokens": accumulator.total_tokens,
+        "count": accumulator.expert_frequency,
+        "pairwise": accumulator.pairwise_expert_frequency,
+        "ean_sum": accumulator.ean_sum,
+        "weighted_ean_sum": accumulator.weighted_ean_sum,
+        "gate_sum": accumulator.weighted_expert_frequency_sum,
+        "max_activation": accumulator.max_activations,
+    }
+
+
 def triton_experts_forward(
     experts: nn.Module,
     hidden_states: torch.Tensor,
@@ -71,12 +137,14 @@ def triton_experts_forward(
     top_k_weights: torch.Tensor,
     gates: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    accumulator: LayerAccumulator | None = None,
 ) -> tuple[torch.Tensor, BatchStats | None]:
     """Routed MoE forward of ``experts`` for (T, H) ``hidden_states``; statistics when ``gates`` is given.
 
     ``gates`` (T, k) fp32 is REAP's g per routed pair; ``token_mask`` (T,) bool marks the tokens counted
     in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` (fp64 sums,
-    int64 counts, bitwise reproducible) or None.
+    int64 counts, bitwise reproducible) or None. With ``accumulator`` (on the layer's device) the
+    statistics kernel adds into it directly and None is returned in place of the statistics.
     """
     kernels = _import_kernels()
     if hidden_states.device.type == "cpu" and not kernels.INTERPRET:
@@ -84,6 +152,10 @@ def triton_experts_forward(
             "the triton engine needs a CUDA device (or TRITON_INTERPRET=1 set before reap_kernels is imported)"
         )
     layout = experts_layout(experts)
+    if layout.interleaved:
+        deinterleave_once(experts)
+        layout = kernels.ExpertsLayout(transposed=layout.transposed, interleaved=False, activation=layout.activation,
+                                       alpha=layout.alpha, limit=layout.limit)
     has_bias = bool(getattr(experts, "has_bias", False))
     w_gate_up = experts.gate_up_proj.detach()
     w_down = experts.down_proj.detach()
@@ -91,13 +163,15 @@ def triton_experts_forward(
     b_down = experts.down_proj_bias.detach() if has_bias else None
     if token_mask is not None:
         token_mask = token_mask.reshape(-1).to(device=hidden_states.device, dtype=torch.bool)
+    accumulate = accumulator is not None and gates is not None
     out, stats = kernels.fused_moe(
         hidden_states.detach(), w_gate_up, w_down, top_k_index, top_k_weights.detach(), layout,
         b_gate_up=b_gate_up, b_down=b_down,
         gates=None if gates is None else gates.detach().to(torch.float32),
         token_mask=token_mask if gates is not None else None,
+        accumulators=_accumulator_tensors(accumulator) if accumulate else None,
     )
-    if stats is None:
+    if stats is None or accumulate:
         return out, None
     return out, BatchStats(
         tokens=stats["tokens"],
