@@ -1,8 +1,10 @@
 """Block sizes of the MoE kernels: a small table of JSON files, looked up by shape and device.
 
-Files live in ``kernels/configs/``: ``default.json`` (any device) and one file per device named
-after ``torch.cuda.get_device_name()`` with spaces replaced by underscores, e.g.
-``NVIDIA_H100_80GB_HBM3.json``. Every file holds ``{"entries": [...]}``; an entry is::
+Files live in ``kernels/configs/``: ``default.json`` (any device), one file per compute capability
+(``sm_80.json`` A100, ``sm_86.json`` RTX A6000 / 3090, ``sm_89.json`` RTX 4090 / L40, ``sm_90.json``
+H100: untuned starting points, see README.md there) and one file per device named after
+``torch.cuda.get_device_name()`` with spaces replaced by underscores, e.g.
+``NVIDIA_H100_80GB_HBM3.json`` (what ``bench/tune.py`` writes on that device). Every file holds ``{"entries": [...]}``; an entry is::
 
     {"match": {"E": 128, "H": 2048, "I": 768, "k": 8},   # any subset of E, H, I, k (missing = any)
      "T": 2048,                                          # the token count the entry was tuned for
@@ -11,7 +13,7 @@ after ``torch.cuda.get_device_name()`` with spaces replaced by underscores, e.g.
                 "down":    {"block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 3},
                 "combine": {"block_h": 512, "num_warps": 4}}}
 
-Lookup: the device file first, then ``default.json``; among the entries whose ``match`` fits, the one
+Lookup: the device file first, then the compute-capability file, then ``default.json``; among the entries whose ``match`` fits, the one
 matching the most keys wins, ties broken by the nearest ``T`` (in log scale). ``bench/tune.py`` writes
 such a file for one shape on the GPU it runs on; copy it to your device's file name. Under
 ``TRITON_INTERPRET=1`` one fixed small config is used.
@@ -127,6 +129,12 @@ def _best(entries: tuple, shape: dict[str, int], num_tokens: int) -> MoEConfig |
 _warned: set = set()
 
 
+def arch_file_name(device: torch.device | None = None) -> str:
+    """``sm_<major><minor>.json`` of a CUDA ``device`` (None: the current device)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}.json"
+
+
 def cuda_device_name(device: torch.device | None = None) -> str:
     """``torch.cuda.get_device_name`` of ``device`` (None: the current device), or "cpu"."""
     if device is not None and device.type != "cuda":
@@ -151,6 +159,8 @@ def get_config(
         device_name = cuda_device_name(device)
     shape = {"E": num_experts, "H": hidden_size, "I": inter_size, "k": top_k}
     config = _best(_load_entries(CONFIG_DIR / device_file_name(device_name)), shape, num_tokens)
+    if config is None and device_name != "cpu" and torch.cuda.is_available():
+        config = _best(_load_entries(CONFIG_DIR / arch_file_name(device)), shape, num_tokens)
     if config is None:
         key = (device_name, tuple(shape.values()))
         if key not in _warned:
