@@ -11,7 +11,7 @@ UPSTREAM_PY := $(UPSTREAM_VENV)/bin/python
 UPSTREAM_STAMP := $(UPSTREAM_VENV)/.installed
 PYTHON311 ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: demo test bench study study-quick mutants clean venv-upstream upstream-check
+.PHONY: demo test bench study study-quick mutants compile-sweep clean venv-upstream upstream-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,10 @@ mutants: $(STAMP)
 # REAP_UPSTREAM_PYTHON (default .venv-upstream/bin/python) and its source (REAP_UPSTREAM_SRC).
 upstream-check: $(STAMP) $(UPSTREAM_STAMP)
 	$(VENV)/bin/pytest -q -m upstream tests/test_upstream_e2e.py
+
+# Every tile shape the tuner may pick, compiled for sm_80/86/89/90 (no GPU; ~1 h on 2 cores).
+compile-sweep: $(STAMP)
+	REAP_FAST_COMPILE_SWEEP=1 $(VENV)/bin/pytest -q -m compile_sweep tests/test_compile_check.py
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench -q --benchmark-json=bench/results/local.json

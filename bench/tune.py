@@ -9,15 +9,17 @@ the ``MoEConfig`` space by coordinate descent from the current config (``get_con
 if one exists, else ``default.json``), one stage at a time, each stage starting from the best so far:
 
     block_m     16, 32, 64, 128 where they fit the mean number of pairs per expert (T * k / E)
-    gate_up     block_n x block_k x num_warps  (64, 128) x (64, 128) x (4, 8)
+    gate_up     block_n x block_k x num_warps  (64, 128, 256) x (32, 64, 128) x (4, 8)
     down        the same for the down projection
-    gate_up     group_m x num_stages  (1, 8) x (3, 4)
+    gate_up     group_m x num_stages  (1, 8) x (2, 3, 4, 5)
     down        the same
     combine     block_h x num_warps  (512, 1024) x (4, 8)
 
-That is at most ~26 candidates per T, one new GEMM kernel to compile each. A candidate that fails
-(e.g. out of shared memory) is skipped, and so is one whose output or statistics differ from the
-current config's beyond the dtype's tolerance. Timing: ``triton.testing.do_bench`` (median). The
+(``reap_kernels.config.TUNING_AXES``.) That is at most ~60 candidates per T, one new GEMM kernel to
+compile each. On CUDA every candidate first goes through ``reap_kernels.compile_check`` for this
+device's compute capability: one that spills registers or needs more shared memory than a block may
+have is skipped before it is timed ("unfit"). A candidate that fails to launch is skipped, and so is
+one whose output or statistics differ from the current config's beyond the dtype's tolerance. Timing: ``triton.testing.do_bench`` (median). The
 current and the best config are timed once more at the end of each T and the faster one is kept.
 
 ``--budget-s`` bounds the whole run: T number i (of n) stops sweeping at start + budget * i / n and
@@ -54,7 +56,7 @@ import triton
 import triton.testing
 
 from reap_fast.fileio import atomic_write_json
-from reap_kernels.config import GemmConfig, MoEConfig, get_config
+from reap_kernels.config import TUNING_AXES, GemmConfig, MoEConfig, get_config
 from reap_kernels.moe import fused_moe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,10 +79,10 @@ class Grid:
 
 
 FULL_GRID = Grid(
-    block_m=(16, 32, 64, 128),
-    tiles={"block_n": (64, 128), "block_k": (64, 128), "num_warps": (4, 8)},
-    schedule={"group_m": (1, 8), "num_stages": (3, 4)},
-    combine={"combine_block_h": (512, 1024), "combine_num_warps": (4, 8)},
+    block_m=TUNING_AXES["block_m"],
+    tiles={name: TUNING_AXES[name] for name in ("block_n", "block_k", "num_warps")},
+    schedule={name: TUNING_AXES[name] for name in ("group_m", "num_stages")},
+    combine={name: TUNING_AXES[name] for name in ("combine_block_h", "combine_num_warps")},
 )
 QUICK_GRID = Grid(
     block_m=(16, 32),
@@ -201,9 +203,25 @@ def measure_ms(fn: Callable[[], object], quick: bool) -> float:
     return statistics.median(times)
 
 
+def compile_fit(layer: Layer) -> Callable[[MoEConfig], list[str]]:
+    """A check of a candidate's kernels for this GPU's compute capability (problems, or [] when fit).
+
+    Under the interpreter (no GPU, CPU tests) nothing is compiled: every candidate is fit.
+    """
+    if not CUDA:
+        return lambda config: []
+    from reap_kernels.compile_check import CompileChecker, LayerShape
+
+    major, minor = torch.cuda.get_device_capability()
+    checker, (num_experts, top_k, hidden, inter) = CompileChecker(), layer.shape
+    shape = LayerShape("tuned", num_experts, top_k, hidden, inter)
+    return lambda config: checker.check(config, shape, 10 * major + minor).problems
+
+
 def tune_tokens(layer: Layer, grid: Grid, deadline: float, quick: bool) -> dict:
     """Coordinate descent over ``grid`` at one token count until ``deadline`` (time.monotonic)."""
     label = f"T={layer.num_tokens}"
+    problems_of = compile_fit(layer)
     current = layer.current_config()
     reference = layer.run(current)
     best, best_ms = current, measure_ms(partial(layer.run, current), quick)
@@ -217,6 +235,11 @@ def tune_tokens(layer: Layer, grid: Grid, deadline: float, quick: bool) -> dict:
                 complete = False
                 break
             tried.add(candidate)
+            problems = problems_of(candidate)
+            if problems:
+                counts["unfit"] += 1
+                print(f"{label} {name}: {problems[0]}; skipped: {describe(candidate)}")
+                continue
             try:
                 result = layer.run(candidate)
                 if not same_result(result, reference, layer.dtype):
@@ -249,15 +272,17 @@ def tune_tokens(layer: Layer, grid: Grid, deadline: float, quick: bool) -> dict:
         "default_config": current.to_dict(),
         "default_ms": round(current_ms, 4),
         "best_ms": round(best_ms, 4),
-        "candidates": {"timed": counts["timed"], "rejected": counts["rejected"], "failed": counts["failed"]},
+        "candidates": {key: counts[key] for key in ("timed", "unfit", "rejected", "failed")},
         "complete": complete,
     }
 
 
 def environment() -> dict:
-    """Device and versions, stored beside the entries."""
+    """Device, compute capability (``arch``: the compile check uses the file on it only) and versions."""
+    major, minor = torch.cuda.get_device_capability() if CUDA else (0, 0)
     return {
         "device": torch.cuda.get_device_name() if CUDA else "cpu (TRITON_INTERPRET=1)",
+        **({"arch": 10 * major + minor} if CUDA else {}),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,

@@ -22,24 +22,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
+import os
+import random
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .config import CONFIG_DIR, MoEConfig
+from .config import CONFIG_DIR, TUNING_AXES, GemmConfig, MoEConfig
 from .moe import ExpertsLayout, fused_moe
 
 TARGETS = {80: "A100", 86: "RTX A6000 / RTX 3090", 89: "RTX 4090 / L40", 90: "H100"}
 # Largest shared memory one block may use (opt-in), bytes (CUDA C programming guide, compute capabilities).
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# sm_100 (B200) and sm_120 (RTX 50xx) are known so that bench/gpu_check.sh can check a lent card of those kinds.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 REGISTERS_PER_SM = 65536
-MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
+MAX_THREADS_PER_SM = {80: 2048, 86: 1536, 89: 1536, 90: 2048, 100: 2048, 120: 1536}
 
 
 @dataclass(frozen=True)
@@ -267,7 +272,7 @@ def shipped_configs(arch: int, config_dir: Path = CONFIG_DIR) -> list[tuple[str,
 
     A file with an ``"arch"`` key (the compute-capability files, and the files ``bench/tune.py``
     writes) is used only on that target; ``default.json`` on every target. An entry is checked at
-    each of :data:`SHAPES` its ``match`` fits. Identical (shape layout, config) pairs are listed once.
+    each of :data:`SHAPES` its ``match`` fits. Identical (shape, config) pairs are listed once.
     """
     found, seen = [], set()
     for path in sorted(config_dir.glob("*.json")):
@@ -278,7 +283,7 @@ def shipped_configs(arch: int, config_dir: Path = CONFIG_DIR) -> list[tuple[str,
             config = MoEConfig.from_dict(entry["config"])
             match = entry.get("match", {})
             for shape in SHAPES:
-                key = (shape.layout, shape.has_bias, shape.top_k, config)
+                key = (shape, config)
                 if key in seen or any(shape.match.get(name) != value for name, value in match.items()):
                     continue
                 seen.add(key)
@@ -286,11 +291,17 @@ def shipped_configs(arch: int, config_dir: Path = CONFIG_DIR) -> list[tuple[str,
     return found
 
 
-def format_table(reports: list[ConfigReport]) -> str:
-    """A markdown table: one row per config and target, registers/spills per kernel, shared memory."""
-    lines = ["| target | shape | config | gate_up regs | down regs | other max regs | spills | max smem KB (limit) | blocks/SM gate_up, down | ok |",
+def format_table(reports: list) -> str:
+    """A markdown table: one row per config and target, registers/spills per kernel, shared memory.
+
+    Takes :class:`ConfigReport` objects or their ``to_dict`` form.
+    """
+    lines = ["| target | shape | config (source) | gate_up regs | down regs | other max regs | spills | max smem KB (limit) | blocks/SM gate_up, down | ok |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
+        if isinstance(report, dict):
+            report = ConfigReport(report["arch"], report["shape"], report["source"], MoEConfig.from_dict(report["config"]),
+                                  tuple(KernelReport(**kernel) for kernel in report["kernels"]), report["error"])
         by_name = {}
         for kernel in report.kernels:
             by_name.setdefault(kernel.kernel, []).append(kernel)
@@ -302,7 +313,7 @@ def format_table(reports: list[ConfigReport]) -> str:
         regs = [str(max((k.registers for k in gemm[name]), default=0)) for name in gemm]
         status = "ok" if report.ok else "FAIL: " + "; ".join(report.problems)[:120]
         lines.append(
-            f"| sm_{report.arch} | {report.shape} | {describe(report.config)} | {regs[0]} | {regs[1]} | "
+            f"| sm_{report.arch} | {report.shape} | {describe(report.config)} ({report.source}) | {regs[0]} | {regs[1]} | "
             f"{max((k.registers for k in others), default=0)} | {spills} | {shared / 1024:.0f} ({SHARED_LIMIT[report.arch] // 1024}) | "
             f"{occupancy} | {status} |"
         )
@@ -317,21 +328,69 @@ def describe(config: MoEConfig) -> str:
     return f"bm{config.block_m} gu {gemm(config.gate_up)} dn {gemm(config.down)} cb {config.combine_block_h}/w{config.combine_num_warps}"
 
 
+def tuner_space() -> list[MoEConfig]:
+    """Every tile shape ``bench/tune.py`` may give a GEMM kernel (``TUNING_AXES``), as configs whose two
+    GEMMs share it (each kernel's code depends only on block_m and its own tile; group_m only reorders
+    programs)."""
+    axes = [TUNING_AXES[name] for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages")]
+    return [
+        MoEConfig(block_m, GemmConfig(block_n, block_k, 8, warps, stages), GemmConfig(block_n, block_k, 8, warps, stages))
+        for block_m, block_n, block_k, warps, stages in itertools.product(*axes)
+    ]
+
+
+def tuner_sample(arch: int, size: int) -> list[MoEConfig]:
+    """A deterministic sample (seeded by ``arch``) of :func:`tuner_space`; all of it when ``size`` < 0."""
+    space = tuner_space()
+    return space if size < 0 or size >= len(space) else random.Random(arch).sample(space, size)
+
+
+def checks_for(arch: int, tuner: int, extra: Path | None) -> list[tuple[str, LayerShape, MoEConfig]]:
+    """The (source, shape, config) checks of one target: shipped configs, tuner sample, extra file."""
+    checks = shipped_configs(arch)
+    checks += [("tuner space", SHAPES[0], config) for config in tuner_sample(arch, tuner)] if tuner else []
+    if extra is not None:
+        checks += [(f"{extra.name}#{number}", SHAPES[0], MoEConfig.from_dict(entry["config"]))
+                   for number, entry in enumerate(json.loads(extra.read_text())["entries"])]
+    return checks
+
+
+def run_parallel(archs: list[int], args: list[str], jobs: int, folder: Path) -> list[dict]:
+    """Run this module once per target in ``jobs`` parallel processes (compiled, not interpreted);
+    return the reports of all of them (``ConfigReport.to_dict`` form)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
+
+    def one(arch: int) -> list[dict]:
+        out = folder / f"compile_check_sm{arch}.json"
+        result = subprocess.run([sys.executable, "-m", "reap_kernels.compile_check", "--arch", str(arch), "--json", str(out), *args],
+                                capture_output=True, text=True, env=env, check=False)
+        if not out.is_file():
+            raise RuntimeError(f"compile check for sm_{arch} wrote no report:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return [report for reports in pool.map(one, archs) for report in reports]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=sorted(TARGETS), choices=sorted(TARGETS))
+    parser.add_argument("--arch", type=int, nargs="+", default=sorted(TARGETS), choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--tuner", type=int, default=0, metavar="N",
+                        help="also check N configs of the tuner's space (a fixed sample per target; -1: all of it)")
+    parser.add_argument("--extra", type=Path, help="a config file (kernels/configs format) to check on every --arch")
     parser.add_argument("--json", type=Path, help="also write the reports as JSON")
     args = parser.parse_args(argv)
     if _interpreted():
         print("compile_check: error: TRITON_INTERPRET=1 is set; compile checks need compiled kernels", file=sys.stderr)
         return 2
     checker = CompileChecker()
-    reports = [checker.check(config, shape, arch, source) for arch in args.arch for source, shape, config in shipped_configs(arch)]
+    reports = [checker.check(config, shape, arch, source)
+               for arch in args.arch for source, shape, config in checks_for(arch, args.tuner, args.extra)]
     print(format_table(reports))
     if args.json:
         args.json.write_text(json.dumps([report.to_dict() for report in reports], indent=1))
-    failed = [report for report in reports if not report.ok]
-    print(f"{len(reports) - len(failed)} of {len(reports)} config x target checks passed")
+    failed = [report for report in reports if not report.ok and report.source != "tuner space"]
+    print(f"{len(reports)} config x target checks; {len(failed)} failed")
     return 1 if failed else 0
 
 

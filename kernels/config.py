@@ -89,6 +89,19 @@ class MoEConfig:
                 raise ValueError(f"block sizes must be powers of two >= 16 (tl.dot), got {self.to_dict()}")
 
 
+# The block sizes bench/tune.py may choose (its full grid) and the compile check covers.
+TUNING_AXES = {
+    "block_m": (16, 32, 64, 128),
+    "block_n": (64, 128, 256),
+    "block_k": (32, 64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3, 4, 5),
+    "group_m": (1, 8),
+    "combine_block_h": (512, 1024),
+    "combine_num_warps": (4, 8),
+}
+
+
 # Under the interpreter every program is run in numpy: small tiles keep the tests fast.
 INTERPRETER_CONFIG = MoEConfig(
     block_m=16,

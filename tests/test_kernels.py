@@ -217,6 +217,48 @@ def test_align_random_is_a_padded_permutation():
         assert count == int((flat == expert).sum())
 
 
+def expected_alignment(index: torch.Tensor, num_experts: int, block_m: int):
+    """The padded expert-sorted layout built independently, pair by pair, in Python."""
+    flat = index.reshape(-1).tolist()
+    num_pairs = len(flat)
+    max_blocks = -(-num_pairs // block_m) + min(num_experts, num_pairs)
+    rows, block_expert, starts = [], [], []
+    for expert in range(num_experts):
+        pairs = [p for p, e in enumerate(flat) if e == expert]
+        starts.append(len(rows))
+        padded = -(-len(pairs) // block_m) * block_m
+        rows += pairs + [num_pairs] * (padded - len(pairs))
+        block_expert += [expert] * (padded // block_m)
+    rows += [num_pairs] * (max_blocks * block_m - len(rows))
+    block_expert += [num_experts] * (max_blocks - len(block_expert))
+    counts = [flat.count(e) for e in range(num_experts)]
+    return rows, block_expert, counts, starts
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m,kind", [
+    (3, 2, 5, 16, "T < block_m"),
+    (20, 4, 4, 16, "k = E"),
+    (37, 2, 9, 16, "empty experts"),
+    (700, 3, 6, 64, "several chunks"),
+    (1, 1, 1, 16, "one pair"),
+    (300, 8, 128, 32, "many experts, strided int32 ids"),
+])
+def test_alignment_edge_cases_match_a_pairwise_construction(num_tokens, top_k, num_experts, block_m, kind):
+    generator = torch.Generator().manual_seed(num_tokens)
+    if kind == "empty experts":
+        index = torch.randint(0, 4, (num_tokens, top_k), generator=generator)  # experts 4..8 get nothing
+    else:
+        index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    if kind.endswith("strided int32 ids"):
+        index = torch.cat([index, index], dim=1).to(torch.int32)[:, ::2]  # a non-contiguous view
+        assert not index.is_contiguous()
+    alignment = reap_kernels.align_by_expert(index.to(DEVICE), num_experts, block_m)
+    rows, block_expert, counts, starts = expected_alignment(index, num_experts, block_m)
+    assert alignment.sorted_pair_ids.cpu().tolist() == rows
+    assert alignment.block_expert.cpu().tolist() == block_expert
+    assert alignment.counts.cpu().tolist() == counts and alignment.expert_start.cpu().tolist() == starts
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_expert_statistics_reduce_pairs_exactly(masked):
     """The per-expert reduction against float64 index_add over the same per-pair values.

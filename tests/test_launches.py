@@ -17,12 +17,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 import reap_kernels
 from reap_kernels import moe as kernels_moe
 from reap_fast.observe.session import Observer
 from reap_fast.tiny import build_model, tiny_qwen3_moe_config
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAUNCHER = InterpretedFunction if reap_kernels.INTERPRET else JITFunction  # whose .run launches a kernel
 FUSED_MOE_BUDGET = 12
 MOE_LAYER_BUDGET = 20
 aten = torch.ops.aten
@@ -64,7 +67,7 @@ class LaunchCounter(TorchDispatchMode):
 def counting():
     """Count aten launches and Triton kernel launches inside the block."""
     counter = LaunchCounter()
-    original = InterpretedFunction.run
+    original = LAUNCHER.run
 
     def counted_run(self, *args, **kwargs):
         counter.launches[f"triton:{self.fn.__name__}"] += 1
@@ -74,26 +77,26 @@ def counting():
         finally:
             counter.in_triton = False
 
-    InterpretedFunction.run = counted_run
+    LAUNCHER.run = counted_run
     try:
         with counter:
             yield counter
     finally:
-        InterpretedFunction.run = original
+        LAUNCHER.run = original
 
 
 def total(counter: LaunchCounter) -> int:
     return sum(counter.launches.values())
 
 
-def layer_inputs(num_tokens=40, num_experts=8, top_k=2, hidden=32, inter=16, seed=0):
+def layer_inputs(num_tokens=40, num_experts=8, top_k=2, hidden=32, inter=16, seed=0, device=DEVICE):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, hidden, generator=generator)
     w_gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=generator) / hidden**0.5
     w_down = torch.randn(num_experts, hidden, inter, generator=generator) / inter**0.5
     logits = torch.randn(num_tokens, num_experts, generator=generator)
     weights, index = torch.softmax(logits, -1).topk(top_k, dim=-1)
-    return x, w_gate_up, w_down, index, weights
+    return tuple(tensor.to(device) for tensor in (x, w_gate_up, w_down, index, weights))
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulate"])
@@ -101,11 +104,12 @@ def layer_inputs(num_tokens=40, num_experts=8, top_k=2, hidden=32, inter=16, see
 def test_fused_moe_with_statistics_launch_budget(masked, accumulate):
     x, w_gate_up, w_down, index, weights = layer_inputs()
     gates = weights.clone()
-    mask = torch.arange(40) % 5 != 0 if masked else None
+    mask = torch.arange(40, device=DEVICE) % 5 != 0 if masked else None
     accumulators = None
     if accumulate:
-        accumulators = {name: torch.zeros(8, dtype=dtype) for name, dtype in reap_kernels.expert_stats.STATISTICS_DTYPES.items()}
-        accumulators.update(tokens=torch.zeros((), dtype=torch.int64), pairwise=torch.zeros(8, 8, dtype=torch.int64))
+        with torch.device(DEVICE):
+            accumulators = {name: torch.zeros(8, dtype=dtype) for name, dtype in reap_kernels.expert_stats.STATISTICS_DTYPES.items()}
+            accumulators.update(tokens=torch.zeros((), dtype=torch.int64), pairwise=torch.zeros(8, 8, dtype=torch.int64))
     with counting() as counter:
         reap_kernels.fused_moe(x, w_gate_up, w_down, index, weights, gates=gates, token_mask=mask, accumulators=accumulators)
     assert not counter.syncs, f"host synchronisation: {dict(counter.syncs)}"
@@ -117,10 +121,11 @@ def test_fused_moe_with_statistics_launch_budget(masked, accumulate):
 
 def test_moe_layer_launch_budget(monkeypatch):
     """One MoE block forward under Observer(engine='triton'): router, gate recompute, experts, accumulation."""
-    model = build_model(tiny_qwen3_moe_config(), seed=0)
+    model = build_model(tiny_qwen3_moe_config(), seed=0).to(DEVICE)
     input_ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones(2, 11, dtype=torch.long)
     attention_mask[1, 8:] = 0
+    input_ids, attention_mask = input_ids.to(DEVICE), attention_mask.to(DEVICE)
     per_block: list[LaunchCounter] = []
     with Observer(model, engine="triton") as observer:
         layers = observer.layers
@@ -159,7 +164,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
             active.pop()
 
     launches_outside = []
-    original = InterpretedFunction.run
+    original = LAUNCHER.run
 
     def checked_run(self, *args, **kwargs):
         if not active:
@@ -167,7 +172,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(kernels_moe, "device_guard", fake_guard)
-    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
+    monkeypatch.setattr(LAUNCHER, "run", checked_run)
     x, w_gate_up, w_down, index, weights = layer_inputs()
     reap_kernels.fused_moe(x, w_gate_up, w_down, index, weights, gates=weights.clone())
     assert entered == [x.device] and not launches_outside
@@ -201,3 +206,31 @@ def test_config_lookup_uses_the_tensors_device(monkeypatch, tmp_path):
     (tmp_path / "Card_B.json").write_text(json.dumps({"entries": [{"match": {}, "T": 64, "config": {**entry, "block_m": 64}}]}))
     kconfig._load_entries.cache_clear()
     assert kconfig.get_config(4, 32, 32, 2, 64, torch.bfloat16, device=device).block_m == 64  # the device's own file
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_synchronisation_on_cuda():
+    x, w_gate_up, w_down, index, weights = layer_inputs(num_tokens=300)
+    mask = torch.arange(300, device=DEVICE) % 7 != 0
+    reap_kernels.fused_moe(x, w_gate_up, w_down, index, weights, gates=weights.clone(), token_mask=mask)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reap_kernels.fused_moe(x, w_gate_up, w_down, index, weights, gates=weights.clone(), token_mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device_computes_the_same_bits_while_device_0_is_current():
+    inputs = layer_inputs(num_tokens=300)
+    first = reap_kernels.fused_moe(*inputs, gates=inputs[-1].clone())
+    other = tuple(tensor.to("cuda:1") for tensor in inputs)
+    torch.cuda.set_device(0)
+    second = reap_kernels.fused_moe(*other, gates=other[-1].clone())
+    assert second[0].device == torch.device("cuda", 1)
+    assert torch.equal(first[0], second[0].to("cuda:0"))
+    for key, value in first[1].items():
+        assert torch.equal(value, second[1][key].to("cuda:0")), key

@@ -53,7 +53,7 @@ def test_sweep_writes_a_loadable_config_with_the_default_result(tmp_path, monkey
     data = json.loads(path.read_text())
     (entry,) = data["entries"]
     assert entry["match"] == SHAPE and entry["T"] == T
-    assert entry["candidates"] == {"timed": 2, "rejected": 1, "failed": 1} and entry["complete"]
+    assert entry["candidates"] == {"timed": 2, "unfit": 0, "rejected": 1, "failed": 1} and entry["complete"]
     assert entry["best_ms"] < entry["default_ms"]
     current = current_config()
     expected = MoEConfig(
@@ -98,7 +98,20 @@ def test_full_grid_fits_the_tokens_per_expert_and_stays_small():
     names = [name for name, _ in stages]
     assert names[0] == "block_m" and names[-1] == "combine" and len(names) == 6
     new = {candidate for _, make in stages for candidate in make(base)} - {base}
-    assert 20 <= len(new) <= 30  # one descent path: about one GEMM compile per candidate
+    assert 45 <= len(new) <= 60  # one descent path: about one GEMM compile per candidate
+    assert {c.gate_up.block_k for c in new} >= {32, 64, 128} and {c.down.block_n for c in new} >= {64, 128, 256}
+    assert {c.gate_up.num_stages for c in new} == {2, 3, 4, 5} and max(c.block_m for c in new) == 128
+
+
+def test_candidates_the_compile_check_rejects_are_never_timed(tmp_path, monkeypatch):
+    timed = []
+    monkeypatch.setattr(tune, "measure_ms", lambda fn, quick: timed.append(fn.args[0]) or 1000.0 - len(timed))
+    monkeypatch.setattr(tune, "compile_fit", lambda layer: lambda config: ["spills"] if config.gate_up.block_n == 16 else [])
+    path = tmp_path / "tuned.json"
+    assert tune.main(["--out", str(path), "--quick", *SHAPE_ARGS]) == 0
+    (entry,) = json.loads(path.read_text())["entries"]
+    assert entry["candidates"]["unfit"] >= 1
+    assert all(config.gate_up.block_n != 16 for config in timed) and entry["config"]["gate_up"]["block_n"] != 16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
