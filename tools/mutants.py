@@ -114,7 +114,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("Observer counts padding", SESSION,
            "stats_mask = attention_mask.bool()", "stats_mask = None", ("tests/test_reference.py", "-k", "padding")),
     Mutant("Triton kernels ignore the token mask", ("kernels/moe.py",),
-           "mask8 = None if token_mask is None else token_mask.reshape(-1).to(torch.uint8)", "mask8 = None",
+           "mask = None if token_mask is None else token_mask.reshape(-1)", "mask = None",
            ("tests/test_kernels.py", "-k", "masked")),
     # --- statistics ----------------------------------------------------------------------------------------
     Mutant("EAN uses the L1 norm", ("reap_fast/observe/reference.py",),
