@@ -119,7 +119,7 @@ def test_fused_moe_with_statistics_launch_budget(masked, accumulate):
                                "triton:_down_proj_kernel", "triton:_combine_kernel", "triton:_expert_stats_kernel"}
 
 
-def test_moe_layer_launch_budget(monkeypatch):
+def test_moe_layer_launch_budget():
     """One MoE block forward under Observer(engine='triton'): router, gate recompute, experts, accumulation."""
     model = build_model(tiny_qwen3_moe_config(), seed=0).to(DEVICE)
     input_ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -127,20 +127,22 @@ def test_moe_layer_launch_budget(monkeypatch):
     attention_mask[1, 8:] = 0
     input_ids, attention_mask = input_ids.to(DEVICE), attention_mask.to(DEVICE)
     per_block: list[LaunchCounter] = []
+    active: list = []
+
+    def start(module, args):
+        active.append(counting())
+        per_block.append(active[-1].__enter__())
+
+    def stop(module, args, output):
+        active.pop().__exit__(None, None, None)
+
     with Observer(model, engine="triton") as observer:
         layers = observer.layers
-        original_forwards = {}
-        for layer in layers:
-            original_forwards[layer.name] = layer.block.forward
-
-            def counted_forward(*args, _forward=layer.block.forward, **kwargs):
-                with counting() as counter:
-                    result = _forward(*args, **kwargs)
-                per_block.append(counter)
-                return result
-
-            monkeypatch.setattr(layer.block, "forward", counted_forward)
+        hooks = [hook for layer in layers for hook in (layer.block.register_forward_pre_hook(start),
+                                                       layer.block.register_forward_hook(stop))]
         observer.forward(input_ids, attention_mask)
+        for hook in hooks:
+            hook.remove()
     assert len(per_block) == len(layers) == 2
     for counter in per_block:
         assert not counter.syncs, f"host synchronisation: {dict(counter.syncs)}"
