@@ -2,6 +2,7 @@
 
     python bench/prune_io.py make DIR [--layers 2 --experts 64 --hidden 2048 --moe-intermediate 768]
     python bench/prune_io.py prune DIR OUT      # prints one JSON line: load_s, slice_s, save_s, sizes, dtypes
+    python bench/prune_io.py checkpoint DIR OUT # prune_checkpoint end to end (synthetic observation): total_s
 
 ``make`` writes a random bf16 Qwen3-MoE (sharded safetensors). ``prune`` loads it with
 ``reap_fast.observe.load_model`` (dtype auto), keeps the first half of the experts of every layer, and
@@ -53,9 +54,37 @@ def prune(folder: Path, output: Path) -> dict:
     }  # fmt: skip
 
 
+def prune_whole(folder: Path, output: Path) -> dict:
+    """``prune_checkpoint`` from a synthetic observation file (random REAP scores), timed end to end."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reap_fast.metrics import save_metrics
+    from reap_fast.prune import expert_counts, prune_checkpoint
+
+    shutil.rmtree(output, ignore_errors=True)
+    with torch.device("meta"):
+        counts = expert_counts(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)))
+    generator = torch.Generator().manual_seed(0)
+    metrics = {}
+    for layer, count in counts.items():
+        score = torch.rand(count, generator=generator)
+        frequency = torch.full((count,), 10, dtype=torch.int64)
+        metrics[layer] = {
+            "total_tokens": torch.tensor(10 * count), "expert_frequency": frequency,
+            "pairwise_expert_frequency": frequency[:, None] + frequency[None, :], "ean_sum": score.double() * 10,
+            "weighted_ean_sum": score.double() * 10, "weighted_expert_frequency_sum": torch.full((count,), 5.0).double(),
+            "ean_mean": score, "reap": score, "max_activations": score,
+        }  # fmt: skip
+    metrics_path = output.with_name(output.name + "-obs.pt")
+    save_metrics(metrics, metrics_path)
+    began = time.perf_counter()
+    prune_checkpoint(folder, metrics_path, output, compression_ratio=0.5)
+    return {"total_s": round(time.perf_counter() - began, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["make", "prune"])
+    parser.add_argument("command", choices=["make", "prune", "checkpoint"])
     parser.add_argument("folder", type=Path)
     parser.add_argument("output", type=Path, nargs="?")
     parser.add_argument("--layers", type=int, default=2)
@@ -65,8 +94,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder, args.layers, args.experts, args.hidden, args.moe_intermediate)
-    else:
+    elif args.command == "prune":
         print(json.dumps(prune(args.folder, args.output)))
+    else:
+        print(json.dumps(prune_whole(args.folder, args.output)))
 
 
 if __name__ == "__main__":

@@ -267,3 +267,17 @@ def test_load_model_keeps_the_checkpoint_dtype(tmp_path):
     assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
     model, _ = load_model(str(tmp_path / "bf16"), device="cpu", dtype="float32")
     assert {param.dtype for param in model.parameters()} == {torch.float32}
+
+
+def test_prune_checkpoint_reads_no_weights_of_a_safetensors_source(tmp_path, monkeypatch):
+    """The pruned folder is written from the source's files: the model's weights are never loaded."""
+    import reap_fast.observe.runner as runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model called")
+
+    monkeypatch.setattr(runner, "load_model", refuse)
+    source = tmp_path / "olmoe"
+    stack_helper.make_source(source, "olmoe")
+    pruned, keep = prune_with_cli(source, tmp_path)
+    check_layout(source, pruned, keep)

@@ -99,6 +99,19 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
+def load_skeleton(path: str, dtype: str = "auto"):
+    """The checkpoint's model with every weight on the meta device (no weight read) and its tokenizer.
+
+    Enough to select and slice experts when the pruned folder is written from the source's own files
+    (:mod:`reap_fast.prune.checkpoint`): module structure, expert counts and shapes, nothing else.
+    """
+    config = load_config(path)
+    check_model_folder(path, need_tokenizer=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, config))
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
 def observe_checkpoint(
     model_path: str,
     dataset: str | CalibrationSet,

@@ -24,6 +24,7 @@ from ..metrics import LayerMetrics, load_metrics
 from ..models import get_adapter
 from ..outputs import OutputLock, clean_leftovers
 from ..preflight import check_model_folder, check_output_location, weights_bytes
+from .checkpoint import SourceLayoutError, source_checkpoint
 from .save import OutputExistsError, holds_model, prepare_output_dir, save_pruned
 from .scores import DEFAULT_METHOD, METHOD_CHOICES, UnknownMethodError, layer_scores, super_expert_mask
 from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts, uniform_prune_count
@@ -144,7 +145,7 @@ def prune_checkpoint(
     ``compression_ratio`` defaults to 0.5 (upstream's default) when neither it nor ``n_experts_to_prune``
     is given.
     """
-    from ..observe.runner import load_config, load_model
+    from ..observe.runner import load_config, load_model, load_skeleton
 
     if compression_ratio is None and n_experts_to_prune is None:
         compression_ratio = 0.5
@@ -158,7 +159,12 @@ def prune_checkpoint(
         check_model_folder(model_path, need_tokenizer=True)
         check_output_location(output_dir, weights_bytes(model_path))  # the pruned model is at most as large
         check_identity(metrics, load_config(str(model_path)), model_path, str(metrics_path))
-        model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
+        # a safetensors source is rewritten from its own files: the weights are never loaded
+        from_source = source_checkpoint(model_path) is not None
+        if from_source:
+            model, tokenizer = load_skeleton(str(model_path), dtype=dtype)
+        else:
+            model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
         check_metrics_match(model, metrics, str(metrics_path))
         routing = model_routing(model)
         keep = select_experts(
@@ -187,4 +193,12 @@ def prune_checkpoint(
             "observation_file": str(metrics_path),
             **(metadata or {}),
         }
-        return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)
+        try:
+            return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)
+        except SourceLayoutError as exc:
+            if not from_source:
+                raise
+            logger.warning("%s; loading the weights to save with save_pretrained", exc)
+            model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
+            prune_model(model, keep)
+            return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)

@@ -88,34 +88,49 @@ def prepare_output_dir(
 
 
 def _weight_numel(model) -> int:
-    """Elements of the model's saved state (tied tensors counted once)."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.data_ptr(), tensor.numel()) if tensor.device.type != "meta" else id(tensor)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel()
-    return total
+    """Elements of the model's saved state: unique parameters (tied ones once) and persistent buffers."""
+    saved = set(model.state_dict(keep_vars=True))
+    buffers = sum(buffer.numel() for name, buffer in model.named_buffers() if name in saved)
+    return sum(param.numel() for param in model.parameters()) + buffers
 
 
-def _write_like_source(model, source: Path, staging: Path, keep: Mapping[int, torch.Tensor], original) -> bool:
-    """Write ``staging`` in the source's layout; False (staging emptied) when the layout cannot be edited."""
+def is_skeleton(model) -> bool:
+    """Whether every weight of ``model`` is on the meta device (built by ``load_skeleton``: shapes only)."""
+    return all(param.device.type == "meta" for param in model.parameters())
+
+
+def _write_like_source(model, source: Path, staging: Path, keep: Mapping[int, torch.Tensor], original) -> None:
+    """Write ``staging`` in the source's layout; :class:`SourceLayoutError` when the layout cannot be edited."""
     counts = set(int(count) for count in original.values())
     plan = PrunePlan(
         keep={int(layer): sorted(int(i) for i in torch.as_tensor(kept).flatten().tolist()) for layer, kept in keep.items()},
         original_count=counts.pop() if len(counts) == 1 else -1,
     )
-    try:
-        written = write_source_layout(source, staging, plan)
-        expected = _weight_numel(model)
-        if written != expected:
-            raise SourceLayoutError(f"the source layout gave {written} weights, the pruned model holds {expected}")
-    except SourceLayoutError as exc:
-        logger.warning("cannot write %s in its own layout (%s); saving with transformers' save_pretrained", source, exc)
-        for path in staging.iterdir():
-            path.unlink()
-        return False
-    return True
+    written = write_source_layout(source, staging, plan)
+    expected = _weight_numel(model)
+    if written != expected:
+        raise SourceLayoutError(f"the source layout gave {written} weights, the pruned model holds {expected}")
+
+
+def _write_model(model, tokenizer, source: Path | None, staging: Path, keep, original) -> None:
+    """The weights, config and tokenizer: in the source's layout when possible, else by ``save_pretrained``."""
+    if source is not None:
+        try:
+            _write_like_source(model, source, staging, keep, original)
+            if tokenizer is not None and not any((staging / name).is_file() for name in TOKENIZER_FILES):
+                tokenizer.save_pretrained(staging)
+            return
+        except SourceLayoutError as exc:
+            if is_skeleton(model):
+                raise
+            logger.warning("cannot write %s in its own layout (%s); saving with transformers' save_pretrained", source, exc)
+            for path in staging.iterdir():
+                path.unlink()
+    if is_skeleton(model):
+        raise SourceLayoutError("a model without weights (meta device) can only be saved from a safetensors source")
+    model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
 
 
 def save_pruned(
@@ -150,12 +165,7 @@ def save_pruned(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=work_prefix(output_dir, "tmp"), dir=output_dir.parent))
     try:
-        if source is None or not _write_like_source(model, source, staging, keep, original):
-            model.save_pretrained(staging)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-        elif tokenizer is not None and not any((staging / name).is_file() for name in TOKENIZER_FILES):
-            tokenizer.save_pretrained(staging)
+        _write_model(model, tokenizer, source, staging, keep, original)
         report = {**_plain(metadata), "layers": expert_report(keep, original)}
         with open(staging / "pruned_experts.json", "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)

@@ -68,10 +68,14 @@ def _check_keep(layers: list[MoELayer], keep: Mapping[int, torch.Tensor], top_k:
     return checked
 
 
-def _gather(owner: nn.Module, leaf: str, index: torch.Tensor, dim: int) -> None:
-    """Replace ``owner.<leaf>`` (parameter or buffer) by its entries ``index`` along ``dim``."""
+def _gather(owner: nn.Module, leaf: str, index: torch.Tensor, dim: int, skeleton: bool = False) -> None:
+    """Replace ``owner.<leaf>`` (parameter or buffer) by its entries ``index`` along ``dim``.
+
+    Meta tensors are refused (offloaded weights) unless the whole model is a ``skeleton`` (shapes only,
+    :func:`reap_fast.observe.runner.load_skeleton`), where only the shapes change.
+    """
     tensor = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
-    if tensor.device.type == "meta":
+    if tensor.device.type == "meta" and not skeleton:
         raise ValueError(
             f"{owner.__class__.__name__}.{leaf} is on the meta device (offloaded weights); load the model without "
             "disk offload to prune it"
@@ -83,22 +87,22 @@ def _gather(owner: nn.Module, leaf: str, index: torch.Tensor, dim: int) -> None:
         owner._buffers[leaf] = new
 
 
-def _slice_tensors(module: nn.Module, index: torch.Tensor, old_count: int) -> list[str]:
+def _slice_tensors(module: nn.Module, index: torch.Tensor, old_count: int, skeleton: bool = False) -> list[str]:
     """Gather rows ``index`` on dim 0 of the module's direct parameters/buffers that have ``old_count`` rows."""
     candidates = list(module._parameters.items()) + list(module._buffers.items())
     sliced = [
         name for name, tensor in candidates if tensor is not None and tensor.dim() > 0 and tensor.shape[0] == old_count
     ]
     for name in sliced:
-        _gather(module, name, index, 0)
+        _gather(module, name, index, 0, skeleton)
     return sliced
 
 
-def _slice_router_tensor(router: nn.Module, name: str, index: torch.Tensor, old_count: int) -> None:
+def _slice_router_tensor(router: nn.Module, name: str, index: torch.Tensor, old_count: int, skeleton: bool) -> None:
     """Gather the kept experts of the router tensor ``name`` (dotted for submodules) on its expert dimension."""
     owner_path, _, leaf = name.rpartition(".")
     owner = router.get_submodule(owner_path) if owner_path else router
-    _gather(owner, leaf, index, expert_dim(router_tensor(router, name), old_count))
+    _gather(owner, leaf, index, expert_dim(router_tensor(router, name), old_count), skeleton)
 
 
 def _set_counts(module: nn.Module, old_count: int, new_count: int, top_k: int | None) -> None:
@@ -135,18 +139,19 @@ def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven
             f"Families that support per-layer counts: {families}. Use uniform pruning (no global ranking)."
         )
     original = dict(getattr(model, ORIGINAL_COUNTS_ATTRIBUTE, None) or {})
+    skeleton = all(param.device.type == "meta" for param in model.parameters())
     with torch.no_grad():
         for layer in layers:
             index = checked[layer.layer_index]
             old_count = layer.num_experts
             new_count = int(index.numel())
             original.setdefault(layer.layer_index, old_count)
-            sliced = _slice_tensors(layer.experts, index, old_count)
+            sliced = _slice_tensors(layer.experts, index, old_count, skeleton=skeleton)
             if "down_proj" not in sliced or "gate_up_proj" not in sliced:
                 raise ValueError(f"layer {layer.layer_index}: experts module lacks gate_up_proj/down_proj to slice")
             for name in adapter.router_tensors:
                 if router_tensor(layer.router, name) is not None:
-                    _slice_router_tensor(layer.router, name, index, old_count)
+                    _slice_router_tensor(layer.router, name, index, old_count, skeleton)
             for module in (layer.block, layer.experts, layer.router):
                 _set_counts(module, old_count, new_count, top_k)
     new_count = max(counts.values())
