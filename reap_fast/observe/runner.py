@@ -48,12 +48,12 @@ def checkpoint_dtype(config) -> torch.dtype:
 
 
 def resolve_dtype(dtype: str, config=None) -> torch.dtype:
-    """'auto' (or 'checkpoint') -> the checkpoint's own dtype; else the named dtype.
+    """'auto' -> the checkpoint's own dtype; else the named dtype.
 
     A bf16 checkpoint is observed and pruned in bf16 on every device, as upstream loads it
     (``torch_dtype="auto"``): no whole-model conversion, and the pruned folder keeps the dtype.
     """
-    if dtype in ("auto", "checkpoint"):
+    if dtype == "auto":
         return checkpoint_dtype(config) if config is not None else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}")
