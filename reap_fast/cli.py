@@ -1,4 +1,4 @@
-"""The ``reap-fast`` command line: observe | prune | quantize | run | demo."""
+"""The ``reap-fast`` command line: observe | prune | quantize | run | eval | demo."""
 
 from __future__ import annotations
 
@@ -67,6 +67,25 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int, default=512, help="AutoRound calibration length")
 
 
+def _add_harness_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """lm-eval's options; ``prefix`` is "" for ``eval`` (lm-eval's spellings too) and "eval-" for ``run``."""
+
+    def names(name: str) -> list[str]:
+        spellings = [f"--{prefix}{name}"]
+        if not prefix:
+            spellings.append("--" + name.replace("-", "_"))
+        return spellings
+
+    parser.add_argument(*names("include-path"), dest="include_path", default=None,
+                        help="folder of extra lm-eval task YAML files (lm-eval's --include_path)")
+    parser.add_argument(*names("limit"), dest="limit", type=float, default=None,
+                        help="examples per task (below 1: a fraction), as lm-eval's --limit")
+    parser.add_argument(*names("num-fewshot"), dest="num_fewshot", type=int, default=None,
+                        help="few-shot examples (default: each task's own)")
+    parser.add_argument(*names("batch-size"), dest="harness_batch_size", default="1",
+                        help="lm-eval batch size: an integer, auto or auto:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reap-fast", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -110,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-dataset", default=None, help="held-out text spec for --eval (implies --eval)")
     run.add_argument("--eval-samples", type=int, default=16, help="held-out sequences for perplexity")
     run.add_argument("--eval-max-length", type=int, default=512, help="tokens per held-out sequence")
+    run.add_argument("--eval-tasks", default=None,
+                     help="lm-eval tasks (comma-separated) on the original, pruned and W4A16 models")
+    _add_harness_arguments(run, "eval-")
     run.add_argument("--overwrite", action="store_true", help="start over in an --output holding another reap-fast run")
+
+    evaluate = commands.add_parser("eval", help="lm-evaluation-harness tasks on one or more models, compared")
+    evaluate.add_argument("--model", required=True, action="append",
+                          help="model folder, or NAME=FOLDER; repeat it to compare (ratios are to the first)")
+    evaluate.add_argument("--tasks", required=True, help="lm-eval tasks, comma-separated")
+    _add_harness_arguments(evaluate, "")
+    evaluate.add_argument("--seed", type=int, default=None, help="all of lm-eval's seeds (default: lm-eval's own)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    evaluate.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on the built-in tiny model")
     demo.add_argument("--output", default="demo_out", help="folder for the demo's files")
@@ -172,6 +204,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .picture import write_pruning_picture
     from .prune import prune_checkpoint
 
     folder = prune_checkpoint(
@@ -190,6 +223,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     print(f"pruned model saved to {folder}")
+    picture = write_pruning_picture(args.metrics, folder)
+    if picture is not None:
+        print(f"picture of the pruning: {picture}")
     return 0
 
 
@@ -227,12 +263,53 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         quantize=args.quantize, quant_iters=args.iters, quant_nsamples=args.nsamples, quant_seqlen=args.seqlen,
         quant_batch_size=args.quant_batch_size, eval_dataset=args.eval_dataset, eval_samples=args.eval_samples,
-        eval_max_length=args.eval_max_length, overwrite=args.overwrite,
+        eval_max_length=args.eval_max_length, overwrite=args.overwrite, lm_eval=_harness_settings(args, args.eval_tasks),
     )
     if config.compression_ratio is None and config.n_experts_to_prune is None:
         config.compression_ratio = 0.5
     summary = Pipeline(config).run()
     print(format_summary(summary))
+    return 0
+
+
+def _harness_settings(args: argparse.Namespace, tasks: str | None):
+    """lm-eval settings from the parsed flags (None without tasks)."""
+    from .harness import HarnessSettings
+
+    if tasks is None:
+        return None
+    return HarnessSettings(
+        tasks=tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+        batch_size=args.harness_batch_size, seed=getattr(args, "seed", None) if args.command == "eval" else None,
+        device=args.device, dtype=args.dtype,
+    )
+
+
+def _named_models(values: list[str]) -> list:
+    """['a', 'pruned=b'] -> ModelEntry('a', 'a'), ModelEntry('pruned', 'b'); every folder must exist."""
+    from .harness import ModelEntry
+
+    entries = []
+    for value in values:
+        name, _, path = value.partition("=") if "=" in value and not Path(value).exists() else ("", "", value)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--model {path}: no such folder")
+        entries.append(ModelEntry(name or Path(path).name, path))
+    if len({entry.name for entry in entries}) < len(entries):
+        raise ValueError("two --model entries have the same name; write them as NAME=FOLDER")
+    return entries
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .harness import Comparison, check_tasks, format_table, run_comparison
+
+    models = _named_models(args.model)
+    settings = _harness_settings(args, args.tasks)
+    check_tasks(settings)
+    report = run_comparison(Comparison(models, settings), args.output)
+    print(format_table(report["comparison"], [entry.name for entry in models]))
+    if args.output:
+        print(f"results written to {args.output}")
     return 0
 
 
@@ -248,6 +325,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "quantize": cmd_quantize,
     "run": cmd_run,
+    "eval": cmd_eval,
     "demo": cmd_demo,
 }
 

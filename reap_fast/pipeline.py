@@ -6,6 +6,9 @@ Output folder layout::
     OUTPUT/pruned/            pruned model + tokenizer + pruned_experts.json + reap_args.yaml
     OUTPUT/w4a16/             AutoRound W4A16 model (with --quantize w4a16)
     OUTPUT/eval.json          perplexities (with --eval)
+    OUTPUT/pruned.png         picture of what was pruned (reap_fast.picture)
+    OUTPUT/lm_eval.json       lm-evaluation-harness tasks of the three models (with --eval-tasks);
+    OUTPUT/lm_eval/           one file per evaluated model, reused when a run resumes mid-stage
     OUTPUT/pipeline.json      settings, and per finished stage: seconds and SHA-256 of its outputs
 
 A rerun skips every stage whose recorded outputs still exist with the recorded checksums, so an
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 from .children import run_child
 from .errors import ReapFastError
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
+from .harness import Comparison, HarnessSettings, ModelEntry, check_tasks, format_table, run_comparison
 from .outputs import (
     OutputError,
     check_not_overlapping,
@@ -41,7 +45,7 @@ from .preflight import check_model_folder, check_output_location, weights_bytes
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("observe", "prune", "quantize", "eval")
+STAGES = ("observe", "prune", "quantize", "eval", "lm_eval")
 
 
 class PipelineError(ReapFastError, ValueError):
@@ -79,6 +83,7 @@ class PipelineConfig:
     eval_dataset: str | None = None
     eval_samples: int = 16
     eval_max_length: int = 512
+    lm_eval: HarnessSettings | None = None  # lm-evaluation-harness tasks (--eval-tasks)
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +91,10 @@ class PipelineConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings that determine the outputs (resuming with different ones is refused)."""
         settings = asdict(self)
-        for volatile in ("output", "overwrite", "progress", "engine", "device", "layerwise", "checkpoint_every", "extra"):
+        # lm_eval is checked by its own stage (lm_eval.json holds its settings): adding or changing
+        # --eval-tasks on a finished run only runs that stage.
+        for volatile in ("output", "overwrite", "progress", "engine", "device", "layerwise", "checkpoint_every", "extra",
+                         "lm_eval"):
             settings.pop(volatile)
         return settings
 
@@ -96,6 +104,8 @@ class PipelineConfig:
             chosen.append("quantize")
         if self.eval_dataset:
             chosen.append("eval")
+        if self.lm_eval:
+            chosen.append("lm_eval")
         return chosen
 
 
@@ -135,6 +145,10 @@ class Pipeline:
     def eval_file(self) -> Path:
         return self.root / "eval.json"
 
+    @property
+    def lm_eval_file(self) -> Path:
+        return self.root / "lm_eval.json"
+
     def _load_state(self) -> dict[str, Any]:
         fresh = {"settings": self.config.fingerprint(), "stages": {}}
         try:
@@ -167,6 +181,9 @@ class Pipeline:
             path = self.root / relative
             if not path.is_file() or sha256_file(path) != digest:
                 return False
+        if stage == "lm_eval":
+            recorded = json.loads(self.lm_eval_file.read_text()).get("settings")
+            return self.config.lm_eval is not None and recorded == self.config.lm_eval.fingerprint()
         return True
 
     def _record(self, stage: str, outputs: list[Path], seconds: float) -> None:
@@ -208,6 +225,8 @@ class Pipeline:
             from .data import check_dataset_spec
 
             check_dataset_spec(c.eval_dataset)
+        if c.lm_eval and not self.is_done("lm_eval"):
+            check_tasks(c.lm_eval)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
@@ -227,6 +246,7 @@ class Pipeline:
             "prune": self._prune,
             "quantize": self._quantize,
             "eval": self._evaluate,
+            "lm_eval": self._lm_eval,
         }
         stages = self.config.stages()
         with tqdm(stages, desc="reap-fast run", unit="stage", disable=not self.config.progress) as bar:
@@ -257,6 +277,7 @@ class Pipeline:
         return [save_metrics(attach_identity(metrics, identity), self.observation)]
 
     def _prune(self) -> list[Path]:
+        from .picture import write_pruning_picture
         from .prune import prune_checkpoint
 
         c = self.config
@@ -265,6 +286,7 @@ class Pipeline:
             n_experts_to_prune=c.n_experts_to_prune, seed=c.seed, global_ranking=c.global_ranking,
             min_experts_per_layer=c.min_experts_per_layer, preserve_super_experts=c.preserve_super_experts, overwrite=True, device=c.device, dtype=c.dtype,
         )
+        write_pruning_picture(self.observation, folder)
         return [folder]
 
     def _quantize(self) -> list[Path]:
@@ -302,6 +324,17 @@ class Pipeline:
         texts_file.unlink()
         return [atomic_write_json(results, self.eval_file)]
 
+    def _lm_eval(self) -> list[Path]:
+        """lm-eval tasks on every model; a model's result is reused while its recorded checksums are unchanged."""
+        stages = self.state["stages"]
+        models = [ModelEntry("original", self.config.model),
+                  ModelEntry("pruned", str(self.pruned), stages["prune"]["outputs"])]
+        if self.config.quantize:
+            models.append(ModelEntry("w4a16", str(self.quantized), stages["quantize"]["outputs"]))
+        comparison = Comparison(models, self.config.lm_eval, cache_dir=self.root / "lm_eval")
+        run_comparison(comparison, self.lm_eval_file)
+        return [self.lm_eval_file]
+
     def summary(self) -> dict[str, Any]:
         """Experts kept per layer, sizes on disk, seconds per stage, perplexities."""
         report: dict[str, Any] = {
@@ -317,6 +350,8 @@ class Pipeline:
             report["experts_kept"] = {layer: len(entry["kept"]) for layer, entry in layers.items()}
         if self.eval_file.is_file():
             report["eval"] = json.loads(self.eval_file.read_text())
+        if self.config.lm_eval and self.lm_eval_file.is_file():
+            report["lm_eval"] = json.loads(self.lm_eval_file.read_text())
         return report
 
 
@@ -349,4 +384,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{'model':<10} {'perplexity':>11} {'next-token acc':>15}")
         for name, values in summary["eval"].items():
             lines.append(f"{name:<10} {values['perplexity']:>11.3f} {values['next_token_accuracy']:>15.4f}")
+    if "lm_eval" in summary:
+        lines.append("lm-eval tasks:")
+        lines.append(format_table(summary["lm_eval"]["comparison"], list(summary["lm_eval"]["models"])))
     return "\n".join(lines)
