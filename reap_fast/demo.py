@@ -3,7 +3,8 @@
 1. train the tiny MoE (4 layers x 16 experts, top-2, sizes divisible by 128) for 300 steps on the Python
    standard library's docs and code (train split);
 2. ``reap-fast run``: observe on the calibration split -> prune 50% by REAP -> AutoRound W4A16 ->
-   held-out perplexity of the original, pruned and quantized models;
+   held-out perplexity of the original, pruned and quantized models; the picture of what was pruned is
+   written beside the pruned model (``run/pruned.png``);
 3. reload the W4A16 model (in a child process: auto-round's loader patches transformers classes)
    and generate a continuation of a prompt.
 """
@@ -65,6 +66,7 @@ def run_demo(folder: Path, steps: int = 300) -> dict:
     """Train, observe, prune, quantize, evaluate, reload and generate; print what happened."""
     from .cli import format_expert_table
     from .metrics import load_metrics
+    from .picture import picture_path
     from .pipeline import Pipeline, PipelineConfig, format_summary
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,7 @@ def run_demo(folder: Path, steps: int = 300) -> dict:
     print("\nREAP scores of the observed model (top and bottom experts per layer):")
     print(format_expert_table(load_metrics(pipeline.observation)))
     print("\n" + format_summary(summary))
+    print(f"picture of the pruning: {picture_path(pipeline.pruned)}")
     continuation = generate_with_quantized(pipeline.quantized)
     print(f"\nW4A16 model, prompt {PROMPT!r} ->\n{PROMPT}{continuation}")
     return summary

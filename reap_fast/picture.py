@@ -94,12 +94,15 @@ def draw(pictures: Sequence[LayerPicture], title: str, path: str | os.PathLike) 
     summary.set_xlim(-0.6, len(layers) - 0.4)
     summary.set_xlabel("layer")
     summary.set_ylabel("% of routed tokens")
-    summary.set_title("routed tokens the removed experts had received (calibration data)", fontsize=10)
+    summary.set_title("share of the calibration's routed tokens that went to the removed experts", fontsize=10)
     summary.legend(loc="upper right", fontsize=8, frameon=False)
     if len(layers) <= 24:
+        top = max(shares) or 1.0
         for x, share in enumerate(shares):
-            summary.annotate(f"{share:.1f}%", (x, share), ha="center", va="bottom", fontsize=8,
-                             xytext=(0, 2), textcoords="offset points")
+            inside = share > 0.15 * top
+            summary.annotate(f"{share:.1f}%", (x, share), ha="center", va="top" if inside else "bottom", fontsize=8,
+                             color="white" if inside else "black", xytext=(0, -3 if inside else 2),
+                             textcoords="offset points")
     summary.set_ylim(0, max(max(shares), 100 * max(p.removed_expert_share for p in pictures)) * 1.25 + 1)
 
     for index, picture in enumerate(pictures):
@@ -114,8 +117,9 @@ def draw(pictures: Sequence[LayerPicture], title: str, path: str | os.PathLike) 
             axes.set_ylabel("REAP score", fontsize=8)
         if index // columns == rows - 1:
             axes.set_xlabel("experts, highest score first", fontsize=8)
-    figure.legend(handles=[Patch(color=KEPT_COLOR, label="kept"), Patch(color=REMOVED_COLOR, label="removed")],
-                  loc="upper right", fontsize=9, frameon=False)
+        if index == 0:
+            axes.legend(handles=[Patch(color=KEPT_COLOR, label="kept"), Patch(color=REMOVED_COLOR, label="removed")],
+                        loc="upper right", fontsize=8, frameon=False)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
