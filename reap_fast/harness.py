@@ -178,18 +178,23 @@ def _plain(value: Any) -> Any:
 
 
 def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -> dict[str, Any]:
-    """:func:`evaluate_model` in a child ``python -m reap_fast.harness`` process; its log goes to stderr."""
+    """:func:`evaluate_model` in a child ``python -m reap_fast.harness`` process.
+
+    The child's output (lm-eval's progress bars and log) goes to this process's stderr; a failure comes
+    back as one :class:`HarnessError` line naming the model and the child's exception.
+    """
     with tempfile.TemporaryDirectory(prefix="reap-fast-lm-eval-") as scratch:
         settings_file = Path(scratch) / "settings.json"
         result_file = Path(scratch) / "result.json"
+        error_file = Path(scratch) / "error.json"
         settings_file.write_text(json.dumps(asdict(settings)))
         command = [sys.executable, "-m", "reap_fast.harness", "--model", str(model_dir),
-                   "--settings", str(settings_file), "--json", str(result_file)]
-        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if completed.returncode != 0 or not result_file.is_file():
-            lines = [line for line in completed.stderr.strip().splitlines() if line.strip()] or ["no output"]
-            raise HarnessError(f"lm-eval on {model_dir} failed: {lines[-1].strip()}")
-        return json.loads(result_file.read_text())
+                   "--settings", str(settings_file), "--json", str(result_file), "--error-json", str(error_file)]
+        completed = subprocess.run(command, stdout=2, check=False)  # the child's stdout joins our stderr
+        if completed.returncode == 0 and result_file.is_file():
+            return json.loads(result_file.read_text())
+        reason = json.loads(error_file.read_text())["message"] if error_file.is_file() else f"exit code {completed.returncode}"
+        raise HarnessError(f"lm-eval on {model_dir} failed: {reason}")
 
 
 @dataclass
@@ -333,10 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="Hugging Face model folder")
     parser.add_argument("--settings", required=True, help="JSON file holding the HarnessSettings fields")
     parser.add_argument("--json", required=True, help="where the result is written")
+    parser.add_argument("--error-json", default=None, help="where a failure's one-line message is written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = HarnessSettings(**json.loads(Path(args.settings).read_text()))
-    atomic_write_json(evaluate_model(args.model, settings), args.json)
+    try:
+        settings = HarnessSettings(**json.loads(Path(args.settings).read_text()))
+        atomic_write_json(evaluate_model(args.model, settings), args.json)
+    except Exception as error:
+        if args.error_json:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            atomic_write_json({"message": f"{type(error).__name__}: {first_line}"}, args.error_json)
+        raise
     return 0
 
 
