@@ -66,7 +66,6 @@ def run_demo(folder: Path, steps: int = 300) -> dict:
     """Train, observe, prune, quantize, evaluate, reload and generate; print what happened."""
     from .cli import format_expert_table
     from .metrics import load_metrics
-    from .picture import picture_path
     from .pipeline import Pipeline, PipelineConfig, format_summary
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +81,6 @@ def run_demo(folder: Path, steps: int = 300) -> dict:
     print("\nREAP scores of the observed model (top and bottom experts per layer):")
     print(format_expert_table(load_metrics(pipeline.observation)))
     print("\n" + format_summary(summary))
-    print(f"picture of the pruning: {picture_path(pipeline.pruned)}")
     continuation = generate_with_quantized(pipeline.quantized)
     print(f"\nW4A16 model, prompt {PROMPT!r} ->\n{PROMPT}{continuation}")
     return summary

@@ -99,10 +99,10 @@ def draw(pictures: Sequence[LayerPicture], title: str, path: str | os.PathLike) 
     if len(layers) <= 24:
         top = max(shares) or 1.0
         for x, share in enumerate(shares):
-            inside = share > 0.15 * top
-            summary.annotate(f"{share:.1f}%", (x, share), ha="center", va="top" if inside else "bottom", fontsize=8,
-                             color="white" if inside else "black", xytext=(0, -3 if inside else 2),
-                             textcoords="offset points")
+            inside = share > 0.15 * top  # written at mid-height, clear of the dashed line
+            summary.annotate(f"{share:.1f}%", (x, share / 2 if inside else share), ha="center",
+                             va="center" if inside else "bottom", fontsize=8, color="white" if inside else "black",
+                             xytext=(0, 0 if inside else 2), textcoords="offset points")
     summary.set_ylim(0, max(max(shares), 100 * max(p.removed_expert_share for p in pictures)) * 1.25 + 1)
 
     for index, picture in enumerate(pictures):

@@ -41,6 +41,7 @@ from .outputs import (
     work_prefix,
     write_marker,
 )
+from .picture import picture_path, write_pruning_picture
 from .preflight import check_model_folder, check_output_location, weights_bytes
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,6 @@ class Pipeline:
         return [save_metrics(attach_identity(metrics, identity), self.observation)]
 
     def _prune(self) -> list[Path]:
-        from .picture import write_pruning_picture
         from .prune import prune_checkpoint
 
         c = self.config
@@ -350,6 +350,8 @@ class Pipeline:
             report["experts_kept"] = {layer: len(entry["kept"]) for layer, entry in layers.items()}
         if self.eval_file.is_file():
             report["eval"] = json.loads(self.eval_file.read_text())
+        if picture_path(self.pruned).is_file():
+            report["picture"] = str(picture_path(self.pruned))
         if self.config.lm_eval and self.lm_eval_file.is_file():
             report["lm_eval"] = json.loads(self.lm_eval_file.read_text())
         return report
@@ -380,6 +382,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "experts_kept" in summary:
         kept = summary["experts_kept"]
         lines.append("experts kept per layer: " + ", ".join(f"{layer}:{count}" for layer, count in kept.items()))
+    if "picture" in summary:
+        lines.append(f"picture of the pruning: {summary['picture']}")
     if "eval" in summary:
         lines.append(f"{'model':<10} {'perplexity':>11} {'next-token acc':>15}")
         for name, values in summary["eval"].items():

@@ -244,7 +244,7 @@ def test_run_with_eval_tasks_compares_three_models_and_resumes(setup, direct, ca
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("task"))
     assert header.split() == ["task", "metric", "original", "pruned", "w4a16", "pruned/original", "w4a16/original"]
-    assert (output / "pruned.png").is_file()
+    assert f"picture of the pruning: {output / 'pruned.png'}" in printed
     report = json.loads((output / "lm_eval.json").read_text())
     assert list(report["results"]) == ["original", "pruned", "w4a16"]
     assert _metrics(report["results"]["original"]["results"]) == _metrics(direct)
@@ -263,6 +263,13 @@ def test_run_with_eval_tasks_compares_three_models_and_resumes(setup, direct, ca
     (output / "lm_eval.json").unlink()  # interrupted after the models were evaluated: their files are reused
     assert main(argv) == 0
     assert json.loads((output / "lm_eval.json").read_text()) == report
+    capsys.readouterr()
+
+    # reap-fast prune draws the same picture beside its own output
+    assert main(["prune", "--model", str(model), "--metrics", str(output / "observation.pt"), "--output",
+                 str(root / "pruned-cli"), "--device", "cpu"]) == 0
+    assert f"picture of the pruning: {root / 'pruned-cli.png'}" in capsys.readouterr().out
+    assert (root / "pruned-cli.png").read_bytes() == (output / "pruned.png").read_bytes()
 
 
 @needs_lm_eval
