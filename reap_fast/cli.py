@@ -286,17 +286,18 @@ def _harness_settings(args: argparse.Namespace, tasks: str | None):
 
 
 def _named_models(values: list[str]) -> list:
-    """['a', 'pruned=b'] -> ModelEntry('a', 'a'), ModelEntry('pruned', 'b'); every folder must exist."""
+    """['a', 'pruned=b'] -> ModelEntry('a', 'a'), ModelEntry('pruned', 'b'); local folders are checked."""
+    from .errors import UsageError
     from .harness import ModelEntry
+    from .preflight import check_model_folder
 
     entries = []
     for value in values:
         name, _, path = value.partition("=") if "=" in value and not Path(value).exists() else ("", "", value)
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"--model {path}: no such folder")
+        check_model_folder(path, need_tokenizer=True)
         entries.append(ModelEntry(name or Path(path).name, path))
     if len({entry.name for entry in entries}) < len(entries):
-        raise ValueError("two --model entries have the same name; write them as NAME=FOLDER")
+        raise UsageError("two --model entries have the same name; write them as NAME=FOLDER")
     return entries
 
 

@@ -25,13 +25,14 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .children import exit_on_sigterm, run_child
+from .errors import ReapFastError
 from .fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ RESULT_KEYS = ("results", "n-shot", "n-samples", "versions", "higher_is_better",
 NOT_METRICS = {"alias", "name", "sample_len", "sample_count", " "}
 
 
-class HarnessError(ValueError):
+class HarnessError(ReapFastError, ValueError):
     """lm-eval missing, a task that does not exist, or a failed evaluation (one-line message)."""
 
 
@@ -180,8 +181,8 @@ def _plain(value: Any) -> Any:
 def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -> dict[str, Any]:
     """:func:`evaluate_model` in a child ``python -m reap_fast.harness`` process.
 
-    The child's output (lm-eval's progress bars and log) goes to this process's stderr; a failure comes
-    back as one :class:`HarnessError` line naming the model and the child's exception.
+    The child (which dies with this process) shows lm-eval's progress bars and log; a failure comes back
+    as one :class:`HarnessError` line naming the model and the child's exception.
     """
     with tempfile.TemporaryDirectory(prefix="reap-fast-lm-eval-") as scratch:
         settings_file = Path(scratch) / "settings.json"
@@ -190,7 +191,7 @@ def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -
         settings_file.write_text(json.dumps(asdict(settings)))
         command = [sys.executable, "-m", "reap_fast.harness", "--model", str(model_dir),
                    "--settings", str(settings_file), "--json", str(result_file), "--error-json", str(error_file)]
-        completed = subprocess.run(command, stdout=2, check=False)  # the child's stdout joins our stderr
+        completed = run_child(command)  # its progress bars and log reach the terminal as they come
         if completed.returncode == 0 and result_file.is_file():
             return json.loads(result_file.read_text())
         reason = json.loads(error_file.read_text())["message"] if error_file.is_file() else f"exit code {completed.returncode}"
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where the result is written")
     parser.add_argument("--error-json", default=None, help="where a failure's one-line message is written")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = HarnessSettings(**json.loads(Path(args.settings).read_text()))

@@ -299,9 +299,8 @@ def test_without_lm_eval_the_eval_command_says_how_to_install(setup):
 @needs_lm_eval
 def test_a_failed_evaluation_is_one_line_naming_the_model(setup, tmp_path, capsys):
     root, model, tasks, _ = setup
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")  # a folder that is not a model; the task named by its YAML file
-    assert main(["eval", "--model", str(broken), "--tasks", str(tasks / "tiny_mc.yaml"), "--device", "cpu"]) == 2
+    task = tmp_path / "lost.yaml"  # a task named by its YAML file, whose data file is gone
+    task.write_text(MC_YAML.replace("task: tiny_mc", "task: lost_mc").format(data=tmp_path / "missing.jsonl"))
+    assert main(["eval", "--model", str(model), "--tasks", str(task), "--device", "cpu"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"reap-fast eval: error: lm-eval on {broken} failed: ")
+    assert error.startswith(f"reap-fast eval: error: lm-eval on {model} failed: ")
