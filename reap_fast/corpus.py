@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from .fileio import atomic_write
+
 STDLIB_MODULES = (
     "argparse", "bisect", "calendar", "collections", "csv", "dataclasses", "difflib", "enum", "fractions",
     "functools", "heapq", "itertools", "json", "pathlib", "pprint", "re", "shlex", "statistics", "string",
@@ -51,10 +53,6 @@ def stdlib_code_documents(min_chars: int = 200) -> list[str]:
 
 
 def write_jsonl(texts: list[str], path: str | os.PathLike) -> Path:
-    """Write ``{"text": ...}`` lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for text in texts:
-            handle.write(json.dumps({"text": text}) + "\n")
-    return path
+    """Write ``{"text": ...}`` lines (atomically: a reader never sees a half-written file)."""
+    data = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))

@@ -72,6 +72,7 @@ class StudyConfig:
     """The settings of one study (validated on creation)."""
 
     train_seeds: int = 8
+    first_train_seed: int = 0
     seeds: int = 2
     steps: int = 300
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -90,6 +91,8 @@ class StudyConfig:
         for name in ("train_seeds", "seeds", "steps", "seq_len", "batch_size", "calib_samples", "threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.first_train_seed < 0:
+            raise ValueError(f"first_train_seed must be at least 0, got {self.first_train_seed}")
         if self.eval_rows is not None and self.eval_rows < 1:
             raise ValueError(f"eval_rows must be at least 1 (or None for all), got {self.eval_rows}")
         unknown = sorted(set(self.methods) - set(known_methods()))
@@ -99,6 +102,9 @@ class StudyConfig:
             raise ValueError(f"compression ratios must lie in (0, 1), got {list(self.ratios)}")
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+
+    def train_seed_list(self) -> list[int]:
+        return list(range(self.first_train_seed, self.first_train_seed + self.train_seeds))
 
     def model_fingerprint(self, train_seed: int, documents: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
         """Everything a model's stored evaluations depend on (a stored file with another one is redone)."""
@@ -185,7 +191,7 @@ class Study:
             "seeds": list(range(c.seeds)),
             "seed_meaning": "calibration sampling seed (which calibration documents are packed, and in which order) "
             "and the seed of the random method's draw",
-            "train_seeds": list(range(c.train_seeds)),
+            "train_seeds": c.train_seed_list(),
             "steps": c.steps,
             "methods": list(c.methods),
             "compression_ratios": list(c.ratios),
@@ -300,7 +306,7 @@ class Study:
         started = time.perf_counter()
         results: dict[str, Any] = {"format": RESULTS_FORMAT, "settings": self.settings(),
                                    "environment": environment_record(), "training": {}, "baseline": {}, "runs": []}
-        for train_seed in range(c.train_seeds):
+        for train_seed in c.train_seed_list():
             done = self.study_model(train_seed)
             info = done["training"]
             results["training"][str(train_seed)] = info
@@ -348,6 +354,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {defaults.seeds}, quick 1)")
     parser.add_argument("--train-seeds", type=int, default=None,
                         help=f"independently trained models (default {defaults.train_seeds}, quick 1)")
+    parser.add_argument("--train-seed-start", type=int, default=0,
+                        help="first train seed (e.g. --quick --train-seed-start 100: a model the study never trained)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (batch 8 x 256 tokens)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"default: {' '.join(DEFAULT_METHODS)} (quick: {' '.join(QUICK_METHODS)})")
@@ -373,6 +381,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     quick = args.quick
     return StudyConfig(
         train_seeds=args.train_seeds or 1 if quick else args.train_seeds or StudyConfig.train_seeds,
+        first_train_seed=args.train_seed_start,
         seeds=args.seeds or 1 if quick else args.seeds or StudyConfig.seeds,
         steps=args.steps,
         methods=tuple(args.methods or (QUICK_METHODS if quick else DEFAULT_METHODS)),
