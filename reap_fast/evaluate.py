@@ -20,7 +20,7 @@ separator (EOS) between documents, cut into consecutive windows of ``seq_len`` t
 dropped (a document may continue in the next window; the last window is right-padded). Evaluation
 runs under ``torch.no_grad`` in ``eval`` mode and visits the rows in order, so it is deterministic.
 
-Command line (used by the quality study to score a W4A16 model in a separate process, because
+Command line (used by the pipeline to score a W4A16 model in a separate process, because
 loading an auto-round checkpoint patches transformers' MoE classes process-wide)::
 
     python -m reap_fast.evaluate --model DIR --texts-file docs.json [--texts-file code.json ...] --seq-len 256 \\

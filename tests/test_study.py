@@ -230,6 +230,11 @@ def test_quick_comparison_against_committed_spread(tmp_path, one_thread):
     values = [r["perplexity"] for r in committed["runs"] if r["method"] == "reap" and r["compression_ratio"] == 0.5]
     assert (spread["min"], spread["max"]) == (min(values), max(values))
     assert "inside the committed range" in comparison_markdown(comparison)
+    # a model the committed study never trained has no same-seed figure; the settings name its seed
+    other = run_study(study_config(train_seeds=1, first_train_seed=7, seeds=1, methods=("reap",), ratios=(0.5,)),
+                      tmp_path / "other", tmp_path / "quick-work", documents=tiny_documents(), plot=False)
+    assert other["settings"]["train_seeds"] == [7] and set(other["baseline"]) == {"7"}
+    assert all(c["committed_same_seed"] is None for c in compare_with(other, committed)["cells"])
     # a value outside the committed spread is flagged
     moved = json.loads(json.dumps(quick))
     moved["runs"][0]["perplexity"] = 1e6
