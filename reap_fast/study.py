@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         reference_path = Path(args.compare) if args.compare else (COMMITTED_RESULTS if args.quick else None)
         reference = _read_reference(reference_path)
+        if args.from_json and not Path(args.from_json).is_file():
+            raise ValueError(f"no results.json at {args.from_json}")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -250,6 +250,8 @@ def test_study_command_line_rejects_bad_settings(capsys):
     assert main(["--train-seeds", "-1"]) == 2
     assert main(["--quick", "--compare", "/nonexistent/results.json"]) == 2
     assert "no results to compare with" in capsys.readouterr().err
+    assert main(["--from-json", "/nonexistent/results.json"]) == 2
+    assert "no results.json at" in capsys.readouterr().err
 
 
 def test_reference_without_spread_is_refused_before_work(tmp_path, capsys):
