@@ -292,7 +292,8 @@ def _run_markdown(results: Mapping[str, Any]) -> list[str]:
 
 
 def plot_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Perplexity per method at each ratio: mean over models with 95 % t-interval bars, one dot per model."""
+    """Left: perplexity per method and ratio (mean over models, 95 % t-interval, one dot per model).
+    Right: each method against REAP, paired over models (percent, 95 % t-interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,33 +301,43 @@ def plot_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
     settings, summary = results["settings"], results["summary"]
     methods, ratios = settings["methods"], settings["compression_ratios"]
-    fig, axis = plt.subplots(figsize=(11, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.8 / len(ratios)
-    colors = plt.cm.viridis([0.25 + 0.5 * i / max(1, len(ratios) - 1) for i in range(len(ratios))])
+    colors = plt.cm.viridis([0.2 + 0.55 * i / max(1, len(ratios) - 1) for i in range(len(ratios))])
     for i, ratio in enumerate(ratios):
+        offset = (i - (len(ratios) - 1) / 2) * width
         for j, method in enumerate(methods):
             entry = summary["methods"].get(f"{ratio:g}", {}).get(method)
             if entry is None:
                 continue
-            x = j + (i - (len(ratios) - 1) / 2) * width
             ppl = entry["perplexity"]
-            axis.bar(x, ppl["mean"], width=width * 0.95, color=colors[i],
-                     yerr=[[ppl["mean"] - ppl["low"]], [ppl["high"] - ppl["mean"]]], capsize=3,
-                     label=f"{ratio:.0%} experts pruned" if j == 0 else None)
             dots = list(entry["perplexity_by_model"].values())
-            axis.scatter([x] * len(dots), dots, s=9, color="black", zorder=3,
-                         label="one trained model" if i == 0 and j == 0 else None)
+            left.scatter([j + offset] * len(dots), dots, s=10, color=colors[i], alpha=0.6, zorder=2)
+            left.errorbar(j + offset, ppl["mean"], yerr=[[ppl["mean"] - ppl["low"]], [ppl["high"] - ppl["mean"]]],
+                          fmt="D", color="black", markerfacecolor=colors[i], capsize=4, zorder=3,
+                          label=f"{ratio:.0%} pruned: mean, 95% CI; dots = models" if j == 0 else None)
+            if method == "reap":
+                continue
+            found = [c for c in comparisons_for(summary, ratio, method) if c["b"] == "reap"]
+            if found:
+                p = found[0]["percent"]
+                right.errorbar(j + offset, p["mean"], yerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]],
+                               fmt="o", color=colors[i], capsize=4, markersize=7 if found[0]["significant"] else 4,
+                               label=f"{ratio:.0%} pruned" if j == 1 else None)
     unpruned = summary["unpruned"]["perplexity"]["mean"]
-    axis.axhline(unpruned, color="crimson", linestyle="--", linewidth=1.2, label=f"unpruned ({unpruned:.3g})")
-    axis.set_xticks(range(len(methods)))
-    axis.set_xticklabels(methods, rotation=15)
-    axis.set_yscale("log")
-    axis.set_ylabel("held-out perplexity (log scale, lower is better)")
-    axis.legend(fontsize=8)
-    axis.grid(axis="y", alpha=0.3)
-    env = results["environment"]
-    fig.suptitle(f"Expert pruning of {summary['models']} trained 4x16-expert top-2 Qwen3-MoEs (byte LM, stdlib text): "
-                 f"mean over models, bars = 95 % t-interval\n{describe(env)}", fontsize=8)
+    left.axhline(unpruned, color="crimson", linestyle="--", linewidth=1.2, label=f"unpruned ({unpruned:.3g})")
+    left.set_ylabel("held-out perplexity (lower is better)")
+    left.set_title(f"perplexity, {summary['models']} trained models", fontsize=10)
+    right.axhline(0, color="black", linewidth=1)
+    right.set_ylabel("perplexity relative to REAP, paired over models (%)")
+    right.set_title("method vs REAP (above 0: worse than REAP; interval off 0: significant)", fontsize=10)
+    for axis in (left, right):
+        axis.set_xticks(range(len(methods)))
+        axis.set_xticklabels(methods, rotation=15)
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle("Expert pruning of trained 4x16-expert top-2 Qwen3-MoEs (byte LM, stdlib text)\n"
+                 + describe(results["environment"]), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
