@@ -71,7 +71,7 @@ STUDY_TRAIN_OPTIONS = {"config_overrides": STUDY_MODEL_OVERRIDES, "eval_max_rows
 class StudyConfig:
     """The settings of one study (validated on creation)."""
 
-    train_seeds: int = 8
+    train_seeds: int = 7
     first_train_seed: int = 0
     seeds: int = 2
     steps: int = 300
