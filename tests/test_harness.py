@@ -304,3 +304,34 @@ def test_a_failed_evaluation_is_one_line_naming_the_model(setup, tmp_path, capsy
     assert main(["eval", "--model", str(model), "--tasks", str(task), "--device", "cpu"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"reap-fast eval: error: lm-eval on {model} failed: ")
+
+
+# --- the drop-in's --do_eval ---------------------------------------------------------------------------
+
+
+@needs_lm_eval
+def test_dropin_do_eval_skips_without_lm_eval_and_evaluates_with_it(setup, capsys):
+    from reap_fast.upstream.main import main as dropin_main
+
+    root, model, tasks, calibration = setup
+    artifacts = root / "artifacts"
+    argv = ["--model_name", str(model), "--dataset_name", str(calibration), "--batches_per_category", "4",
+            "--model_max_length", "128", "--compression_ratio", "0.5", "--prune_method", "reap", "--device", "cpu",
+            "--artifacts_dir", str(artifacts), "--lm_eval_tasks", str(tasks / "tiny_mc.yaml")]
+    hide = ("import sys; sys.modules['lm_eval'] = None; from reap_fast.upstream.main import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    completed = subprocess.run([sys.executable, "-c", hide, *argv], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    skipped = [line for line in completed.stdout.splitlines() if "evaluation skipped" in line]
+    assert skipped == [f"evaluation skipped: lm-eval is not installed (pip install 'reap-fast[eval]'); tasks asked "
+                       f"for: {tasks / 'tiny_mc.yaml'} (--do_eval false silences this line)"]
+    assert not list(artifacts.rglob("lm_eval_results.json"))
+
+    assert dropin_main(argv) == 0  # the observation and the pruned model are reused; now it evaluates
+    printed = capsys.readouterr().out
+    results = list(artifacts.rglob("eval/lm_eval_results.json"))
+    assert len(results) == 1 and results[0].parent.parent.name.startswith("reap-")
+    report = json.loads(results[0].read_text())
+    assert report["settings"]["num_fewshot"] == 0 and report["settings"]["seed"] == 42  # upstream's choices
+    assert list(report["results"]) == ["pruned"] and "tiny_mc" in report["results"]["pruned"]["results"]
+    assert "tiny_mc" in printed and f"lm-eval results written to {results[0]}" in printed

@@ -40,6 +40,7 @@ def underscore_argv(inputs):
         "--model_name", checkpoint, "--dataset_name", data, "--prune_method", "reap", "--compression_ratio", "0.25",
         "--seed", "7", "--batches_per_category", "4", "--model_max_length", "32", "--batch_size", "2",
         "--record_pruning_metrics_only", "true", "--renormalize_router_weights", "true", "--output_file_name", "obs.pt",
+        "--do_eval", "false",
     ]  # fmt: skip
 
 
@@ -49,6 +50,7 @@ def dash_argv(inputs):
         "--model-name", checkpoint, "--dataset-name", data, "--prune-method", "reap", "--compression-ratio=0.25",
         "--seed", "7", "--batches-per-category", "4", "--model-max-length", "32", "--batch-size", "2",
         "--record-pruning-metrics-only", "--renormalize-router-weights", "True", "--output-file-name", "obs.pt",
+        "--do-eval", "false",
     ]  # fmt: skip
 
 
@@ -143,7 +145,7 @@ def test_ignored_flags_give_one_warning(inputs, underscore_run, monkeypatch, cap
     ]  # fmt: skip
     _, ignored = parse_args(argv)
     assert ignored == sorted(
-        ["--smoke-test", "--merge_method", "--distance_measure", "--lm_eval_tasks", "--no_frequency_penalty"]
+        ["--smoke-test", "--merge_method", "--distance_measure", "--no_frequency_penalty"]
     )
     with caplog.at_level(logging.WARNING, logger="reap_fast"):
         assert prune_main(argv) == 0
@@ -219,7 +221,8 @@ def test_negative_boolean_and_directory_names():
 def test_cli_bad_input(inputs, underscore_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     checkpoint, data = inputs
-    base = ["--model_name", checkpoint, "--dataset_name", data, "--output_file_name", "obs.pt", "--seed", "7"]
+    base = ["--model_name", checkpoint, "--dataset_name", data, "--output_file_name", "obs.pt", "--seed", "7",
+            "--do_eval", "false"]
     assert prune_main(base + ["--compression_ratio", "1.5"]) == 1
     assert "outside (0, 1)" in capsys.readouterr().err
     # an observation of another model (16 experts) where the observation file is expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -75,7 +76,11 @@ def test_super_expert_rules_and_notes():
     assert "group_limited_greedy" in family_note(SimpleNamespace(model_type="deepseek_v2"))
 
 
-def test_do_eval_never_skips_silently(tmp_path, capsys):
-    line = evaluate_pruned(tmp_path, EvalArgs(), 0)
-    assert line.startswith("evaluation skipped: ") and "winogrande" in line
-    assert capsys.readouterr().out.strip() == line
+def test_do_eval_never_skips_silently(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as without lm-eval installed
+    text = evaluate_pruned(tmp_path, EvalArgs(), 0)
+    lines = text.splitlines()
+    assert lines[0] == "not run by reap-fast: EvalPlus, LiveCodeBench (lm-eval tasks only)"  # upstream's defaults
+    assert lines[1].startswith("evaluation skipped: lm-eval is not installed (pip install 'reap-fast[eval]')")
+    assert "winogrande" in lines[1]
+    assert capsys.readouterr().out.strip() == text

@@ -201,7 +201,7 @@ HONOURED = {
     "model_name",
     "dataset_name", "dataset_config_name", "split",
     "batches_per_category", "batch_size", "model_max_length", "overwrite_observations", "output_file_name", "truncate",
-    "split_by_category", "select_only_categories", "do_eval",
+    "split_by_category", "select_only_categories", "do_eval", "run_lm_eval", "lm_eval_tasks", "results_dir",
     "record_pruning_metrics_only", "renormalize_router_weights",
     "compression_ratio",
     "overwrite_pruned_model", "prune_method", "n_experts_to_prune", "perserve_super_experts", "perserve_outliers",

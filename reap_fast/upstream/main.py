@@ -36,7 +36,7 @@ from .args import (
     ReapFastArgs,
     parse_args,
 )
-from .evaluation import evaluate_pruned
+from .evaluation import check_evaluation, evaluate_pruned
 from .layout import is_composite, observation_path, pruned_model_name, results_directory
 from .semantics import (
     family_note,
@@ -221,6 +221,8 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     config = load_config(model_args.model_name)
     ratio = parsed["ClusterArgs"].compression_ratio if prune_args.n_experts_to_prune is None else None
     check_prune_budget(config, ratio, prune_args.n_experts_to_prune, extra.global_ranking, extra.min_experts_per_layer)
+    if reap_args.do_eval:  # unknown lm-eval tasks stop here, not after the observation
+        check_evaluation(parsed["EvalArgs"], reap_args.seed, extra.device)
     if (line := family_note(config)) is not None:
         _note(line)
 
@@ -251,7 +253,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         _prune(parsed, metrics, obs_path, pruned_dir, layerwise)
         logger.info("pruned model saved to %s", pruned_dir)
     if reap_args.do_eval:
-        evaluate_pruned(pruned_dir, parsed["EvalArgs"], reap_args.seed)
+        evaluate_pruned(pruned_dir, parsed["EvalArgs"], reap_args.seed, extra.device)
     return 0
 
 
