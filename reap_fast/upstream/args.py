@@ -26,7 +26,7 @@ class ReapArgs:
     profile: bool = field(default=True, metadata={"help": "Ignored by reap-fast (upstream profiling pass)."})
     run_observer_only: bool = field(default=False, metadata={"help": "Only run the observer and save its data."})
     do_eval: bool = field(
-        default=True, metadata={"help": "Evaluate the pruned model (one line says what was skipped and why)."}
+        default=True, metadata={"help": "Run --lm_eval_tasks on the pruned model (one line says when lm-eval is missing)."}
     )
     plot_clusters: bool = field(default=True, metadata={"help": "Ignored by reap-fast (no clustering)."})
     smoke_test: bool = field(default=True, metadata={"help": "Ignored by reap-fast."})

@@ -206,8 +206,8 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         logging.getLogger("reap_fast").setLevel(logging.DEBUG)
     if ignored:
         logger.warning(
-            "ignoring %s: reap-fast only observes and prunes; these upstream flags concern merging, clustering, "
-            "vLLM prompts or upstream internals",
+            "ignoring %s: reap-fast observes, prunes and runs lm-eval tasks; these upstream flags concern merging, "
+            "clustering, vLLM prompts and servers, other evaluation suites or upstream internals",
             ", ".join(ignored),
         )
     _validate(parsed)
