@@ -72,7 +72,7 @@ def _add_harness_arguments(parser: argparse.ArgumentParser, prefix: str) -> None
 
     def names(name: str) -> list[str]:
         spellings = [f"--{prefix}{name}"]
-        if not prefix:
+        if not prefix and "-" in name:
             spellings.append("--" + name.replace("-", "_"))
         return spellings
 
@@ -82,7 +82,7 @@ def _add_harness_arguments(parser: argparse.ArgumentParser, prefix: str) -> None
                         help="examples per task (below 1: a fraction), as lm-eval's --limit")
     parser.add_argument(*names("num-fewshot"), dest="num_fewshot", type=int, default=None,
                         help="few-shot examples (default: each task's own)")
-    parser.add_argument(*names("batch-size"), dest="harness_batch_size", default="1",
+    parser.add_argument(*names("batch-size"), dest="harness_batch_size", default="1", metavar="BATCH_SIZE",
                         help="lm-eval batch size: an integer, auto or auto:N")
 
 
