@@ -9,9 +9,9 @@ is *caught* when its tests fail (pytest exit status 1). The union of the subsets
 first (one pytest process): it must pass. Exit status 0 only when every mutant is caught; a snippet that is not found (the code
 moved) is an error naming the mutant, so the list is kept in step with the code.
 
-Add a mutant for every bug found: ``Mutant(name, files, original, replacement, tests)`` where
-``files`` lists candidate paths (the first one holding the snippet is used) and ``original`` occurs
-exactly once in that file.
+Add a mutant for every bug found: ``Mutant(name, files, original, replacement, tests, also=...)`` where
+``files`` lists candidate paths and ``also`` other (file, original, replacement) sites; the first site
+whose file holds its snippet exactly once is used (code that moves between versions keeps its mutant).
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ class Mutant:
     original: str
     replacement: str
     tests: tuple[str, ...]  # pytest arguments (files, node ids, -k expressions)
+    also: tuple[tuple[str, str, str], ...] = ()  # other (file, original, replacement) sites, tried in order
 
 
 BASE = ("reap_fast/models/base.py",)
 SESSION = ("reap_fast/observe/session.py",)
 PRUNE = ("reap_fast/prune/__init__.py",)
 DROPIN = ("reap_fast/upstream/main.py",)
+PIPELINE = ("reap_fast/pipeline.py",)
 SELECT = ("reap_fast/prune/select.py",)
 GATES = ("tests/test_gate_oracle.py",)
 E2E = "tests/test_e2e_decisions.py"
@@ -51,37 +53,46 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- gate semantics --------------------------------------------------------------------------------
     Mutant("model_renormalizes always False", BASE,
            '"""Whether the model itself renormalises its top-k weights."""',
-           '"""Whether the model itself renormalises its top-k weights."""\n        return False', GATES),
+           '"""Whether the model itself renormalises its top-k weights."""\n        return False',
+           GATES + ("-k", "observation and (qwen3_moe or mixtral)")),
     Mutant("always_renormalizes ignored (Mixtral, Qwen3.5, gpt-oss)", BASE,
-           "if self.always_renormalizes:", "if False:", GATES),
+           "if self.always_renormalizes:", "if False:", GATES + ("-k", "observation and (mixtral or gpt_oss)")),
     Mutant("norm_topk_prob ignored", BASE,
-           "return bool(getattr(self.text_config(config), self.renormalize_key, False))", "return False", GATES),
+           "return bool(getattr(self.text_config(config), self.renormalize_key, False))", "return False",
+           GATES + ("-k", "observation and qwen3_moe")),
     Mutant("routed_scaling_factor not divided out", BASE,
            "return _model_weight_gate(self.routed_scaling_factor(config), renormalize)",
-           "return _model_weight_gate(1.0, renormalize)", GATES),
+           "return _model_weight_gate(1.0, renormalize)", GATES + ("-k", "observation and deepseek_v3")),
     Mutant("routed_scaling_factor multiplied instead of divided", BASE,
-           "gates = top_k_weights.to(torch.float32) / scale", "gates = top_k_weights.to(torch.float32) * scale", GATES),
+           "gates = top_k_weights.to(torch.float32) / scale", "gates = top_k_weights.to(torch.float32) * scale",
+           GATES + ("-k", "observation and deepseek_v3")),
     Mutant("softmax over the top-k logits only", BASE,
            "gates = probs.gather(1, top_k_index.long())",
-           "gates = torch.softmax(logits.float().gather(1, top_k_index.long()), dim=-1)", GATES),
+           "gates = torch.softmax(logits.float().gather(1, top_k_index.long()), dim=-1)",
+           GATES + ("-k", "observation and qwen3_moe")),
     Mutant("router logit bias left out of g (gpt-oss)", BASE,
            'logits = F.linear(hidden_states, router.weight, getattr(router, "bias", None))',
            "logits = F.linear(hidden_states, router.weight, None)", GATES + ("-k", "gpt_oss")),
     Mutant("renormalisation divides by k instead of the top-k sum", BASE,
-           "gates = gates / gates.sum(dim=-1, keepdim=True)", "gates = gates / gates.shape[-1]", GATES),
+           "gates = gates / gates.sum(dim=-1, keepdim=True)", "gates = gates / gates.shape[-1]",
+           GATES + ("-k", "observation and qwen3_moe")),
     # --- renormalisation flag ----------------------------------------------------------------------------
     Mutant("Observer ignores --renormalize-router-weights", SESSION,
            "self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)",
-           "self.renormalize = self.adapter.model_renormalizes(model.config)", GATES),
+           "self.renormalize = self.adapter.model_renormalizes(model.config)",
+           GATES + ("-k", "observation and qwen3_moe")),
     Mutant("Observer renormalises where the model does not", SESSION,
            "self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)",
-           "self.renormalize = renormalize", GATES),
+           "self.renormalize = renormalize", GATES + ("-k", "observation and qwen3_moe")),
     Mutant("drop-in forces renormalize=True", DROPIN,
            "renormalize=renormalize,", "renormalize=True,", (E2E, "-k", "renormalize_false")),
     # --- groups ------------------------------------------------------------------------------------------
     Mutant("prune_checkpoint calls select_experts without groups", PRUNE,
            '        groups=routing["groups"],\n    )\n    prune_model(model, keep)\n    info = {',
            "        groups=None,\n    )\n    prune_model(model, keep)\n    info = {", (E2E, "-k", "native_cli_prunes")),
+    Mutant("drop-in prunes without the routing groups", PRUNE,
+           '        groups=routing["groups"],\n    )\n    prune_model(model, keep)\n    info = {',
+           "        groups=None,\n    )\n    prune_model(model, keep)\n    info = {", (E2E, "-k", "dropin_prunes")),
     Mutant("model_routing reports no groups", PRUNE,
            "groups = (int(n_group), int(topk_group) if topk_group is not None else int(n_group))", "groups = None",
            (E2E, "-k", "prunes_every")),
@@ -104,6 +115,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("ratio budget rounded instead of int(E * r)", SELECT,
            "count = int(num_experts * ratio)", "count = round(num_experts * ratio)",
            ("tests/test_prune.py", "-k", "budget")),
+    Mutant("run ignores --min-experts-per-layer", PIPELINE,
+           "c.global_ranking, c.min_experts_per_layer)", "c.global_ranking, None)", (E2E, "-k", "min_experts")),
     Mutant("global ranking no longer refused", PRUNE,
            "if global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:", "if False:",
            (E2E, "-k", "global")),
@@ -188,16 +201,19 @@ def check_imports_from(copy: Path) -> None:
         raise SystemExit(f"mutants: the tests would import {out}, not the copy in {copy}")
 
 
-def locate(mutant: Mutant, copy: Path) -> Path:
-    for relative in mutant.files:
+def locate(mutant: Mutant, copy: Path) -> tuple[Path, str, str]:
+    """The first site holding its snippet exactly once: (path, original, replacement)."""
+    sites = [(relative, mutant.original, mutant.replacement) for relative in mutant.files] + list(mutant.also)
+    for relative, original, replacement in sites:
         path = copy / relative
         if path.is_file():
-            count = path.read_text().count(mutant.original)
+            count = path.read_text().count(original)
             if count == 1:
-                return path
+                return path, original, replacement
             if count > 1:
                 raise SnippetError(f"{mutant.name}: the snippet occurs {count} times in {relative}")
-    raise SnippetError(f"{mutant.name}: snippet not found in {', '.join(mutant.files)}: {mutant.original!r}")
+    tried = ", ".join(f"{relative}: {original!r}" for relative, original, _ in sites)
+    raise SnippetError(f"{mutant.name}: snippet not found ({tried})")
 
 
 def union_of_subsets(subsets: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -265,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         missed = []
         for mutant in chosen:
-            path = locate(mutant, copy)
+            path, snippet, replacement = locate(mutant, copy)
             original = path.read_text()
-            path.write_text(original.replace(mutant.original, mutant.replacement))
+            path.write_text(original.replace(snippet, replacement))
             try:
                 status, seconds, last = run_tests(copy, mutant.tests)
             finally:
