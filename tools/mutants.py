@@ -76,6 +76,11 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("renormalisation divides by k instead of the top-k sum", BASE,
            "gates = gates / gates.sum(dim=-1, keepdim=True)", "gates = gates / gates.shape[-1]",
            GATES + ("-k", "observation and qwen3_moe")),
+    Mutant("DeepSeek-V3 g from a softmax of the logits (sigmoid router ignored)", ("reap_fast/models/families.py",),
+           'model_types=("deepseek_v3", "kimi_k2"),\n        num_experts_key="n_routed_experts",\n'
+           '        gate_mode="model_weights",',
+           'model_types=("deepseek_v3", "kimi_k2"),\n        num_experts_key="n_routed_experts",\n'
+           '        gate_mode="softmax",', GATES + ("-k", "observation and deepseek_v3")),
     # --- renormalisation flag ----------------------------------------------------------------------------
     Mutant("Observer ignores --renormalize-router-weights", SESSION,
            "self.renormalize = renormalize and self.adapter.model_renormalizes(model.config)",
@@ -153,6 +158,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "_slice_tensors(layer.router, index, old_count, names=present)",
            "_slice_tensors(layer.router, torch.arange(index.numel()), old_count, names=present)",
            (E2E, "-k", "native_cli_prunes")),
+    Mutant("DeepSeek-V3 correction bias not sliced", ("reap_fast/models/families.py",),
+           'model_types=("deepseek_v3", "kimi_k2"),\n        num_experts_key="n_routed_experts",\n'
+           '        gate_mode="model_weights",\n        router_tensors=("weight", "e_score_correction_bias"),',
+           'model_types=("deepseek_v3", "kimi_k2"),\n        num_experts_key="n_routed_experts",\n'
+           '        gate_mode="model_weights",\n        router_tensors=("weight",),', (E2E, "-k", "native_cli_prunes")),
     Mutant("gpt-oss router bias not sliced", ("reap_fast/models/families.py",),
            'router_tensors=("weight", "bias"),', 'router_tensors=("weight",),',
            ("tests/test_prune.py", "-k", "gpt_oss")),
