@@ -154,8 +154,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "position = end + 1", "position = end", ("tests/test_data.py", "-k", "packing")),
     # --- slicing ---------------------------------------------------------------------------------------------
     Mutant("router rows sliced from the front instead of the kept experts", ("reap_fast/prune/slicing.py",),
-           "_slice_router_tensor(layer.router, name, index, old_count)",
-           "_slice_router_tensor(layer.router, name, torch.arange(index.numel()), old_count)",
+           "_slice_router_tensor(layer.router, name, index, old_count, skeleton)",
+           "_slice_router_tensor(layer.router, name, torch.arange(index.numel()), old_count, skeleton)",
            (E2E, "-k", "native_cli_prunes")),
     Mutant("DeepSeek-V3 correction bias not sliced", ("reap_fast/models/families.py",),
            'model_types=("deepseek_v3", "kimi_k2"),\n        num_experts_key="n_routed_experts",\n'
