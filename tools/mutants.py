@@ -153,9 +153,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("no gap between packed documents (upstream leaves one)", ("reap_fast/data/packing.py",),
            "position = end + 1", "position = end", ("tests/test_data.py", "-k", "packing")),
     # --- slicing ---------------------------------------------------------------------------------------------
-    Mutant("router rows sliced from the front instead of the kept experts", ("reap_fast/prune/slicing.py",),
+    Mutant("router rows sliced from the front instead of the kept experts (in memory)", ("reap_fast/prune/slicing.py",),
            "_slice_router_tensor(layer.router, name, index, old_count, skeleton)",
            "_slice_router_tensor(layer.router, name, torch.arange(index.numel()), old_count, skeleton)",
+           ("tests/test_prune.py", "-k", "slicing")),
+    Mutant("router rows of the saved checkpoint taken from the front", ("reap_fast/prune/checkpoint.py",),
+           "return name, tensor.index_select(dim, index).contiguous()",
+           "return name, tensor.index_select(dim, torch.arange(len(kept))).contiguous()",
            (E2E, "-k", "native_cli_prunes")),
     Mutant("DeepSeek-V3 correction bias not sliced", ("reap_fast/models/families.py",),
            'model_types=("deepseek_v3", "kimi_k2"),\n        num_experts_key="n_routed_experts",\n'
