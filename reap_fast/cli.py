@@ -168,7 +168,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     from .metrics import looks_like_observation, save_metrics
     from .observe import observe_checkpoint
     from .observe.distributed import is_main_process
-    from .observe.runner import load_config
+    from .models.loading import load_config
 
     output = Path(args.output)
     with output_lock(output):

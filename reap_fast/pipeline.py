@@ -208,7 +208,7 @@ class Pipeline:
     def check_inputs(self) -> None:
         """Everything checkable before calibration work: model folder and family, pruning budget, room for the
         outputs, quantizability (with --quantize) and the held-out text (with --eval-dataset)."""
-        from .observe.runner import load_config
+        from .models.loading import load_config
         from .prune import check_prune_budget
 
         c = self.config
@@ -266,7 +266,7 @@ class Pipeline:
         from .identity import attach_identity, model_identity
         from .metrics import save_metrics
         from .observe import observe_checkpoint
-        from .observe.runner import load_config
+        from .models.loading import load_config
 
         c = self.config
         metrics = observe_checkpoint(

@@ -271,12 +271,12 @@ def test_load_model_keeps_the_checkpoint_dtype(tmp_path):
 
 def test_prune_checkpoint_reads_no_weights_of_a_safetensors_source(tmp_path, monkeypatch):
     """The pruned folder is written from the source's files: the model's weights are never loaded."""
-    import reap_fast.observe.runner as runner
+    import reap_fast.models.loading as loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("load_model called")
 
-    monkeypatch.setattr(runner, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
     source = tmp_path / "olmoe"
     stack_helper.make_source(source, "olmoe")
     pruned, keep = prune_with_cli(source, tmp_path)

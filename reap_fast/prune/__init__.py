@@ -145,7 +145,7 @@ def prune_checkpoint(
     ``compression_ratio`` defaults to 0.5 (upstream's default) when neither it nor ``n_experts_to_prune``
     is given.
     """
-    from ..observe.runner import load_config, load_model, load_skeleton
+    from ..models.loading import load_config, load_model, load_skeleton
 
     if compression_ratio is None and n_experts_to_prune is None:
         compression_ratio = 0.5

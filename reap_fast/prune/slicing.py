@@ -72,7 +72,7 @@ def _gather(owner: nn.Module, leaf: str, index: torch.Tensor, dim: int, skeleton
     """Replace ``owner.<leaf>`` (parameter or buffer) by its entries ``index`` along ``dim``.
 
     Meta tensors are refused (offloaded weights) unless the whole model is a ``skeleton`` (shapes only,
-    :func:`reap_fast.observe.runner.load_skeleton`), where only the shapes change.
+    :func:`reap_fast.models.loading.load_skeleton`), where only the shapes change.
     """
     tensor = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
     if tensor.device.type == "meta" and not skeleton:

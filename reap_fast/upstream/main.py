@@ -191,7 +191,7 @@ def _prune(parsed: dict[str, Any], metrics: dict, obs_path: Path, pruned_dir: Pa
 def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     """Parse, observe (or reuse the observation), prune, save and evaluate, as upstream's ``main``."""
     from ..models import get_adapter
-    from ..observe.runner import load_config
+    from ..models.loading import load_config
     from ..prune import check_prune_budget, holds_model
     from ..prune.select import experts_to_prune
 
