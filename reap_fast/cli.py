@@ -9,10 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from .errors import EXIT_INTERRUPTED, ReapFastError
-from .metrics import LayerMetrics
+from .metrics import format_expert_table
 from .outputs import OutputError, check_output_file, clean_leftovers, output_lock
 from .preflight import check_output_location
 
@@ -147,20 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the pipeline end to end on the built-in tiny model")
     demo.add_argument("--output", default="demo_out", help="folder for the demo's files")
     return parser
-
-
-def format_expert_table(metrics: dict[int, LayerMetrics], top: int = 3) -> str:
-    """Per layer: the highest and lowest REAP-scoring experts with their routed-token counts."""
-    lines = [f"{'layer':>5}  {'top experts (reap score, tokens)':<48}  bottom experts (reap score, tokens)"]
-    for layer, values in sorted(metrics.items()):
-        order = torch.argsort(values["reap"], descending=True, stable=True)
-        freq = values["expert_frequency"]
-
-        def describe(indices: torch.Tensor) -> str:
-            return "  ".join(f"e{int(i)} ({float(values['reap'][i]):.3g}, {int(freq[i])})" for i in indices)
-
-        lines.append(f"{layer:>5}  {describe(order[:top]):<48}  {describe(order[-top:].flip(0))}")
-    return "\n".join(lines)
 
 
 def cmd_observe(args: argparse.Namespace) -> int:

@@ -64,8 +64,7 @@ def generate_with_quantized(model_dir: Path, prompt: str = PROMPT) -> str:
 
 def run_demo(folder: Path, steps: int = 300) -> dict:
     """Train, observe, prune, quantize, evaluate, reload and generate; print what happened."""
-    from .cli import format_expert_table
-    from .metrics import load_metrics
+    from .metrics import format_expert_table, load_metrics
     from .pipeline import Pipeline, PipelineConfig, format_summary
 
     folder.mkdir(parents=True, exist_ok=True)

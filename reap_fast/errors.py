@@ -25,6 +25,10 @@ class UsageError(ReapFastError, ValueError):
     """A setting or argument value that cannot work (batch size 0, a flag combination)."""
 
 
+class EngineUnavailableError(ReapFastError, RuntimeError):
+    """The requested observation engine cannot run here (e.g. Triton without a GPU or interpreter)."""
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (library errors often run to several lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

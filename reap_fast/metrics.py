@@ -270,3 +270,17 @@ def load_metrics(path: str | os.PathLike) -> Observation:
     # Upstream files may carry extra merging statistics; keep every other key, validate ours.
     observation.identity = identities[0] if isinstance(identities[0], dict) else None
     return observation
+
+
+def format_expert_table(metrics: dict[int, LayerMetrics], top: int = 3) -> str:
+    """Per layer: the highest and lowest REAP-scoring experts with their routed-token counts."""
+    lines = [f"{'layer':>5}  {'top experts (reap score, tokens)':<48}  bottom experts (reap score, tokens)"]
+    for layer, values in sorted(metrics.items()):
+        order = torch.argsort(values["reap"], descending=True, stable=True)
+        freq = values["expert_frequency"]
+
+        def describe(indices: torch.Tensor) -> str:
+            return "  ".join(f"e{int(i)} ({float(values['reap'][i]):.3g}, {int(freq[i])})" for i in indices)
+
+        lines.append(f"{layer:>5}  {describe(order[:top]):<48}  {describe(order[-top:].flip(0))}")
+    return "\n".join(lines)

@@ -20,17 +20,13 @@ from typing import Callable
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
-from ..errors import ReapFastError
+from ..errors import EngineUnavailableError
 from ..metrics import BatchStats
 from .reference import reference_experts_forward
 
 Engine = Callable[..., tuple[torch.Tensor, BatchStats | None]]
 
 ENGINE_NAMES = ("reference", "triton")
-
-
-class EngineUnavailableError(ReapFastError, RuntimeError):
-    """The requested engine cannot run here (e.g. Triton without a GPU or interpreter)."""
 
 
 def _triton_engine() -> Engine:

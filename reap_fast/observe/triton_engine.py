@@ -21,14 +21,13 @@ import weakref
 import torch
 from torch import nn
 
+from ..errors import EngineUnavailableError
 from ..metrics import BatchStats, LayerAccumulator
 
 DEINTERLEAVED = "_reap_deinterleaved"  # module attribute: (weakref to the rewritten weight, its version)
 
 
 def _unavailable(message: str) -> Exception:
-    from .engines import EngineUnavailableError  # lazy: engines imports this module lazily too
-
     return EngineUnavailableError(message)
 
 

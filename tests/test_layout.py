@@ -1,0 +1,132 @@
+"""The package's floors: no import circles, and the shipped stages load models without observe/'s internals.
+
+The import graph is read from the source with ``ast`` (nothing is imported): module-level imports (run
+when the module is imported) and function-level imports (run when the function is called) are two
+separate graphs.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "reap_fast"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imported_modules(node: ast.AST, importer: str, is_package: bool) -> set[str]:
+    """The reap_fast modules an import statement names (``from pkg import sub`` names ``pkg.sub``)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in MODULES}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    if node.level:
+        base = importer.split(".") if is_package else importer.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    named = set()
+    for alias in node.names:
+        submodule = f"{target}.{alias.name}"
+        named.add(submodule if submodule in MODULES else target)
+    return named & set(MODULES)
+
+
+def import_graphs() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module-level edges, function-level edges) of every module in reap_fast."""
+    module_level: dict[str, set[str]] = {name: set() for name in MODULES}
+    function_level: dict[str, set[str]] = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        is_package = path.name == "__init__.py"
+
+        def visit(node: ast.AST, inside_function: bool) -> None:
+            graph = function_level if inside_function else module_level
+            graph[name] |= imported_modules(node, name, is_package)
+            nested = inside_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            for child in ast.iter_child_nodes(node):
+                visit(child, nested)
+
+        visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return module_level, function_level
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with a cycle (Tarjan), each sorted; a self-import counts."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "d"}, "e": {"a"}}
+    assert sorted(find_cycles(graph)) == [["a", "b", "c"], ["d"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_sees_the_package():
+    module_level, function_level = import_graphs()
+    assert "reap_fast.observe.engines" in module_level["reap_fast.observe"]
+    assert "reap_fast.models.loading" in module_level["reap_fast.observe.runner"]
+    assert "reap_fast.models.loading" in function_level["reap_fast.prune"]
+
+
+def test_no_import_cycle_through_module_level_imports():
+    module_level, _ = import_graphs()
+    assert find_cycles(module_level) == []
+
+
+def test_no_import_cycle_even_counting_function_level_imports():
+    """Lazy imports break a circle at import time only; the modules still depend on each other."""
+    module_level, function_level = import_graphs()
+    combined = {name: module_level[name] | function_level[name] for name in MODULES}
+    assert find_cycles(combined) == []
+
+
+def test_shipped_stages_do_not_import_observe_internals():
+    """prune/, quantize and pipeline load models from reap_fast.models, not from observe/'s modules."""
+    module_level, function_level = import_graphs()
+    stages = [name for name in MODULES if name.startswith("reap_fast.prune") or name.startswith("reap_fast.quantize")]
+    stages.append("reap_fast.pipeline")
+    offending = {
+        stage: sorted(target for target in module_level[stage] | function_level[stage] if target.startswith("reap_fast.observe."))
+        for stage in stages
+    }
+    assert {stage: targets for stage, targets in offending.items() if targets} == {}
