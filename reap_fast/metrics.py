@@ -49,6 +49,8 @@ LayerMetrics = dict[str, torch.Tensor]
 IDENTITY_KEY = "reap_fast_model"
 # Keys that hold counts or sums of norms, gates or maxima floored at zero: never negative.
 NON_NEGATIVE_KEYS = tuple(METRIC_DTYPES)
+# Raw accumulator keys combined by maximum (across batches, processes, merges); every other key is summed.
+MAX_COMBINED_KEYS = ("max_activations",)
 # Per-token means and the sums they derive from: mean == sum / frequency where frequency > 0.
 MEAN_OF_SUM = {"ean_mean": "ean_sum", "reap": "weighted_ean_sum"}
 # Upstream keeps these means as running fp32 averages, so they agree with sum / frequency only to ~1e-4.
@@ -134,7 +136,7 @@ class LayerAccumulator:
         """Add another accumulator of the same layer (e.g. from another process)."""
         for key, value in self.state_tensors().items():
             theirs = other.state_tensors()[key].to(value.device)
-            if key == "max_activations":
+            if key in MAX_COMBINED_KEYS:
                 torch.maximum(value, theirs, out=value)
             else:
                 value += theirs

@@ -26,14 +26,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..metrics import LayerAccumulator
+from ..metrics import MAX_COMBINED_KEYS, LayerAccumulator
 
 logger = logging.getLogger(__name__)
-
-SUM_KEYS = ("total_tokens", "expert_frequency", "pairwise_expert_frequency", "ean_sum", "weighted_ean_sum",
-            "weighted_expert_frequency_sum")
-MAX_KEYS = ("max_activations",)
-
 
 def is_distributed() -> bool:
     """Whether a torch.distributed process group is running."""
@@ -93,7 +88,7 @@ def all_reduce_accumulators(accumulators: dict[int, LayerAccumulator]) -> None:
     cpu_backend = dist.get_backend() == "gloo"
     for index in sorted(accumulators):
         for key, value in accumulators[index].state_tensors().items():
-            op = dist.ReduceOp.MAX if key in MAX_KEYS else dist.ReduceOp.SUM
+            op = dist.ReduceOp.MAX if key in MAX_COMBINED_KEYS else dist.ReduceOp.SUM
             work = value.cpu() if cpu_backend and value.device.type != "cpu" else value
             if work.dim() == 0:
                 flat = work.reshape(1).clone()

@@ -6,7 +6,6 @@ from checkpoints.
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..models.loading import (  # noqa: F401  (DTYPES, ModelLoadError, checkpoin
     resolve_dtype,
 )
 from ..preflight import check_model_folder
+from .progress import TokenRate
 from .session import Observer
 
 logger = logging.getLogger(__name__)
@@ -160,13 +160,11 @@ def observe_batches(
         if resume_state is not None:
             restore_accumulators(observer.accumulators, resume_state["accumulators"])
             start = int(resume_state["batches_done"])
-        began, tokens = time.perf_counter(), 0
+        rate = TokenRate()
         with tqdm(total=total, initial=start, desc=f"observe ({engine})", unit="batch", disable=not progress) as bar:
             for index, batch in enumerate(calibration.batches(batch_size, start=start * batch_size), start=start):
                 observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
-                tokens += int(batch.attention_mask.sum())
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - began, 1e-9):,.0f}")
-                bar.update(1)
+                rate.advance(bar, int(batch.attention_mask.sum()))
                 if checkpointer is not None:
                     done = index + 1
                     checkpointer.after_batch(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Iterable
 
 import torch
@@ -24,6 +23,7 @@ from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
+from .progress import TokenRate
 from .triton_engine import restore_interleaved
 
 logger = logging.getLogger(__name__)
@@ -150,18 +150,15 @@ class Observer:
 
     def run(self, batches: Iterable, total: int | None = None, progress: bool = True) -> dict[int, LayerMetrics]:
         """Observe every batch (objects with input_ids, attention_mask, stats_mask); return the metrics."""
-        start, tokens, seen = time.perf_counter(), 0, 0
+        rate, seen = TokenRate(), 0
         with tqdm(total=total, desc=f"observe ({self.engine})", unit="batch", disable=not progress) as bar:
             for batch in batches:
                 self.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
-                tokens += int(batch.attention_mask.sum())
+                rate.advance(bar, int(batch.attention_mask.sum()))
                 seen += 1
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
-                bar.update(1)
         if seen == 0:
             raise ValueError("no calibration batches to observe")
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        logger.info("observed %d tokens in %.1f s (%.0f tokens/s)", tokens, elapsed, tokens / elapsed)
+        logger.info("observed %d tokens in %.1f s (%.0f tokens/s)", rate.tokens, rate.elapsed(), rate.per_second())
         return self.metrics()
 
     def metrics(self) -> dict[int, LayerMetrics]:

@@ -70,6 +70,7 @@ from ..errors import ReapFastError
 from ..metrics import LayerAccumulator
 from ..models import UnsupportedModelError, get_adapter
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators
+from .progress import TokenRate
 from .session import Observer
 
 logger = logging.getLogger(__name__)
@@ -588,7 +589,7 @@ def observe_streaming(
                     report.add(placed)
                     layers[index] = layer
                     bar.set_description(f"stream layer {index + 1}/{len(real_layers)}")
-                    started, tokens = time.perf_counter(), 0
+                    rate = TokenRate()
                     first = start_batch if index == start_layer else 0
                     for batch in range(first, num_batches):
                         begin, end = batch * batch_size, min(count, (batch + 1) * batch_size)
@@ -598,14 +599,12 @@ def observe_streaming(
                                           use_cache=False).last_hidden_state
                         store.write(begin, end, output)
                         del output
-                        tokens += int(calibration.attention_mask[begin:end].sum())
-                        bar.set_postfix(batch=f"{batch + 1}/{num_batches}",
-                                        tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
-                        bar.update(1)
+                        rate.advance(bar, int(calibration.attention_mask[begin:end].sum()),
+                                     batch=f"{batch + 1}/{num_batches}")
                         if checkpointer is not None:
                             checkpointer.after_batch(lambda: state(index, batch + 1), store.snapshot)
                     _synchronize(device)
-                    report.compute_seconds += time.perf_counter() - started
+                    report.compute_seconds += rate.elapsed()
                     layers[index] = _PassThrough(layer)
                     report.remove(placed)
                     release(layer)
