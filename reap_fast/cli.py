@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, ReapFastError
+from .logs import configure_logging
 from .metrics import format_expert_table
 from .outputs import OutputError, check_output_file, clean_leftovers, output_lock
 from .preflight import check_output_location
@@ -322,7 +323,7 @@ def _raise_system_exit(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reap-fast`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging("%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     debug = args.debug or bool(os.environ.get("REAP_FAST_DEBUG"))
     # SIGTERM unwinds like an exception, so locks are released and child processes stopped.

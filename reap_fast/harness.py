@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 from .children import exit_on_sigterm, run_child
 from .errors import ReapFastError
 from .fileio import atomic_write_json
+from .logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--error-json", default=None, help="where a failure's one-line message is written")
     args = parser.parse_args(argv)
     exit_on_sigterm()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging("%(message)s")
     try:
         settings = HarnessSettings(**json.loads(Path(args.settings).read_text()))
         atomic_write_json(evaluate_model(args.model, settings), args.json)

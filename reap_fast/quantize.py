@@ -37,6 +37,7 @@ from .children import exit_on_sigterm, run_child
 from .devices import resolve_device
 from .errors import ReapFastError
 from .fileio import publish_folder, sha256_file
+from .logs import configure_logging
 from .outputs import OutputLock, check_output, clean_leftovers, work_prefix, write_marker
 from .preflight import check_model_folder, check_output_location, weights_bytes
 
@@ -591,8 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     """``reap-fast quantize`` / ``python -m reap_fast.quantize``; returns the exit code."""
     args = build_parser().parse_args(argv)
     exit_on_sigterm()  # a terminated child still removes its staging folders
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("%(levelname)s %(name)s: %(message)s")
 
     def report(kind: str, message: str) -> None:
         if args.error_json:

@@ -43,6 +43,7 @@ import torch
 from .environment import environment_record
 from .evaluate import EvalRows, combine_results, evaluate_rows, pack_texts
 from .fileio import atomic_write_json
+from .logs import configure_logging
 from .study_report import (
     RESULTS_FORMAT,
     check_reference,
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         _compare(results, reference, output)
         return 0
     work = Path(args.work or (output / "work" if args.quick else "artifacts/quality"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     results = run_study(config, output, work)

@@ -24,6 +24,7 @@ import torch
 
 from ..data import CalibrationSet, PackingOptions, build_calibration_set
 from ..errors import EXIT_INTERRUPTED, ReapFastError
+from ..logs import configure_logging
 from .args import (
     YAML_SECTIONS,
     ClusterArgs,
@@ -263,8 +264,7 @@ def main(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     Every :class:`~reap_fast.errors.ReapFastError` is a user error here; the drop-in keeps exit status 1
     for them, as its scripts always have, and 130 after Ctrl-C.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     prog = "reap_fast.layerwise_prune" if layerwise else "reap_fast.prune"
     try:
         return run(argv, layerwise)
