@@ -14,7 +14,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .processors import UPSTREAM_PROCESSORS, UpstreamProcessor, normalize_tool_call_arguments
+from .processors import UPSTREAM_PROCESSORS, UpstreamProcessor, message_content_text, normalize_tool_call_arguments
 from .sources import datasets_module, load_raw, reason_of
 from .spec import CalibrationDataError, CategorySpec
 
@@ -130,24 +130,6 @@ def _resolve_columns(ds: datasets.Dataset, category: CategorySpec) -> tuple[str,
     )
 
 
-def _content_text(content: Any) -> str:
-    """Message content as text (multi-part content joined, as upstream ``_normalize_message_content``)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for item in content:
-            if isinstance(item, dict):
-                text = item.get("text") if item.get("type", "text") == "text" else None
-                parts.append(text if isinstance(text, str) else json.dumps(item, sort_keys=True, default=str))
-            elif item is not None:
-                parts.append(str(item))
-        return "\n".join(p for p in parts if p)
-    return str(content)
-
-
 def _maybe_json(value: Any, strict: bool = False) -> Any:
     """A JSON string decoded (left as it is when not JSON, unless ``strict``, as upstream's decoding is)."""
     if isinstance(value, str):
@@ -170,7 +152,7 @@ def _normalize_messages(value: Any, label: str) -> list[dict[str, Any]]:
         role = turn.get("role", turn.get("from"))
         message = {k: v for k, v in turn.items() if v is not None and k not in ("from", "value")}
         message["role"] = _ROLE_ALIASES.get(str(role).lower(), str(role))
-        message["content"] = _content_text(turn.get("content", turn.get("value")))
+        message["content"] = message_content_text(turn.get("content", turn.get("value")))
         if isinstance(message.get("tool_calls"), list):
             message["tool_calls"] = [_normalize_tool_call(call) for call in message["tool_calls"]]
         messages.append(message)
