@@ -1,0 +1,16 @@
+"""Frozen, validated settings of each stage: every default and every range check lives here, once.
+
+A stage function takes paths and its config (``observe_checkpoint(model, dataset, out, ObserveConfig(...))``);
+for compatibility it also accepts the config's fields as keyword overrides, which go through the same
+validation (:func:`reap_fast.config.checks.resolve`). The CLI, the upstream drop-in and the pipeline only
+map their flag names onto these fields.
+
+Each stage owns one module here (``observe``, ``prune``, ``quantize``, ``evaluate``); this package imports
+nothing of reap_fast above ``errors``.
+"""
+
+from __future__ import annotations
+
+from .checks import ConfigError, check_choice, check_range, resolve
+
+__all__ = ["ConfigError", "check_choice", "check_range", "resolve"]

@@ -1,0 +1,62 @@
+"""The building blocks of the stage configs: range and choice checks, and keyword overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from ..errors import UsageError
+
+Config = TypeVar("Config")
+
+
+class ConfigError(UsageError):
+    """A setting outside what its stage can run with (one line, exit 2)."""
+
+
+def check_range(
+    name: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """Refuse ``value`` outside ``[low, high]`` (``open_low``/``open_high`` exclude that end); None passes."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if open_low else value < low)
+    above = high is not None and (value >= high if open_high else value > high)
+    if below or above:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if open_low or low is None else '['}{left}, {right}{')' if open_high or high is None else ']'}"
+        raise ConfigError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuse ``value`` that is not one of ``choices``."""
+    allowed = tuple(choices)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def resolve(config_type: type[Config], config: Config | None, overrides: Mapping[str, Any]) -> Config:
+    """The config a stage runs with: ``config`` (or the defaults) with keyword ``overrides`` applied.
+
+    Unknown keywords are refused with the list of known fields; the result is validated by the config's
+    own ``__post_init__`` like any other instance.
+    """
+    if config is not None and not isinstance(config, config_type):
+        raise ConfigError(f"expected a {config_type.__name__}, got {type(config).__name__}")
+    known = {field.name for field in dataclasses.fields(config_type)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {config_type.__name__} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    if config is None:
+        return config_type(**overrides)
+    return dataclasses.replace(config, **overrides) if overrides else config  # type: ignore[type-var]

@@ -1,0 +1,55 @@
+"""The shared building blocks of the stage configs (reap_fast.config.checks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from reap_fast.config import ConfigError, check_choice, check_range, resolve
+from reap_fast.errors import ReapFastError
+
+
+@dataclass(frozen=True)
+class _Example:
+    ratio: float | None = 0.5
+    count: int = 1
+    kind: str = "a"
+
+    def __post_init__(self) -> None:
+        check_range("ratio", self.ratio, 0.0, 1.0, open_low=True, open_high=True)
+        check_range("count", self.count, 1)
+        check_choice("kind", self.kind, ("a", "b"))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"ratio": 0.0}, "ratio must be in (0, 1), got 0.0"),
+        ({"ratio": 1.0}, "ratio must be in (0, 1), got 1.0"),
+        ({"count": 0}, "count must be in [1, inf), got 0"),
+        ({"kind": "c"}, "kind must be one of 'a', 'b'; got 'c'"),
+        ({"speed": 3}, "unknown _Example setting(s) speed; known: count, kind, ratio"),
+    ],
+)
+def test_bad_settings_are_one_line_usage_errors(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        resolve(_Example, None, settings)
+    assert str(caught.value) == message
+    assert isinstance(caught.value, ReapFastError) and caught.value.exit_code == 2
+
+
+def test_edges_and_none_pass():
+    assert resolve(_Example, None, {"ratio": None, "count": 1}).ratio is None
+    check_range("x", 1.0, 0.0, 1.0)  # closed ends include the edge
+    check_range("x", 0.0, 0.0, 1.0)
+
+
+def test_overrides_apply_on_top_of_a_given_config_and_are_validated():
+    base = _Example(count=4)
+    assert resolve(_Example, base, {}) is base
+    assert resolve(_Example, base, {"kind": "b"}) == _Example(count=4, kind="b")
+    with pytest.raises(ConfigError):
+        resolve(_Example, base, {"count": -1})
+    with pytest.raises(ConfigError, match="expected a _Example"):
+        resolve(_Example, object(), {})
