@@ -39,11 +39,11 @@ test: $(STAMP)
 
 # The quality study (README "Does the pruned model stay good?"); not part of CI. Resumes when interrupted.
 study: $(STAMP)
-	$(PY) -m reap_fast.study
+	$(PY) -m reap_fast.lab.study
 
 # One model, four methods, a few minutes: compared with the committed bench/quality/results.json.
 study-quick: $(STAMP)
-	$(PY) -m reap_fast.study --quick
+	$(PY) -m reap_fast.lab.study --quick
 
 # Planted bugs (tools/mutants.py): every one-line wrong decision must make its tests fail (not part of `make test`).
 mutants: $(STAMP)

@@ -21,7 +21,7 @@ import torch
 
 
 def make(folder: Path, layers: int, experts: int, hidden: int, moe_intermediate: int) -> None:
-    from reap_fast.tiny import build_model, byte_tokenizer, tiny_qwen3_moe_config
+    from reap_fast.lab.tiny import build_model, byte_tokenizer, tiny_qwen3_moe_config
 
     config = tiny_qwen3_moe_config(
         num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=8, hidden_size=hidden,

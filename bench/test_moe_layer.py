@@ -39,7 +39,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.triton_engine import triton_experts_forward
-from reap_fast.tiny import tiny_qwen3_moe_config
+from reap_fast.lab.tiny import tiny_qwen3_moe_config
 
 CUDA = torch.cuda.is_available()
 if CUDA:

@@ -38,7 +38,7 @@ import torch
 from reap_fast.data import CalibrationSet
 from reap_fast.observe.runner import observe_batches, resolve_engine
 from reap_fast.observe.streaming import StreamingReport, observe_streaming
-from reap_fast.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
+from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .children import run_child
-from .corpus import write_jsonl
+from .lab.corpus import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ print(json.dumps(tokenizer.decode(out[0, ids.shape[1]:])))
 
 def prepare_demo_inputs(folder: Path, steps: int) -> tuple[Path, str, str]:
     """The briefly trained checkpoint, and calibration / held-out specs over disjoint documents."""
-    from .train import split_documents, stdlib_corpus, train_tiny_moe
+    from .lab.train import split_documents, stdlib_corpus, train_tiny_moe
 
     splits = split_documents(stdlib_corpus(), seed=0)
     model_dir = folder / "tiny-qwen3-moe"

@@ -1,4 +1,5 @@
-"""The package's floors: no import circles, and the shipped stages load models without observe/'s internals.
+"""The package's floors: no import circles, the shipped stages load models without observe/'s internals,
+and nothing shipped but the demo imports the lab (reap_fast/lab/).
 
 The import graph is read from the source with ``ast`` (nothing is imported): module-level imports (run
 when the module is imported) and function-level imports (run when the function is called) are two
@@ -130,3 +131,19 @@ def test_shipped_stages_do_not_import_observe_internals():
         for stage in stages
     }
     assert {stage: targets for stage, targets in offending.items() if targets} == {}
+
+
+def in_lab(name: str) -> bool:
+    return name == "reap_fast.lab" or name.startswith("reap_fast.lab.")
+
+
+def test_only_the_demo_imports_the_lab():
+    """The shipped code stands without the research code: only reap_fast.demo (and the lab itself) import it."""
+    module_level, function_level = import_graphs()
+    assert "reap_fast.lab.corpus" in module_level["reap_fast.demo"]  # the check sees the demo's import
+    importers = {
+        name: sorted(target for target in module_level[name] | function_level[name] if in_lab(target))
+        for name in MODULES
+        if not in_lab(name) and name != "reap_fast.demo"
+    }
+    assert {name: targets for name, targets in importers.items() if targets} == {}

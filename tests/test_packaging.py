@@ -1,8 +1,11 @@
-"""The kernels folder ships as `reap_kernels` and never stands in for the Hugging Face `kernels` package."""
+"""The kernels folder ships as `reap_kernels` and never stands in for the Hugging Face `kernels` package; every
+package of reap_fast/ is in the wheel."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,12 @@ def test_transformers_imports_from_the_repository_root():
     result = _probe(REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_every_package_folder_is_in_the_package_list():
+    """pyproject lists the packages by name (kernels/ is mapped to reap_kernels); a folder left out is not installed."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    folders = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "reap_fast").rglob("__init__.py")}
+    assert "reap_fast.lab" in folders
+    assert folders - listed == set()

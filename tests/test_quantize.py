@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from reap_fast import quantize as q
 from reap_fast.outputs import write_marker
-from reap_fast.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
+from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("auto_round") is None, reason="auto-round not installed"

@@ -31,7 +31,7 @@ from reap_fast.cli import build_parser, main
 from reap_fast.identity import attach_identity
 from reap_fast.metrics import MetricsFileError, load_metrics, save_metrics
 from reap_fast.outputs import MARKER_FILE, OutputInUseError, OutputLock, clean_leftovers, lock_path, write_marker
-from reap_fast.tiny import make_tiny_checkpoint
+from reap_fast.lab.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i % 4) for i in range(12)]
@@ -451,7 +451,7 @@ def _all_cli_options() -> set[str]:
 
 def test_case7_hints_name_only_options_the_cli_has():
     from reap_fast.quantize import QuantizationError, check_group_size
-    from reap_fast.tiny import tiny_qwen3_moe_config
+    from reap_fast.lab.tiny import tiny_qwen3_moe_config
 
     with pytest.raises(QuantizationError) as error:
         check_group_size(tiny_qwen3_moe_config(), 128)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 from reap_fast.data import CalibrationSet
-from reap_fast.families_tiny import tiny_family_config
+from reap_fast.lab.families_tiny import tiny_family_config
 from reap_fast.models import UnsupportedModelError
 from reap_fast.observe.session import Observer
 from reap_fast.observe.streaming import (
@@ -26,7 +26,7 @@ from reap_fast.observe.streaming import (
     observe_streaming,
     streaming_supported,
 )
-from reap_fast.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
+from reap_fast.lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 RTOL = 1e-5
