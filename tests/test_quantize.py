@@ -9,6 +9,7 @@ weights, expert by expert. Everything that imports or constructs AutoRound runs 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,8 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from reap_fast import quantize as q
+from reap_fast.fileio import sha256_file
 from reap_fast.outputs import write_marker
 from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
+from reap_fast.quantize import autoround, worker
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("auto_round") is None, reason="auto-round not installed"
@@ -287,7 +290,7 @@ def _no_auto_round(monkeypatch):
     def refuse(*args, **kwargs):  # pre-checks must fail before AutoRound is ever constructed
         raise AssertionError("AutoRound constructed")
 
-    monkeypatch.setattr(q, "_run_auto_round", refuse)
+    monkeypatch.setattr(autoround, "_run_auto_round", refuse)
 
 
 def test_error_group_size_names_sizes(tmp_path, monkeypatch):
@@ -347,8 +350,8 @@ def test_error_existing_output(small_source, tmp_path, monkeypatch):
 
 def test_error_auto_round_missing(small_source, tmp_path, monkeypatch):
     _no_auto_round(monkeypatch)
-    real = q.importlib.util.find_spec
-    monkeypatch.setattr(q.importlib.util, "find_spec", lambda name, *a: None if name == "auto_round" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "auto_round" else real(name, *a))
     with pytest.raises(q.QuantizationError, match=r"auto-round is not installed.*pip install 'reap-fast\[quant\]'"):
         q.quantize_w4a16(small_source, tmp_path / "out", calibration_texts())
 
@@ -359,8 +362,10 @@ def test_subprocess_reports_precheck_error(small_source, tmp_path):
         q.run_quantize_subprocess(small_source, tmp_path / "out", ["a", "b"], seqlen=SEQLEN, capture_output=True)
     texts_file = tmp_path / "texts.json"
     texts_file.write_text(json.dumps({"texts": ["a"]}))
-    code = q.main(["--model", str(small_source), "--output", str(tmp_path / "out"), "--texts-file", str(texts_file),
-                   "--seqlen", "8"])
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model_dir": str(small_source), "output_dir": str(tmp_path / "out"),
+                                   "texts_file": str(texts_file), "overwrite": False, "options": {"seqlen": 8}}))
+    code = worker.main([str(request)])
     assert code == q.EXIT_QUANT_ERROR
     assert not (tmp_path / "out").exists()
 
@@ -370,7 +375,7 @@ def test_incomplete_output_is_detected(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"123")
     assert not q.is_complete_output(folder)
-    digest = q.sha256_file(folder / "model.safetensors")
+    digest = sha256_file(folder / "model.safetensors")
     (folder / q.MARKER_FILE).write_text(json.dumps({"complete": True, "weight_files": {"model.safetensors": digest}}))
     assert q.is_complete_output(folder)
     (folder / "model.safetensors").write_bytes(b"1234")
@@ -396,14 +401,14 @@ def test_interrupted_run_leaves_nothing_and_keeps_old_output(small_source, tmp_p
     write_marker(old, "w4a16")  # an earlier reap-fast output, which overwrite may replace
     before = sorted(p.name for p in old.iterdir())
     workspace_before = os.environ.get("AR_WORK_SPACE")
-    monkeypatch.setattr(q, "_run_auto_round", _fake_auto_round(KeyboardInterrupt()))
+    monkeypatch.setattr(autoround, "_run_auto_round", _fake_auto_round(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         q.quantize_w4a16(small_source, old, calibration_texts(), seqlen=SEQLEN, overwrite=True, device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial / scratch folders
     assert sorted(p.name for p in old.iterdir()) == before
     assert not q.is_complete_output(old)
     # a run that completes replaces the old folder in one rename, marker included
-    monkeypatch.setattr(q, "_run_auto_round", _fake_auto_round())
+    monkeypatch.setattr(autoround, "_run_auto_round", _fake_auto_round())
     q.quantize_w4a16(small_source, old, calibration_texts(), seqlen=SEQLEN, overwrite=True, device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert q.is_complete_output(old)

@@ -438,9 +438,8 @@ def test_case7_sigint_ends_with_one_line_and_exit_130(tmp_path):
 def _all_cli_options() -> set[str]:
     """Every option of reap-fast's subcommands and of its other command lines."""
     from reap_fast.upstream.args import build_parser as dropin_parser
-    from reap_fast.quantize import build_parser as quantize_child_parser
 
-    parsers = [build_parser(), dropin_parser(False), dropin_parser(True), quantize_child_parser()]
+    parsers = [build_parser(), dropin_parser(False), dropin_parser(True)]
     commands = next(action for action in parsers[0]._actions if action.dest == "command")
     parsers += list(commands.choices.values())
     options = {opt for parser in parsers for action in parser._actions for opt in action.option_strings}
@@ -458,9 +457,9 @@ def test_case7_hints_name_only_options_the_cli_has():
     assert "--group-size" not in str(error.value)  # `reap-fast quantize` and `run` have no such option
     options = _all_cli_options()
     package = REPO / "reap_fast"
-    modules = [package / name for name in ("cli.py", "pipeline.py", "quantize.py", "outputs.py", "preflight.py",
+    modules = [package / name for name in ("cli.py", "pipeline.py", "outputs.py", "preflight.py",
                                            "metrics.py", "identity.py", "errors.py", "devices.py")]
-    for folder in ("prune", "observe", "data", "upstream"):
+    for folder in ("prune", "observe", "data", "upstream", "quantize"):
         modules += sorted((package / folder).glob("*.py"))
     source = "\n".join(path.read_text() for path in modules if path.is_file())
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", source))

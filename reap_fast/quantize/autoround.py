@@ -1,0 +1,200 @@
+"""The quantization itself: :func:`quantize_w4a16` (pre-checks, AutoRound in a staging folder, verified output
+with its marker, published in one rename) and :func:`_run_auto_round`, the one place AutoRound is constructed."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..devices import resolve_device
+from ..errors import ReapFastError
+from ..fileio import publish_folder, sha256_file
+from ..outputs import OutputLock, clean_leftovers, work_prefix, write_marker
+from ..preflight import check_output_location, weights_bytes
+from .checks import (
+    QuantizationError,
+    auto_round_version,
+    check_group_size,
+    check_model_dir,
+    check_output_dir,
+    check_texts,
+    is_router_name,
+)
+from .output import MARKER_FILE, MARKER_FORMAT, verify_saved, weight_files
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_w4a16(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    texts: Sequence[str],
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    iters: int = 200,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    batch_size: int = 8,
+    device: str = "auto",
+    seed: int = 42,
+    overwrite: bool = False,
+    min_samples: int = 1,
+) -> Path:
+    """Quantize the checkpoint in ``model_dir`` to W4A16 with AutoRound and save it to ``output_dir``.
+
+    Runs in *this* process: AutoRound patches transformers' MoE classes process-wide, so prefer
+    :func:`run_quantize_subprocess` unless this process does nothing else with transformers.
+    Saved with ``save_quantized(format="auto_round")`` (GPTQ-compatible ``auto_round:auto_gptq``
+    packing), routers and shared-expert gates in 16 bit, the tokenizer alongside, and
+    ``reap_fast_quant.json``. The folder appears at ``output_dir`` only once complete.
+    """
+    with OutputLock(output_dir):  # one process per output; leftovers of killed runs go first
+        clean_leftovers(output_dir)
+        version = auto_round_version()
+        model_path = check_model_dir(model_dir)
+        out = check_output_dir(output_dir, overwrite=overwrite, model_dir=model_path)
+        if bits not in (2, 3, 4, 8):
+            raise QuantizationError(f"bits must be 2, 3, 4 or 8, got {bits}")
+        for label, value, low in (("iters", iters, 0), ("nsamples", nsamples, 1), ("batch_size", batch_size, 1)):
+            if value < low:
+                raise QuantizationError(f"{label} must be >= {low}, got {value}")
+        device = resolve_device(device)
+
+        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+        config = AutoConfig.from_pretrained(model_path)
+        check_group_size(config, group_size)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception as error:
+            raise QuantizationError(f"cannot load the tokenizer from {model_path}: {error}") from error
+        usable = check_texts(tokenizer, texts, seqlen, nsamples=nsamples, min_samples=min_samples)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            check_output_location(out, weights_bytes(model_path) // 2)  # 4-bit weights of a 16-bit model, with room
+        except ReapFastError as error:
+            raise QuantizationError(str(error)) from None
+        staging = Path(tempfile.mkdtemp(prefix=work_prefix(out, "partial"), dir=out.parent))
+        workspace = Path(tempfile.mkdtemp(prefix=work_prefix(out, "ar-work"), dir=out.parent))
+        previous_workspace = os.environ.get("AR_WORK_SPACE")
+        os.environ["AR_WORK_SPACE"] = str(workspace)
+        try:
+            routers = _run_auto_round(
+                model_path,
+                staging,
+                tokenizer,
+                list(texts),
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                iters=iters,
+                nsamples=nsamples,
+                seqlen=seqlen,
+                batch_size=batch_size,
+                device=device,
+                seed=seed,
+            )
+            tokenizer.save_pretrained(staging)
+            qcfg = verify_saved(staging, bits=bits, group_size=group_size, sym=sym, routers=routers)
+            marker = {
+                "format": MARKER_FORMAT,
+                "complete": True,
+                "tool": "reap-fast quantize",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source_model": str(model_path.resolve()),
+                "auto_round_version": version,
+                "transformers_version": importlib.metadata.version("transformers"),
+                "torch_version": importlib.metadata.version("torch"),
+                "settings": {
+                    "scheme": f"W{bits}A16",
+                    "bits": bits,
+                    "group_size": group_size,
+                    "sym": sym,
+                    "iters": iters,
+                    "nsamples": nsamples,
+                    "seqlen": seqlen,
+                    "batch_size": batch_size,
+                    "device": device,
+                    "seed": seed,
+                    "format": "auto_round",
+                    "packing_format": qcfg.get("packing_format"),
+                    "calibration_texts": len(texts),
+                    "calibration_texts_used": min(usable, nsamples),
+                },
+                "unquantized_routers": sorted(routers),
+                "weight_files": {p.name: sha256_file(p) for p in weight_files(staging)},
+            }
+            (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            write_marker(staging, "w4a16")
+            publish_folder(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+            if previous_workspace is None:
+                os.environ.pop("AR_WORK_SPACE", None)
+            else:
+                os.environ["AR_WORK_SPACE"] = previous_workspace
+        logger.info("quantized model written to %s", out)
+        return out
+
+
+def _run_auto_round(
+    model_path: Path,
+    staging: Path,
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    iters: int,
+    nsamples: int,
+    seqlen: int,
+    batch_size: int,
+    device: str,
+    seed: int,
+) -> list[str]:
+    """Construct AutoRound, quantize, save into ``staging``; returns the router names kept 16 bit."""
+    from auto_round import AutoRound  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+    model.eval()
+    routers = [name for name, _ in model.named_modules() if is_router_name(name) and ".layers." in name]
+    options: dict[str, Any] = {}
+    if device == "cpu":
+        options["enable_torch_compile"] = False
+    rounder = AutoRound(
+        model,
+        tokenizer=tokenizer,
+        scheme=f"W{bits}A16",
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        iters=iters,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        dataset=texts,  # a local list: never downloads a calibration set
+        device_map=device,
+        seed=seed,
+        ignore_layers=",".join(routers),
+        **options,
+    )
+    rounder.quantize()
+    rounder.save_quantized(str(staging), format="auto_round")
+    return routers
+

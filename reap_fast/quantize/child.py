@@ -1,0 +1,111 @@
+"""Quantization in a child process: AutoRound patches transformers' MoE classes for the whole process, so
+:func:`run_quantize_subprocess` runs :func:`~reap_fast.quantize.autoround.quantize_w4a16` in
+``python -m reap_fast.quantize.worker REQUEST.json`` and this process's classes stay untouched.
+
+The request is a JSON file written into a scratch folder beside the output (model, output, texts file,
+settings, where to write an error); the worker answers a failure with an error file
+(``{"type": ..., "message": ...}``) and exit code :data:`EXIT_QUANT_ERROR` for a :class:`QuantizationError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..children import run_child
+from ..outputs import work_prefix
+from .checks import QuantizationError
+
+# Exit code of the worker for a QuantizationError (the same as the CLI's for a usage error).
+EXIT_QUANT_ERROR = 2
+WORKER_MODULE = "reap_fast.quantize.worker"
+# The keyword settings of quantize_w4a16 that a child run accepts (sym is always True there).
+_CHILD_OPTIONS = ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "device", "seed", "min_samples")
+
+
+def run_quantize_subprocess(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    texts: Sequence[str] | None = None,
+    *,
+    texts_file: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    python: str | None = None,
+    timeout: float | None = None,
+    capture_output: bool = False,
+    env: dict[str, str] | None = None,
+    **options: Any,
+) -> Path:
+    """Run :func:`quantize_w4a16` in a child process (see the module docstring).
+
+    Give either ``texts`` (a list, written to a temporary JSON file) or ``texts_file`` (a JSON list of
+    strings, or an object with a ``"texts"`` list). ``options`` are the keyword settings of
+    :func:`quantize_w4a16` (``bits``, ``group_size``, ``iters``, ``nsamples``, ``seqlen``, ``batch_size``,
+    ``device``, ``seed``, ``min_samples``); ``sym`` must stay True (the CLI quantizes symmetrically).
+    A :class:`QuantizationError` in the child is raised again here with the same message; any other
+    failure raises ``RuntimeError``.
+    """
+    if (texts is None) == (texts_file is None):
+        raise QuantizationError("give exactly one of texts or texts_file")
+    if not options.pop("sym", True):
+        raise QuantizationError("run_quantize_subprocess supports sym=True only")
+    unknown = sorted(set(options) - set(_CHILD_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown quantization options: {unknown}")
+    output_path = Path(output_dir).expanduser().absolute()
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the output, named with this pid: a run killed with SIGKILL leaves it to the next run's cleanup.
+    with tempfile.TemporaryDirectory(prefix=work_prefix(output_path, "scratch"), dir=output_path.parent) as scratch:
+        scratch_path = Path(scratch)
+        if texts is not None:
+            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+                raise QuantizationError("calibration texts must be a list of strings")
+            texts_file = scratch_path / "texts.json"
+            texts_file.write_text(json.dumps(list(texts)))
+        error_file = scratch_path / "error.json"
+        request = {
+            "model_dir": str(model_dir),
+            "output_dir": str(output_dir),
+            "texts_file": str(texts_file),
+            "overwrite": overwrite,
+            "options": options,
+            "error_file": str(error_file),
+        }
+        request_file = scratch_path / "request.json"
+        request_file.write_text(json.dumps(request))
+        argv = [python or sys.executable, "-m", WORKER_MODULE, str(request_file)]
+        child_env = dict(os.environ if env is None else env)
+        package_root = str(Path(__file__).resolve().parents[2])
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [package_root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        result = run_child(argv, env=child_env, timeout=timeout, capture_output=capture_output)
+        if result.returncode == 0:
+            return Path(output_dir)
+        details = json.loads(error_file.read_text()) if error_file.exists() else {}
+        if details.get("type") == "QuantizationError":
+            raise QuantizationError(details["message"])
+        tail = (result.stderr or "")[-2000:] if capture_output else ""
+        message = details.get("message") or f"exit code {result.returncode}"
+        raise RuntimeError(f"quantization child process failed: {message}\n{tail}".rstrip())
+
+
+def load_texts_file(path: str | os.PathLike) -> list[str]:
+    """Calibration texts from a JSON file: a list of strings or ``{"texts": [...]}``."""
+    file = Path(path)
+    if not file.exists():
+        raise QuantizationError(f"texts file not found: {file}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise QuantizationError(f"texts file is not valid JSON: {file}: {error}") from error
+    if isinstance(data, dict):
+        data = data.get("texts")
+    if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+        raise QuantizationError(f'texts file must hold a JSON list of strings or {{"texts": [...]}}: {file}')
+    return data
