@@ -16,7 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .children import run_child
+from .children import call_child
+from .errors import ReapFastError
 from .lab.corpus import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -26,12 +27,17 @@ PROMPT = "def read_json(path):\n    \"\"\"Return the "
 GENERATE = """
 import json, sys
 import torch
+from reap_fast.children import child_main
 from reap_fast.quantize import load_quantized
-model, tokenizer = load_quantized(sys.argv[1])
-ids = tokenizer(sys.argv[2], return_tensors="pt").input_ids
-with torch.no_grad():
-    out = model.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=1.2)
-print(json.dumps(tokenizer.decode(out[0, ids.shape[1]:])))
+
+def generate():
+    model, tokenizer = load_quantized(sys.argv[1])
+    ids = tokenizer(sys.argv[2], return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=1.2)
+    print(json.dumps(tokenizer.decode(out[0, ids.shape[1]:])))
+
+sys.exit(child_main(generate, "reap-fast demo (generation)"))
 """
 
 
@@ -56,9 +62,8 @@ def prepare_demo_inputs(folder: Path, steps: int) -> tuple[Path, str, str]:
 
 def generate_with_quantized(model_dir: Path, prompt: str = PROMPT) -> str:
     """Greedy continuation of ``prompt`` by a W4A16 folder, computed in a child process."""
-    completed = run_child([sys.executable, "-c", GENERATE, str(model_dir), prompt], capture_output=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"reloading {model_dir} failed: {completed.stderr.strip().splitlines()[-1:]}")
+    completed = call_child([sys.executable, "-c", GENERATE, str(model_dir), prompt], ReapFastError,
+                           f"reloading {model_dir}", capture_output=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

@@ -39,7 +39,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["EvalRows", "combine_results", "evaluate_rows", "pack_texts", "perplexity"]
+from .children import child_main
+from .errors import ReapFastError
+
+__all__ = ["EvalError", "EvalRows", "combine_results", "evaluate_rows", "pack_texts", "perplexity"]
+
+
+class EvalError(ReapFastError, ValueError):
+    """Held-out data or settings that cannot be evaluated (one-line message)."""
 
 
 @dataclass
@@ -72,13 +79,13 @@ def _special_id(tokenizer: Any, names: Sequence[str], default: int | None = None
 def pack_texts(texts: Sequence[str], tokenizer: Any, seq_len: int) -> EvalRows:
     """Documents -> consecutive windows of ``seq_len`` tokens, EOS between documents, nothing dropped."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise EvalError(f"seq_len must be at least 2, got {seq_len}")
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("no non-empty texts to evaluate")
+        raise EvalError("no non-empty texts to evaluate")
     sep_id = _special_id(tokenizer, ("eos_token_id", "sep_token_id"))
     if sep_id is None:
-        raise ValueError("the tokenizer has no EOS token to separate documents")
+        raise EvalError("the tokenizer has no EOS token to separate documents")
     pad_id = _special_id(tokenizer, ("pad_token_id",), sep_id)
     ids: list[int] = []
     counted: list[bool] = []
@@ -106,9 +113,9 @@ def _as_rows(data: Any, tokenizer: Any, seq_len: int | None) -> EvalRows:
     if isinstance(data, str):
         data = [data]
     if tokenizer is None:
-        raise ValueError("texts need a tokenizer; pass one or give a CalibrationSet / EvalRows")
+        raise EvalError("texts need a tokenizer; pass one or give a CalibrationSet / EvalRows")
     if seq_len is None:
-        raise ValueError("texts need seq_len")
+        raise EvalError("texts need seq_len")
     return pack_texts(list(data), tokenizer, seq_len)
 
 
@@ -121,7 +128,7 @@ def _logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 def evaluate_rows(model: Any, rows: EvalRows, batch_size: int = 8) -> dict[str, float | int]:
     """Score ``rows`` with ``model`` (see the module docstring for the counting rule)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise EvalError(f"batch_size must be at least 1, got {batch_size}")
     try:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration):
@@ -152,7 +159,7 @@ def evaluate_rows(model: Any, rows: EvalRows, batch_size: int = 8) -> dict[str, 
         if was_training and hasattr(model, "train"):
             model.train()
     if count == 0:
-        raise ValueError("no target tokens to evaluate (every target is padding or a separator)")
+        raise EvalError("no target tokens to evaluate (every target is padding or a separator)")
     mean_nll = nll_sum / count
     return {
         "perplexity": math.exp(mean_nll),
@@ -185,7 +192,7 @@ def combine_results(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Exact token-weighted combination of evaluations of separately packed sets (NLL and hits are sums)."""
     tokens = sum(int(p["tokens"]) for p in parts.values())
     if tokens == 0:
-        raise ValueError("nothing to combine")
+        raise EvalError("nothing to combine")
     nll = sum(p["mean_nll"] * p["tokens"] for p in parts.values()) / tokens
     accuracy = sum(p["next_token_accuracy"] * p["tokens"] for p in parts.values()) / tokens
     return {
@@ -210,7 +217,7 @@ def _load_texts(path: str) -> list[str]:
     data = json.loads(file.read_text(encoding="utf-8"))
     texts = data["texts"] if isinstance(data, dict) else data
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{path}: expected a JSON list of strings or {{'texts': [...]}}, or a .jsonl of {{'text': ...}}")
+        raise EvalError(f"{path}: expected a JSON list of strings or {{'texts': [...]}}, or a .jsonl of {{'text': ...}}")
     return texts
 
 
@@ -226,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the result here as well as to stdout")
     args = parser.parse_args(argv)
+    return child_main(lambda: _evaluate_files(args), "python -m reap_fast.evaluate")
+
+
+def _evaluate_files(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quantized:
@@ -249,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
-    return 0
 
 
 if __name__ == "__main__":

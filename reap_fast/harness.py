@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .children import exit_on_sigterm, run_child
-from .errors import ReapFastError
+from .children import call_child, child_main
+from .errors import ReapFastError, one_line
 from .fileio import atomic_write_json
 from .logs import configure_logging
 
@@ -182,21 +182,18 @@ def _plain(value: Any) -> Any:
 def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -> dict[str, Any]:
     """:func:`evaluate_model` in a child ``python -m reap_fast.harness`` process.
 
-    The child (which dies with this process) shows lm-eval's progress bars and log; a failure comes back
-    as one :class:`HarnessError` line naming the model and the child's exception.
+    The child (which dies with this process) shows lm-eval's progress bars and log; a failed evaluation
+    comes back as one :class:`HarnessError` line naming the model and the child's exception
+    (:func:`reap_fast.children.call_child`).
     """
     with tempfile.TemporaryDirectory(prefix="reap-fast-lm-eval-") as scratch:
         settings_file = Path(scratch) / "settings.json"
         result_file = Path(scratch) / "result.json"
-        error_file = Path(scratch) / "error.json"
         settings_file.write_text(json.dumps(asdict(settings)))
         command = [sys.executable, "-m", "reap_fast.harness", "--model", str(model_dir),
-                   "--settings", str(settings_file), "--json", str(result_file), "--error-json", str(error_file)]
-        completed = run_child(command)  # its progress bars and log reach the terminal as they come
-        if completed.returncode == 0 and result_file.is_file():
-            return json.loads(result_file.read_text())
-        reason = json.loads(error_file.read_text())["message"] if error_file.is_file() else f"exit code {completed.returncode}"
-        raise HarnessError(f"lm-eval on {model_dir} failed: {reason}")
+                   "--settings", str(settings_file), "--json", str(result_file)]
+        call_child(command, HarnessError, f"lm-eval on {model_dir}")
+        return json.loads(result_file.read_text())
 
 
 @dataclass
@@ -340,19 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="Hugging Face model folder")
     parser.add_argument("--settings", required=True, help="JSON file holding the HarnessSettings fields")
     parser.add_argument("--json", required=True, help="where the result is written")
-    parser.add_argument("--error-json", default=None, help="where a failure's one-line message is written")
     args = parser.parse_args(argv)
-    exit_on_sigterm()
     configure_logging("%(message)s")
-    try:
+
+    def work() -> None:
         settings = HarnessSettings(**json.loads(Path(args.settings).read_text()))
-        atomic_write_json(evaluate_model(args.model, settings), args.json)
-    except Exception as error:
-        if args.error_json:
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            atomic_write_json({"message": f"{type(error).__name__}: {first_line}"}, args.error_json)
-        raise
-    return 0
+        try:
+            result = evaluate_model(args.model, settings)
+        except ReapFastError:
+            raise
+        except Exception as error:  # lm-eval failing on the user's task or model: one line, as lm-eval said it
+            raise HarnessError(f"{type(error).__name__}: {one_line(error)}") from error
+        atomic_write_json(result, args.json)
+
+    return child_main(work, "python -m reap_fast.harness")
 
 
 if __name__ == "__main__":

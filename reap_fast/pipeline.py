@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .children import run_child
+from .children import call_child
 from .errors import ReapFastError
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
 from .harness import Comparison, HarnessSettings, ModelEntry, check_tasks, format_table, run_comparison
@@ -365,11 +365,8 @@ def evaluate_in_subprocess(model_dir: str, texts_file: Path, seq_len: int, quant
                "--seq-len", str(seq_len), "--json", str(result_file)]
     if quantized:
         command.append("--quantized")
-    completed = run_child(command, capture_output=True)
-    if completed.returncode != 0:
-        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PipelineError(f"evaluation of {model_dir} failed: {tail}")
     try:
+        call_child(command, PipelineError, f"evaluation of {model_dir}", capture_output=True)
         return json.loads(result_file.read_text())
     finally:
         result_file.unlink(missing_ok=True)
