@@ -1,5 +1,5 @@
 """The package's floors: no import circles, the shipped stages load models without observe/'s internals,
-and nothing shipped but the demo imports the lab (reap_fast/lab/).
+and nothing shipped but the demo imports the lab (reap_fast/lab/), whose functions take at most 8 parameters.
 
 The import graph is read from the source with ``ast`` (nothing is imported): module-level imports (run
 when the module is imported) and function-level imports (run when the function is called) are two
@@ -147,3 +147,27 @@ def test_only_the_demo_imports_the_lab():
         if not in_lab(name) and name != "reap_fast.demo"
     }
     assert {name: targets for name, targets in importers.items() if targets} == {}
+
+
+def parameter_count(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Named parameters, ``self``/``cls`` and ``*args``/``**kwargs`` not counted."""
+    arguments = function.args
+    named = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+    return len(named) - (1 if named[:1] in (["self"], ["cls"]) else 0)
+
+
+def test_the_parameter_count_follows_the_rule():
+    source = "def f(self, a, /, b, *args, c=1, **kw): pass\ndef g(a, b): pass\nclass K:\n    def h(cls, x): pass\n"
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
+    assert [parameter_count(f) for f in functions] == [3, 2, 1]
+
+
+def test_lab_functions_take_at_most_eight_parameters():
+    lab = PACKAGE / "lab"
+    too_long = {
+        f"{module_name(path)}.{node.name}": parameter_count(node)
+        for path in sorted(lab.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and parameter_count(node) > 8
+    }
+    assert too_long == {}

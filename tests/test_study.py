@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reap_fast.lab.train import routing_statistics, split_documents, switch_aux_loss, train_tiny_moe
+from reap_fast.config import ConfigError
+from reap_fast.lab.train import TrainConfig, routing_statistics, split_documents, switch_aux_loss, train_tiny_moe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def test_switch_aux_loss_is_one_when_balanced():
 def test_training_reduces_loss_and_is_deterministic(tmp_path, one_thread):
     documents = tiny_documents()
     first = train_tiny_moe(tmp_path / "a", steps=15, seed=1, documents=documents, **TRAIN)
-    second = train_tiny_moe(tmp_path / "b", steps=15, seed=1, documents=documents, **TRAIN)
+    second = train_tiny_moe(tmp_path / "b", TrainConfig(steps=15, seed=1, **TRAIN), documents=documents)  # as a config
     info = json.loads((first / "train_info.json").read_text())
     history = info["history"]
     assert history[-1]["lm_loss"] < history[0]["lm_loss"] - 0.5
@@ -81,7 +82,7 @@ def test_training_reduces_loss_and_is_deterministic(tmp_path, one_thread):
         assert sum(layer["usage_share"]) == pytest.approx(1.0, abs=1e-4)
         assert 0 <= layer["usage_entropy"] <= 1 and 0 <= layer["token_entropy"] <= 1
         assert 0 <= layer["category_js_bits"] <= 1
-    # same seed -> same weights and same loss curve
+    # same seed (keywords or a TrainConfig) -> same weights and same loss curve
     weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
@@ -93,6 +94,44 @@ def test_training_reduces_loss_and_is_deterministic(tmp_path, one_thread):
     model = AutoModelForCausalLM.from_pretrained(first)
     assert AutoTokenizer.from_pretrained(first).eos_token_id == 256
     assert model.config.num_experts == 4 and model.config.output_router_logits is False
+
+
+def test_train_config_refuses_bad_settings_before_work(tmp_path):
+    for bad in (dict(steps=0), dict(batch_size=0), dict(lr=0.0), dict(grad_clip=-1.0), dict(eval_max_rows=0),
+                dict(warmup_steps=-1), dict(threads=0), dict(seed=-1)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            train_tiny_moe(tmp_path / "never", documents=tiny_documents(), **bad)
+    with pytest.raises(ConfigError, match="unknown TrainConfig setting.*stepz"):
+        train_tiny_moe(tmp_path / "never", stepz=3)
+    with pytest.raises(ConfigError, match="expected a TrainConfig"):
+        train_tiny_moe(tmp_path / "never", {"steps": 3})
+    assert not (tmp_path / "never").exists()
+
+
+def test_train_config_values():
+    assert TrainConfig(steps=50).warmup == 5 and TrainConfig(steps=5000).warmup == 100
+    assert TrainConfig(steps=50, warmup_steps=7).warmup == 7 and TrainConfig(warmup_steps=0).warmup == 0
+    overrides = {"num_experts": 4}
+    config = TrainConfig(config_overrides=overrides)
+    overrides["num_experts"] = 8  # the config keeps what it was given, read-only
+    assert dict(config.config_overrides) == {"num_experts": 4}
+    with pytest.raises(TypeError):
+        config.config_overrides["num_experts"] = 2
+    assert dict(TrainConfig().config_overrides) == {} and TrainConfig() == TrainConfig(config_overrides=None)
+
+
+def test_study_builds_the_train_config_and_refuses_bad_train_options():
+    config = study_config(steps=12, seq_len=32, threads=1)
+    train = config.train_config(5)
+    assert (train.steps, train.seed, train.seq_len, train.threads) == (12, 5, 32, 1)
+    assert (train.batch_size, train.eval_max_rows, train.log_every) == (4, 4, 5)  # from train_options
+    assert dict(train.config_overrides) == TINY
+    with pytest.raises(ConfigError, match="may not set steps"):
+        study_config(train_options={"steps": 3})
+    with pytest.raises(ConfigError, match="unknown TrainConfig setting.*warmup"):
+        study_config(train_options={"warmup": 3})
+    with pytest.raises(ConfigError, match="lr"):
+        study_config(train_options={"lr": -1.0})
 
 
 def test_routing_statistics_counts_only_document_tokens(one_thread):

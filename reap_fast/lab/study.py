@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..evaluate import EvalRows, combine_results, evaluate_rows, pack_texts
+from ..config.checks import ConfigError, check_range, resolve
 from ..fileio import atomic_write_json
 from ..logs import configure_logging
 from .environment import environment_record
@@ -53,7 +54,15 @@ from .study_report import (
     summarize,
     write_outputs,
 )
-from .train import _use_eager_experts, read_train_info, split_documents, stdlib_corpus, train_tiny_moe
+from .train import (
+    TrainConfig,
+    cap_rows,
+    read_train_info,
+    split_documents,
+    stdlib_corpus,
+    train_tiny_moe,
+    use_eager_experts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,20 +98,27 @@ class StudyConfig:
     def __post_init__(self) -> None:
         from ..prune.scores import known_methods
 
-        for name in ("train_seeds", "seeds", "steps", "seq_len", "batch_size", "calib_samples", "threads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.first_train_seed < 0:
-            raise ValueError(f"first_train_seed must be at least 0, got {self.first_train_seed}")
-        if self.eval_rows is not None and self.eval_rows < 1:
-            raise ValueError(f"eval_rows must be at least 1 (or None for all), got {self.eval_rows}")
+        for name in ("train_seeds", "seeds", "steps", "seq_len", "batch_size", "calib_samples", "threads", "eval_rows"):
+            check_range(name, getattr(self, name), 1)  # eval_rows None: every eval row
+        check_range("first_train_seed", self.first_train_seed, 0)
         unknown = sorted(set(self.methods) - set(known_methods()))
         if unknown or not self.methods:
-            raise ValueError(f"unknown or no methods: {unknown or 'none given'}; known: {', '.join(known_methods())}")
-        if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
-            raise ValueError(f"compression ratios must lie in (0, 1), got {list(self.ratios)}")
+            raise ConfigError(f"unknown or no methods: {unknown or 'none given'}; known: {', '.join(known_methods())}")
+        if not self.ratios:
+            raise ConfigError("no compression ratios given")
+        for ratio in self.ratios:
+            check_range("compression ratio", ratio, 0, 1, open_low=True, open_high=True)
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        self.train_config(self.first_train_seed)  # refuses bad train_options before any work
+
+    def train_config(self, train_seed: int) -> TrainConfig:
+        """How the model of ``train_seed`` is trained: this study's steps, seq_len and threads, then train_options."""
+        settings = {"steps": self.steps, "seed": train_seed, "seq_len": self.seq_len, "threads": self.threads}
+        clash = sorted(set(settings) & set(self.train_options))
+        if clash:
+            raise ConfigError(f"train_options may not set {', '.join(clash)}: the study's own settings say them")
+        return resolve(TrainConfig, None, {**settings, **self.train_options})
 
     def train_seed_list(self) -> list[int]:
         return list(range(self.first_train_seed, self.first_train_seed + self.train_seeds))
@@ -120,12 +136,6 @@ class StudyConfig:
 
 def _evaluate(model: Any, rows: Mapping[str, EvalRows], batch_size: int) -> dict[str, Any]:
     return combine_results({category: evaluate_rows(model, r, batch_size) for category, r in rows.items()})
-
-
-def _cap_rows(rows: EvalRows, max_rows: int | None) -> EvalRows:
-    if max_rows is None or len(rows) <= max_rows:
-        return rows
-    return EvalRows(rows.input_ids[:max_rows], rows.attention_mask[:max_rows], rows.stats_mask[:max_rows])
 
 
 def removed_traffic_share(metrics: Mapping[int, Mapping[str, torch.Tensor]], keep: Mapping[int, torch.Tensor]) -> float:
@@ -221,8 +231,7 @@ class Study:
                   and all(info.get("config", {}).get(k) == v for k, v in overrides.items()))
         if not reused:
             logger.info("training the study model (seed %d, %d steps) into %s", train_seed, c.steps, model_dir)
-            train_tiny_moe(model_dir, steps=c.steps, seed=train_seed, seq_len=c.seq_len, splits=self.splits,
-                           threads=c.threads, **c.train_options)
+            train_tiny_moe(model_dir, c.train_config(train_seed), splits=self.splits)
             info = read_train_info(model_dir)
         return model_dir, {"reused_checkpoint": reused, "checkpoint": str(model_dir), **info}
 
@@ -246,9 +255,9 @@ class Study:
         self.timings[f"train_seed{train_seed}_s"] = time.perf_counter() - clock
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        _use_eager_experts(model)
+        use_eager_experts(model)
         top_k = int(model.config.num_experts_per_tok)
-        eval_rows = {cat: _cap_rows(pack_texts(self.splits["eval"][cat], tokenizer, c.seq_len), c.eval_rows)
+        eval_rows = {cat: cap_rows(pack_texts(self.splits["eval"][cat], tokenizer, c.seq_len), c.eval_rows)
                      for cat in self.categories if self.splits["eval"][cat]}
         if record.data["baseline"] is None:
             clock = time.perf_counter()

@@ -38,13 +38,17 @@ import os
 import platform
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..config.checks import check_range, resolve
 from ..evaluate import EvalRows, pack_texts, perplexity
+from ..fileio import atomic_write_json
 from .environment import environment_record
 from .tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
@@ -129,7 +133,7 @@ def study_config(aux_loss_coef: float = 0.01, **overrides: Any):
     return tiny_qwen3_moe_config(**settings)
 
 
-def _use_eager_experts(model: Any) -> None:
+def use_eager_experts(model: Any) -> None:
     """The per-expert loop is by far the fastest experts implementation for tiny experts on a CPU."""
     if hasattr(model, "set_experts_implementation"):
         try:
@@ -277,127 +281,103 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int, final_fraction: float 
     return lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`train_tiny_moe` trains (validated on creation; the recipe is in the module docstring)."""
+
+    steps: int = 600
+    seed: int = 0  # initialisation and window sampling
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.1  # on weight matrices other than embeddings and norms
+    warmup_steps: int | None = None  # None: min(100, steps // 10)
+    aux_loss_coef: float = 0.01
+    grad_clip: float = 1.0  # largest gradient norm; 0 = no clipping
+    split_seed: int = 0  # splits the given documents when no splits are given
+    config_overrides: Mapping[str, Any] | None = None  # model settings on top of STUDY_MODEL_CONFIG
+    eval_max_rows: int | None = 64  # held-out rows per category in the before/after report (None = all)
+    log_every: int = 50
+    threads: int = 1  # torch threads while training
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "threads", "eval_max_rows"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("seed", "split_seed", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip"):
+            check_range(name, getattr(self, name), 0)
+        check_range("lr", self.lr, 0, open_low=True)
+        object.__setattr__(self, "config_overrides", MappingProxyType(dict(self.config_overrides or {})))
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps of the learning-rate schedule."""
+        return self.warmup_steps if self.warmup_steps is not None else min(100, self.steps // 10)
+
+
 def train_tiny_moe(
     output_dir: str | os.PathLike,
-    steps: int = 600,
-    seed: int = 0,
+    config: TrainConfig | None = None,
     *,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    lr: float = 3e-3,
-    weight_decay: float = 0.1,
-    warmup_steps: int | None = None,
-    aux_loss_coef: float = 0.01,
-    grad_clip: float = 1.0,
     documents: Mapping[str, Sequence[str]] | None = None,
     splits: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    split_seed: int = 0,
-    config_overrides: Mapping[str, Any] | None = None,
-    eval_max_rows: int | None = 64,
-    log_every: int = 50,
-    threads: int = 1,
+    **overrides: Any,
 ) -> Path:
     """Train the study MoE and save it (model, tokenizer, ``train_info.json``) in ``output_dir``.
 
+    ``config`` (or :class:`TrainConfig`'s fields as keywords, e.g. ``steps=300, seed=1``) says how.
     Text comes from ``splits`` (``{"train"|"eval": {category: [docs]}}``, e.g. from
     :func:`split_documents`), else from ``documents`` (``{category: [docs]}``, split here with
-    ``split_seed``), else from the stdlib corpus. ``seed`` seeds the initialisation and the window
-    sampling. ``eval_max_rows`` caps the held-out rows per category used for the before/after report
-    (None = all). Training runs under :func:`reproducible` with ``threads`` torch threads. Returns the
-    checkpoint folder.
+    ``split_seed``), else from the stdlib corpus. Training runs under :func:`reproducible` with the
+    config's seed and threads. Returns the checkpoint folder.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    with reproducible(seed, threads):
+    config = resolve(TrainConfig, config, overrides)
+    with reproducible(config.seed, config.threads):
         started = time.perf_counter()
         if splits is None:
-            splits = split_documents(documents if documents is not None else stdlib_corpus(), seed=split_seed)
+            splits = split_documents(documents if documents is not None else stdlib_corpus(), seed=config.split_seed)
         train_texts = [doc for category in sorted(splits["train"]) for doc in splits["train"][category]]
         tokenizer = byte_tokenizer()
         stream = token_stream(train_texts, tokenizer)
-        if stream.numel() <= seq_len + 1:
-            raise ValueError(f"the training text has {stream.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        if stream.numel() <= config.seq_len + 1:
+            raise ValueError(
+                f"the training text has {stream.numel()} tokens, fewer than seq_len + 1 = {config.seq_len + 1}"
+            )
 
-        config = study_config(aux_loss_coef=aux_loss_coef, **dict(config_overrides or {}))
-        model = _init_for_training(config, seed)
-        _use_eager_experts(model)
+        model_config = study_config(aux_loss_coef=config.aux_loss_coef, **config.config_overrides)
+        model = _init_for_training(model_config, config.seed)
+        use_eager_experts(model)
 
         eval_rows = {
-            category: _cap(pack_texts(docs, tokenizer, seq_len), eval_max_rows)
+            category: cap_rows(pack_texts(docs, tokenizer, config.seq_len), config.eval_max_rows)
             for category, docs in sorted(splits["eval"].items())
             if docs
         }
-        before = _held_out_report(model, eval_rows, batch_size)
-
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "norm" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "norm" not in n)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr,
-            betas=(0.9, 0.95),
-        )
-        warmup = warmup_steps if warmup_steps is not None else min(100, steps // 10)
-        sampler = torch.Generator().manual_seed(seed + 3)
-        top_k = int(config.num_experts_per_tok)
-        history: list[dict[str, float]] = []
-        window = torch.arange(seq_len + 1)
-        model.train()
-        train_started = time.perf_counter()
-        running = {"lm": 0.0, "aux": 0.0, "n": 0}
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, steps, lr, warmup)
-            starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=sampler)
-            chunk = stream[starts[:, None] + window]
-            inputs, targets = chunk[:, :-1], chunk[:, 1:]
-            out = model(input_ids=inputs, output_router_logits=True, use_cache=False)
-            lm_loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1))
-            aux = switch_aux_loss(out.router_logits, top_k)
-            loss = lm_loss + aux_loss_coef * aux
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            running["lm"] += float(lm_loss.detach())
-            running["aux"] += float(aux.detach())
-            running["n"] += 1
-            if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
-                entry = {
-                    "step": step + 1,
-                    "lm_loss": running["lm"] / running["n"],
-                    "aux_loss": running["aux"] / running["n"],
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "elapsed_s": time.perf_counter() - train_started,
-                }
-                history.append(entry)
-                logger.info("step %d/%d lm %.4f aux %.4f", entry["step"], steps, entry["lm_loss"], entry["aux_loss"])
-                running = {"lm": 0.0, "aux": 0.0, "n": 0}
-        train_seconds = time.perf_counter() - train_started
+        before = _held_out_report(model, eval_rows, config.batch_size)
+        history, train_seconds = _train(model, stream, config)
         model.eval()
-        after = _held_out_report(model, eval_rows, batch_size)
+        after = _held_out_report(model, eval_rows, config.batch_size)
 
         model.config.output_router_logits = False  # saved for inference; the training setting is in train_info
         folder = save_checkpoint(model, tokenizer, output_dir)
         info = {
-            "seed": seed,
-            "split_seed": split_seed,
-            "steps": steps,
-            "batch_size": batch_size,
-            "seq_len": seq_len,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup,
-            "aux_loss_coef": aux_loss_coef,
+            "seed": config.seed,
+            "split_seed": config.split_seed,
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "seq_len": config.seq_len,
+            "lr": config.lr,
+            "weight_decay": config.weight_decay,
+            "warmup_steps": config.warmup,
+            "aux_loss_coef": config.aux_loss_coef,
             "aux_loss": "per-layer Switch loss E*sum(f_i*P_i), averaged over layers",
-            "grad_clip": grad_clip,
-            "config": {k: getattr(config, k) for k in STUDY_MODEL_CONFIG} | dict(config_overrides or {}),
+            "grad_clip": config.grad_clip,
+            "config": {k: getattr(model_config, k) for k in STUDY_MODEL_CONFIG} | dict(config.config_overrides),
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_documents": {c: len(d) for c, d in sorted(splits["train"].items())},
             "eval_documents": {c: len(d) for c, d in sorted(splits["eval"].items())},
             "train_tokens": int(stream.numel()),
-            "tokens_seen": steps * batch_size * seq_len,
-            "epochs": steps * batch_size * seq_len / stream.numel(),
+            "tokens_seen": config.steps * config.batch_size * config.seq_len,
+            "epochs": config.steps * config.batch_size * config.seq_len / stream.numel(),
             "history": history,
             "before": before,
             "after": after,
@@ -410,11 +390,66 @@ def train_tiny_moe(
             "transformers": __import__("transformers").__version__,
             "python": platform.python_version(),
         }
-        (folder / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_json(info, folder / TRAIN_INFO_FILE)  # its presence marks a finished training
         return folder
 
 
-def _cap(rows: EvalRows, max_rows: int | None) -> EvalRows:
+def _train(model: Any, stream: torch.Tensor, config: TrainConfig) -> tuple[list[dict[str, float]], float]:
+    """The training loop on random windows of ``stream``; returns (loss history, seconds)."""
+
+    def decayed(name: str, param: torch.Tensor) -> bool:
+        return param.dim() >= 2 and "embed" not in name and "norm" not in name
+
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if decayed(n, p)], "weight_decay": config.weight_decay},
+            {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    sampler = torch.Generator().manual_seed(config.seed + 3)
+    top_k = int(model.config.num_experts_per_tok)
+    history: list[dict[str, float]] = []
+    window = torch.arange(config.seq_len + 1)
+    model.train()
+    train_started = time.perf_counter()
+    running = {"lm": 0.0, "aux": 0.0, "n": 0}
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config.steps, config.lr, config.warmup)
+        starts = torch.randint(0, stream.numel() - config.seq_len - 1, (config.batch_size,), generator=sampler)
+        chunk = stream[starts[:, None] + window]
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        out = model(input_ids=inputs, output_router_logits=True, use_cache=False)
+        lm_loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1))
+        aux = switch_aux_loss(out.router_logits, top_k)
+        loss = lm_loss + config.aux_loss_coef * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        running["lm"] += float(lm_loss.detach())
+        running["aux"] += float(aux.detach())
+        running["n"] += 1
+        if (step + 1) % config.log_every == 0 or step == 0 or step + 1 == config.steps:
+            entry = {
+                "step": step + 1,
+                "lm_loss": running["lm"] / running["n"],
+                "aux_loss": running["aux"] / running["n"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "elapsed_s": time.perf_counter() - train_started,
+            }
+            history.append(entry)
+            logger.info("step %d/%d lm %.4f aux %.4f", entry["step"], config.steps, entry["lm_loss"], entry["aux_loss"])
+            running = {"lm": 0.0, "aux": 0.0, "n": 0}
+    return history, time.perf_counter() - train_started
+
+
+def cap_rows(rows: EvalRows, max_rows: int | None) -> EvalRows:
+    """The first ``max_rows`` rows (all when None)."""
     if max_rows is None or len(rows) <= max_rows:
         return rows
     return EvalRows(rows.input_ids[:max_rows], rows.attention_mask[:max_rows], rows.stats_mask[:max_rows])
