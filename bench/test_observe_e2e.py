@@ -36,7 +36,8 @@ from functools import lru_cache
 import torch
 
 from reap_fast.data import CalibrationSet
-from reap_fast.observe.runner import observe_batches, resolve_engine
+from reap_fast.observe.session import Observer
+from reap_fast.observe.settings import resolve_engine
 from reap_fast.observe.streaming import StreamingReport, observe_streaming
 from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
@@ -117,8 +118,10 @@ def test_observe_in_memory(benchmark):
     load_s = time.perf_counter() - started
     engine = resolve_engine("auto", DEVICE)
 
-    def run():
-        observe_batches(held["model"], calibration(), BATCH, engine, True, progress=False)
+    def run():  # observe_checkpoint's in-memory loop, without loading the model
+        with Observer(held["model"], engine=engine, renormalize=True) as observer:
+            for batch in calibration().batches(BATCH):
+                observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
         _sync()
 
     run()  # warm-up (kernel compilation, allocator)

@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .config import ObserveConfig
+from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
 from .errors import EXIT_INTERRUPTED, ReapFastError
 from .logs import configure_logging
 from .metrics import format_expert_table
@@ -29,18 +31,23 @@ def parse_bool(text: str) -> bool:
 
 
 def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ObserveConfig
     parser.add_argument("--model", required=True, help="local Hugging Face folder (or hub name)")
     parser.add_argument("--dataset", required=True, help='calibration spec, e.g. "data.jsonl:64,name[subset](split):32"')
-    parser.add_argument("--samples-per-category", type=int, default=None, help="samples per category without :N")
-    parser.add_argument("--model-max-length", type=int, default=2048, help="tokens per packed sequence")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--renormalize-router-weights", type=parse_bool, default=True, metavar="{true,false}")
-    parser.add_argument("--engine", default="auto", choices=["auto", "reference", "triton"])
+    parser.add_argument("--samples-per-category", type=int, default=defaults.samples_per_category,
+                        help="samples per category without :N")
+    parser.add_argument("--model-max-length", type=int, default=defaults.model_max_length,
+                        help="tokens per packed sequence")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per forward pass")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPE_CHOICES)
+    parser.add_argument("--renormalize-router-weights", type=parse_bool, default=defaults.renormalize,
+                        metavar="{true,false}")
+    parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_CHOICES)
     parser.add_argument("--layerwise", action="store_true", help="stream one decoder layer at a time from disk")
-    parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
+    parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every,
+                        help="seconds between checkpoints")
 
 
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,13 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
-    from .identity import attach_identity, model_identity
-    from .metrics import looks_like_observation, save_metrics
+    from .metrics import looks_like_observation
     from .observe import observe_checkpoint
     from .observe.distributed import is_main_process
-    from .models.loading import load_config
 
     output = Path(args.output)
+    config = ObserveConfig(
+        samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
+        batch_size=args.batch_size, seed=args.seed, engine=args.engine, renormalize=args.renormalize_router_weights,
+        device=args.device, dtype=args.dtype, layerwise=args.layerwise, resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir or f"{output}.partial", checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
     with output_lock(output):
         clean_leftovers(output)
         check_output_file(output, {"model folder": args.model}, args.overwrite)
@@ -164,25 +175,9 @@ def cmd_observe(args: argparse.Namespace) -> int:
                 f"{output} is not an observation file; --overwrite replaces only those (choose another --output)"
             )
         check_output_location(output, 0)
-        metrics = observe_checkpoint(
-            args.model,
-            args.dataset,
-            samples_per_category=args.samples_per_category,
-            model_max_length=args.model_max_length,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            engine=args.engine,
-            renormalize=args.renormalize_router_weights,
-            device=args.device,
-            dtype=args.dtype,
-            layerwise=args.layerwise,
-            resume=args.resume,
-            checkpoint_dir=args.checkpoint_dir or f"{output}.partial",
-            checkpoint_every=args.checkpoint_every,
-        )
+        metrics = observe_checkpoint(args.model, args.dataset, output, config)
         if not is_main_process():
             return 0
-        save_metrics(attach_identity(metrics, model_identity(load_config(args.model), args.model)), output)
     print(format_expert_table(metrics, args.top))
     print(f"saved {len(metrics)} layers of REAP statistics to {output}")
     return 0

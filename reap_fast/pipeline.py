@@ -28,6 +28,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from .children import call_child
+from .config import ConfigError, ObserveConfig
 from .errors import ReapFastError
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
 from .harness import Comparison, HarnessSettings, ModelEntry, check_tasks, format_table, run_comparison
@@ -63,19 +64,19 @@ class PipelineConfig:
     compression_ratio: float | None = 0.5
     n_experts_to_prune: int | None = None
     method: str = "reap"
-    samples_per_category: int | None = None
-    model_max_length: int = 2048
-    batch_size: int = 1
+    samples_per_category: int | None = ObserveConfig.samples_per_category
+    model_max_length: int = ObserveConfig.model_max_length
+    batch_size: int = ObserveConfig.batch_size
     seed: int = 42
-    renormalize: bool = True
+    renormalize: bool = ObserveConfig.renormalize
     global_ranking: bool = False
     min_experts_per_layer: int | None = None
     preserve_super_experts: bool = False
-    engine: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    layerwise: bool = False
-    checkpoint_every: float = 300.0  # seconds between observation checkpoints (a rerun resumes from them)
+    engine: str = ObserveConfig.engine
+    device: str = ObserveConfig.device
+    dtype: str = ObserveConfig.dtype
+    layerwise: bool = ObserveConfig.layerwise
+    checkpoint_every: float = ObserveConfig.checkpoint_every  # observation checkpoints: a rerun resumes from them
     quantize: str | None = None  # None or "w4a16"
     quant_iters: int = 200
     quant_nsamples: int = 128
@@ -116,8 +117,21 @@ def validate(config: PipelineConfig) -> None:
         raise PipelineError(f"--compression-ratio must be in (0, 1), got {config.compression_ratio}")
     if config.quantize not in (None, "w4a16"):
         raise PipelineError(f"--quantize supports only w4a16, got {config.quantize!r}")
-    if config.batch_size < 1:
-        raise PipelineError(f"--batch-size must be at least 1, got {config.batch_size}")
+    try:
+        observe_config(config)
+    except ConfigError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def observe_config(config: PipelineConfig) -> ObserveConfig:
+    """The observation stage's settings of a run (its checkpoints in OUTPUT/observation.partial, resumed)."""
+    return ObserveConfig(
+        samples_per_category=config.samples_per_category, model_max_length=config.model_max_length,
+        batch_size=config.batch_size, seed=config.seed, engine=config.engine, renormalize=config.renormalize,
+        device=config.device, dtype=config.dtype, layerwise=config.layerwise, progress=config.progress,
+        checkpoint_dir=str(Path(config.output) / "observation.partial"), checkpoint_every=config.checkpoint_every,
+        resume=True,
+    )  # fmt: skip
 
 
 class Pipeline:
@@ -263,19 +277,10 @@ class Pipeline:
         return self.summary()
 
     def _observe(self) -> list[Path]:
-        from .identity import attach_identity, model_identity
-        from .metrics import save_metrics
         from .observe import observe_checkpoint
-        from .models.loading import load_config
 
-        c = self.config
-        metrics = observe_checkpoint(
-            c.model, c.dataset, c.samples_per_category, c.model_max_length, c.batch_size, c.seed, c.engine,
-            c.renormalize, c.device, c.dtype, progress=c.progress, layerwise=c.layerwise, resume=True,
-            checkpoint_dir=str(self.root / "observation.partial"), checkpoint_every=c.checkpoint_every,
-        )
-        identity = model_identity(load_config(c.model), c.model)
-        return [save_metrics(attach_identity(metrics, identity), self.observation)]
+        observe_checkpoint(self.config.model, self.config.dataset, self.observation, observe_config(self.config))
+        return [self.observation]
 
     def _prune(self) -> list[Path]:
         from .prune import prune_checkpoint

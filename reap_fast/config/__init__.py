@@ -12,5 +12,7 @@ nothing of reap_fast above ``errors``.
 from __future__ import annotations
 
 from .checks import ConfigError, check_choice, check_range, resolve
+from .observe import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
 
 __all__ = ["ConfigError", "check_choice", "check_range", "resolve"]
+__all__ += ["DEFAULT_MODEL_MAX_LENGTH", "ObserveConfig"]

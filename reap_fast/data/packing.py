@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from ..config.observe import DEFAULT_MODEL_MAX_LENGTH
 from .calibration_set import CalibrationSet
 from .documents import iter_documents
 from .sources import looks_like_path
@@ -39,7 +40,6 @@ from .spec import CalibrationDataError, CategorySpec, parse_dataset_spec
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES_PER_CATEGORY = 1024  # upstream ObserverArgs.batches_per_category
-DEFAULT_MODEL_MAX_LENGTH = 2048  # upstream ObserverArgs.model_max_length
 DEFAULT_SEED = 42  # upstream ReapArgs.seed
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

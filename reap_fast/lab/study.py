@@ -281,7 +281,9 @@ class Study:
             calibration = build_calibration_set(spec, tokenizer, samples_per_category=c.calib_samples,
                                                 model_max_length=c.seq_len, seed=seed)
             with Observer(model, engine="reference", renormalize=True) as observer:
-                metrics = observer.run(calibration.batches(c.batch_size), total=None, progress=False)
+                for batch in calibration.batches(c.batch_size):
+                    observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
+            metrics = observer.metrics()
             save_metrics(metrics, observation)
             for ratio, method in todo:
                 keep = select_experts(metrics, method=method, compression_ratio=ratio, seed=seed, top_k=top_k)

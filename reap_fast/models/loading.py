@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..config.observe import DTYPE_CHOICES
 from ..devices import resolve_device
 from ..errors import ReapFastError, one_line
 from ..preflight import check_model_folder, is_path_like
 from .families import get_adapter
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}  # name -> torch dtype
 
 
 class ModelLoadError(ReapFastError, ValueError):

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import ObserveConfig
 from ..errors import ReapFastError
 from ..metrics import LayerAccumulator, atomic_torch_save, describe_load_error
 
@@ -62,31 +63,30 @@ def calibration_digest(calibration) -> str:
 def run_fingerprint(
     model_path: str,
     dataset: str,
-    samples_per_category: int | None,
-    model_max_length: int,
-    batch_size: int,
-    seed: int,
-    engine: str,
-    renormalize: bool | str,
-    dtype: str,
-    layerwise: bool,
+    settings: ObserveConfig,
+    calibration=None,
     rank: int = 0,
     world_size: int = 1,
-    calibration=None,
 ) -> dict[str, Any]:
-    """The settings a checkpoint must match to be resumed (plain Python values)."""
+    """The settings a checkpoint must match to be resumed (plain Python values).
+
+    ``settings`` are the process's resolved ones (:func:`~reap_fast.observe.settings.process_settings`:
+    engine and dtype named, not 'auto'); ``dataset`` is the spec, or a label for a built calibration set.
+    The keys and values are those of format version 1, so earlier checkpoints stay resumable.
+    """
     local = Path(model_path).expanduser()
+    renormalize = settings.renormalize
     return {
         "model": str(local.resolve()) if local.exists() else model_path,
         "dataset": dataset,
-        "samples_per_category": samples_per_category,
-        "model_max_length": int(model_max_length),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "engine": engine,
+        "samples_per_category": settings.samples_per_category,
+        "model_max_length": int(settings.model_max_length),
+        "batch_size": int(settings.batch_size),
+        "seed": int(settings.seed),
+        "engine": settings.engine,
         "renormalize": renormalize if isinstance(renormalize, str) else bool(renormalize),
-        "dtype": str(dtype),
-        "layerwise": bool(layerwise),
+        "dtype": f"torch.{settings.dtype}",  # as str(torch.dtype)
+        "layerwise": bool(settings.layerwise),
         "rank": int(rank),
         "world_size": int(world_size),
         "calibration": None if calibration is None else calibration_digest(calibration),

@@ -20,13 +20,14 @@ from typing import Callable
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from ..config.observe import ENGINE_CHOICES
 from ..errors import EngineUnavailableError
 from ..metrics import BatchStats
 from .reference import reference_experts_forward
 
 Engine = Callable[..., tuple[torch.Tensor, BatchStats | None]]
 
-ENGINE_NAMES = ("reference", "triton")
+ENGINE_NAMES = tuple(name for name in ENGINE_CHOICES if name != "auto")  # ("reference", "triton")
 
 
 def _triton_engine() -> Engine:

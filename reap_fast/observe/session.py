@@ -7,28 +7,24 @@ The token mask (padding and packing separators excluded) is handed to the probes
 call by the observer that runs it, never through a module-level global. Families whose experts have no
 experts interface because the routing weight scales the expert input (Llama-4) get their MoE block's
 forward replaced for the observation instead (``input_scaled.py``).
+
+The loop over a calibration set (progress, checkpoints, streaming, torchrun) is
+:func:`reap_fast.observe.observe_checkpoint`'s; ``Observer`` observes one batch per :meth:`Observer.forward`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..config.observe import RENORMALIZE_ALWAYS  # Observer(renormalize=...): g renormalised for every family
 from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
-from .progress import TokenRate
 from .triton_engine import restore_interleaved
-
-logger = logging.getLogger(__name__)
-
-RENORMALIZE_ALWAYS = "always"  # Observer(renormalize=...): renormalise g over the top-k for every family
 
 
 class LayerProbe:
@@ -147,19 +143,6 @@ class Observer:
 
     def _input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
-
-    def run(self, batches: Iterable, total: int | None = None, progress: bool = True) -> dict[int, LayerMetrics]:
-        """Observe every batch (objects with input_ids, attention_mask, stats_mask); return the metrics."""
-        rate, seen = TokenRate(), 0
-        with tqdm(total=total, desc=f"observe ({self.engine})", unit="batch", disable=not progress) as bar:
-            for batch in batches:
-                self.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
-                rate.advance(bar, int(batch.attention_mask.sum()))
-                seen += 1
-        if seen == 0:
-            raise ValueError("no calibration batches to observe")
-        logger.info("observed %d tokens in %.1f s (%.0f tokens/s)", rate.tokens, rate.elapsed(), rate.per_second())
-        return self.metrics()
 
     def metrics(self) -> dict[int, LayerMetrics]:
         """The statistics so far, in upstream REAP's format."""

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..config import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
+from ..config.observe import ENGINE_CHOICES
 from ..errors import ReapFastError
 
 _METHOD_HELP = "Method to use for pruning experts (lowest scores are removed)."
@@ -60,7 +62,7 @@ class ObserverArgs:
         default=None, metadata={"help": "Not supported by reap-fast (an error)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Packed sequences per calibration batch."})
-    model_max_length: int | None = field(default=2048, metadata={"help": "Tokens per packed sequence."})
+    model_max_length: int | None = field(default=DEFAULT_MODEL_MAX_LENGTH, metadata={"help": "Tokens per packed sequence."})
     return_vllm_tokens_prompt: bool = field(default=False, metadata={"help": "Ignored (vLLM prompts)."})
     truncate: bool = field(default=False, metadata={"help": "Cut each document to the tokenizer's model_max_length."})
     overwrite_observations: bool = field(default=False, metadata={"help": "Recompute an existing observation file."})
@@ -163,10 +165,11 @@ class LayerwiseArgs:
 @dataclass
 class ReapFastArgs:
     engine: str = field(
-        default="auto", metadata={"choices": ["auto", "reference", "triton"], "help": "Observation engine (auto: triton on CUDA)."}
+        default=ObserveConfig.engine,
+        metadata={"choices": list(ENGINE_CHOICES), "help": "Observation engine (auto: triton on CUDA)."},
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (all GPUs), cuda:N."})
-    dtype: str = field(default="auto", metadata={"help": "auto (the checkpoint's own dtype, as upstream), bfloat16, float16, float32."})
+    device: str = field(default=ObserveConfig.device, metadata={"help": "auto, cpu, cuda (all GPUs), cuda:N."})
+    dtype: str = field(default=ObserveConfig.dtype, metadata={"help": "auto (the checkpoint's own dtype, as upstream), bfloat16, float16, float32."})
     global_ranking: bool = field(default=False, metadata={"help": "Rank layer-normalized scores across layers."})
     min_experts_per_layer: int | None = field(default=None, metadata={"help": "Per-layer floor (default: top-k)."})
     artifacts_dir: str = field(default="artifacts", metadata={"help": "Root of the results tree (upstream: ./artifacts)."})

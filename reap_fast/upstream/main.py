@@ -117,8 +117,7 @@ def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: boo
     """Build upstream's calibration set, observe the checkpoint, save the observation file."""
     from transformers import AutoTokenizer
 
-    from ..identity import attach_identity, model_identity
-    from ..metrics import save_metrics
+    from ..config import ObserveConfig
     from ..observe.runner import observe_checkpoint
 
     reap_args: ReapArgs = parsed["ReapArgs"]
@@ -131,13 +130,13 @@ def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: boo
     renormalize = observer_renormalize(
         config, obs_args.renormalize_router_weights, layerwise, extra.renormalize_rule
     )
-    metrics = observe_checkpoint(
-        model_name, calibration, samples_per_category=obs_args.batches_per_category,
-        model_max_length=calibration.seq_len, batch_size=obs_args.batch_size, seed=reap_args.seed,
-        engine=extra.engine, renormalize=renormalize, device=extra.device, dtype=extra.dtype,
-        layerwise=layerwise, resume=True, checkpoint_dir=f"{obs_path}.partial",
+    settings = ObserveConfig(
+        samples_per_category=obs_args.batches_per_category, model_max_length=calibration.seq_len,
+        batch_size=obs_args.batch_size, seed=reap_args.seed, engine=extra.engine,
+        renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=layerwise,
+        resume=True, checkpoint_dir=f"{obs_path}.partial",
     )  # fmt: skip
-    save_metrics(attach_identity(metrics, model_identity(config, model_name)), obs_path)
+    metrics = observe_checkpoint(model_name, calibration, obs_path, settings)
     logger.info("observation saved to %s", obs_path)
     return metrics
 

@@ -1,0 +1,56 @@
+"""The observation stage's settings: what ``observe_checkpoint`` runs with, each default and check once.
+
+The calibration spec itself (a path or ``name[subset](split):N`` list) is an argument of the stage, not a
+setting; ``samples_per_category`` and ``model_max_length`` are checked where the set is built
+(:func:`reap_fast.data.build_calibration_set`), before any weight is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checks import ConfigError, check_choice, check_range
+
+DEFAULT_MODEL_MAX_LENGTH = 2048  # tokens per packed sequence; upstream ObserverArgs.model_max_length
+ENGINE_CHOICES = ("auto", "reference", "triton")  # auto: triton on a GPU, reference on the CPU
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # auto: the checkpoint's own dtype
+RENORMALIZE_ALWAYS = "always"  # renormalise g over the top-k for every family (the caller decided)
+
+
+@dataclass(frozen=True)
+class ObserveConfig:
+    """Settings of one observation run.
+
+    * ``renormalize``: True renormalises g over the top-k only where the model itself does; False never;
+      ``"always"`` for every family (upstream's layerwise rule).
+    * ``layerwise``: stream one decoder layer at a time from the safetensors shards instead of loading
+      the whole model.
+    * ``distributed``: under ``torchrun`` (WORLD_SIZE > 1) join the process group, observe this rank's
+      shard and all-reduce the statistics; False observes everything in this process.
+    * ``checkpoint_dir``: partial statistics are saved there every ``checkpoint_every`` seconds and on
+      SIGINT/SIGTERM (None: no checkpoints); ``resume`` continues from that folder's checkpoint.
+    """
+
+    samples_per_category: int | None = None
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH
+    batch_size: int = 1
+    seed: int = 42
+    engine: str = "auto"
+    renormalize: bool | str = True
+    device: str = "auto"
+    dtype: str = "auto"
+    layerwise: bool = False
+    distributed: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: float = 300.0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:  # names as the command line spells them
+        check_range("--batch-size", self.batch_size, 1)
+        check_choice("--engine", self.engine, ENGINE_CHOICES)
+        check_choice("--dtype", self.dtype, DTYPE_CHOICES)
+        check_choice("renormalize", self.renormalize, (True, False, RENORMALIZE_ALWAYS))
+        check_range("--checkpoint-every", self.checkpoint_every, 0)
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")
