@@ -46,11 +46,11 @@ class ObserveConfig:
     resume: bool = False
     progress: bool = True
 
-    def __post_init__(self) -> None:  # names as the command line spells them
-        check_range("--batch-size", self.batch_size, 1)
-        check_choice("--engine", self.engine, ENGINE_CHOICES)
-        check_choice("--dtype", self.dtype, DTYPE_CHOICES)
+    def __post_init__(self) -> None:  # each setting named as the user knows it, with its command-line flag
+        check_range("batch size (--batch-size)", self.batch_size, 1)
+        check_choice("engine (--engine)", self.engine, ENGINE_CHOICES)
+        check_choice("dtype (--dtype)", self.dtype, DTYPE_CHOICES)
         check_choice("renormalize", self.renormalize, (True, False, RENORMALIZE_ALWAYS))
-        check_range("--checkpoint-every", self.checkpoint_every, 0)
+        check_range("checkpoint interval in seconds (--checkpoint-every)", self.checkpoint_every, 0)
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")
