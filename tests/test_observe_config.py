@@ -1,0 +1,79 @@
+"""ObserveConfig: its checks, the one entry point refusing bad settings before reading anything, the
+per-process resolution of 'auto', the checkpoint fingerprint (format 1, so older checkpoints resume),
+and the CLI taking its defaults from the config."""
+
+import dataclasses
+
+import pytest
+import torch
+from reap_fast.cli import build_parser
+from reap_fast.config import DEFAULT_MODEL_MAX_LENGTH, ConfigError, ObserveConfig
+from reap_fast.data import DEFAULT_MODEL_MAX_LENGTH as DATA_DEFAULT_LENGTH
+from reap_fast.lab.tiny import tiny_qwen3_moe_config
+from reap_fast.observe import observe_checkpoint
+from reap_fast.observe.checkpointing import run_fingerprint
+from reap_fast.observe.settings import process_settings
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_size=0), r"batch size \(--batch-size\) must be in \[1, inf\), got 0"),
+    (dict(engine="gpu"), "engine .* must be one of 'auto', 'reference', 'triton'; got 'gpu'"),
+    (dict(dtype="float64"), "dtype .* must be one of"),
+    (dict(renormalize="sometimes"), "renormalize must be one of True, False, 'always'"),
+    (dict(checkpoint_every=-1.0), r"--checkpoint-every\) must be in \[0, inf\)"),
+    (dict(resume=True), "--resume needs .*--checkpoint-dir"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        ObserveConfig(**settings)
+
+
+def test_defaults_are_upstreams_and_defined_once():
+    config = ObserveConfig()
+    assert (config.model_max_length, config.batch_size, config.seed) == (2048, 1, 42)
+    assert DATA_DEFAULT_LENGTH is DEFAULT_MODEL_MAX_LENGTH == 2048
+    assert ObserveConfig(renormalize="always", resume=True, checkpoint_dir="x").renormalize == "always"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch_size = 2
+
+
+def test_entry_point_refuses_settings_before_reading_the_model(tmp_path):
+    missing = str(tmp_path / "no-model")  # would fail with ModelLoadError if it were read first
+    with pytest.raises(ConfigError, match="batch size"):
+        observe_checkpoint(missing, "data.jsonl", batch_size=0)
+    with pytest.raises(ConfigError, match="unknown ObserveConfig setting.*batch"):
+        observe_checkpoint(missing, "data.jsonl", batch=4)
+    with pytest.raises(ConfigError, match="batch size"):
+        observe_checkpoint(missing, "data.jsonl", None, ObserveConfig(batch_size=2), batch_size=0)
+
+
+def test_process_settings_resolve_auto_and_are_idempotent():
+    model_config = tiny_qwen3_moe_config()
+    model_config.dtype = torch.bfloat16
+    resolved = process_settings(ObserveConfig(device="cpu"), model_config)
+    assert (resolved.device, resolved.dtype, resolved.engine) == ("cpu", "bfloat16", "reference")
+    assert process_settings(resolved, model_config) == resolved
+    explicit = process_settings(ObserveConfig(device="cpu", dtype="float16", engine="triton"), model_config)
+    assert (explicit.dtype, explicit.engine) == ("float16", "triton")
+
+
+def test_fingerprint_keeps_format_1(tmp_path):
+    """The dict older reap-fast versions wrote into state.pt, written out by hand: equal, so they resume."""
+    settings = ObserveConfig(samples_per_category=6, model_max_length=48, batch_size=2, seed=5, engine="reference",
+                             device="cpu", dtype="float32", layerwise=True, renormalize="always")
+    fingerprint = run_fingerprint(str(tmp_path), "docs.jsonl", settings, None, rank=1, world_size=2)
+    assert fingerprint == {
+        "model": str(tmp_path.resolve()), "dataset": "docs.jsonl", "samples_per_category": 6,
+        "model_max_length": 48, "batch_size": 2, "seed": 5, "engine": "reference", "renormalize": "always",
+        "dtype": "torch.float32", "layerwise": True, "rank": 1, "world_size": 2, "calibration": None,
+    }
+    assert run_fingerprint("org/name", "d", dataclasses.replace(settings, renormalize=False))["model"] == "org/name"
+
+
+def test_cli_defaults_come_from_the_config():
+    args = build_parser().parse_args(["observe", "--model", "m", "--dataset", "d", "--output", "o.pt"])
+    config = ObserveConfig()
+    assert (args.model_max_length, args.batch_size, args.seed, args.engine, args.device, args.dtype) == (
+        config.model_max_length, config.batch_size, config.seed, config.engine, config.device, config.dtype)
+    assert (args.renormalize_router_weights, args.checkpoint_every, args.samples_per_category) == (
+        config.renormalize, config.checkpoint_every, config.samples_per_category)
