@@ -35,6 +35,7 @@ from functools import lru_cache
 
 import torch
 
+from reap_fast.config import ObserveConfig
 from reap_fast.data import CalibrationSet
 from reap_fast.observe.session import Observer
 from reap_fast.observe.settings import resolve_engine
@@ -142,8 +143,9 @@ def test_observe_streaming(benchmark):
 
     def run():
         report = StreamingReport()
-        observe_streaming(checkpoint(), calibration(), BATCH, engine, True, DEVICE, DTYPE, progress=False,
-                          report=report)
+        settings = ObserveConfig(batch_size=BATCH, engine=engine, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
+                                 progress=False)
+        observe_streaming(checkpoint(), calibration(), settings, report=report)
         _sync()
         reports.append(report)
 

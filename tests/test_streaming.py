@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from reap_fast.config import ObserveConfig
 from reap_fast.data import CalibrationSet
 from reap_fast.lab.families_tiny import tiny_family_config
 from reap_fast.models import UnsupportedModelError
@@ -54,8 +55,8 @@ def _in_memory(path, calibration, batch_size):
 
 
 def _streamed(path, calibration, batch_size, **kwargs):
-    accumulators = observe_streaming(path, calibration, batch_size, "reference", True, "cpu", torch.float32,
-                                     progress=False, **kwargs)
+    settings = ObserveConfig(batch_size=batch_size, engine="reference", device="cpu", dtype="float32", progress=False)
+    accumulators = observe_streaming(path, calibration, settings, **kwargs)
     return {index: acc.to_upstream() for index, acc in sorted(accumulators.items())}
 
 
@@ -215,13 +216,15 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from reap_fast.data import CalibrationSet
+    from reap_fast.config import ObserveConfig
     from reap_fast.observe.streaming import observe_streaming
     from transformers import AutoModelForCausalLM
     path, mode = sys.argv[1], sys.argv[2]
     ids = torch.randint(0, 256, (2, 16)); attention = torch.ones(2, 16, dtype=torch.long)
     calibration = CalibrationSet(ids, attention, attention.bool(), ["c", "c"])
     if mode == "stream":
-        observe_streaming(path, calibration, 2, "reference", True, "cpu", torch.float32, progress=False)
+        settings = ObserveConfig(batch_size=2, engine="reference", device="cpu", dtype="float32", progress=False)
+        observe_streaming(path, calibration, settings)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     # VmHWM: this process image's peak RSS (ru_maxrss would inherit the forking parent's peak).

@@ -90,7 +90,12 @@ def observe_checkpoint(
 
     with checkpointer if checkpointer is not None else nullcontext():
         if settings.layerwise:
-            accumulators = _observe_streamed(model_path, calibration, settings, checkpointer, resume_state)
+            from .streaming import observe_streaming
+
+            accumulators = observe_streaming(
+                model_path, calibration, settings, checkpointer=checkpointer, resume_state=resume_state,
+                scratch_dir=None if checkpointer is None else checkpointer.directory,
+            )
         else:
             model, _ = load_model(model_path, device=settings.device, dtype=settings.dtype)
             accumulators = _observe_loaded(model, calibration, settings, checkpointer, resume_state)
@@ -113,16 +118,6 @@ def _calibration_set(model_path: str, dataset: str | CalibrationSet, settings: O
         model_max_length=settings.model_max_length, seed=settings.seed,
     )  # fmt: skip
     return calibration, dataset
-
-
-def _observe_streamed(model_path, calibration, settings: ObserveConfig, checkpointer, resume_state) -> dict:
-    from .streaming import observe_streaming
-
-    return observe_streaming(
-        model_path, calibration, settings.batch_size, settings.engine, settings.renormalize, settings.device,
-        DTYPES[settings.dtype], settings.progress, checkpointer=checkpointer, resume_state=resume_state,
-        scratch_dir=None if checkpointer is None else checkpointer.directory,
-    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -16,10 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from ...config import ObserveConfig
 from ...metrics import LayerAccumulator
 from ...models import get_adapter
+from ...models.loading import DTYPES
 from ..checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators
 from ..progress import TokenRate
+from ..settings import process_settings
 from .errors import StreamingError
 from .memory import GiB, HiddenStore, MemoryBudget, activation_bytes, choose_hidden_tier, free_memory
 from .placement import StreamingReport, materialize, release
@@ -33,12 +36,8 @@ logger = logging.getLogger(__name__)
 def observe_streaming(
     model_path: str | os.PathLike,
     calibration,
-    batch_size: int,
-    engine: str,
-    renormalize: bool,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    progress: bool = True,
+    settings: ObserveConfig,
+    *,
     checkpointer: ObservationCheckpointer | None = None,
     resume_state: dict[str, Any] | None = None,
     memory_budget: MemoryBudget | None = None,
@@ -47,13 +46,17 @@ def observe_streaming(
 ) -> dict[int, LayerAccumulator]:
     """Observe ``calibration`` with the checkpoint at ``model_path`` streamed layer by layer.
 
-    Returns the accumulators {layer index: LayerAccumulator} on ``device``. ``memory_budget``
-    replaces the measured free memory (tests); ``report`` receives the tier and weight bytes.
+    :func:`reap_fast.observe.observe_checkpoint` with ``layerwise=True`` calls this; ``settings`` gives the
+    batch size, engine, renormalisation, device, dtype and progress ('auto' resolved here). Returns the
+    accumulators {layer index: LayerAccumulator} on the device. ``checkpointer`` / ``resume_state``: see
+    :mod:`reap_fast.observe.checkpointing`; ``memory_budget`` replaces the measured free memory (tests);
+    ``scratch_dir`` holds a disk-tier hidden-states file; ``report`` receives the tier and weight bytes.
     """
-    device = torch.device(device)
     report = report if report is not None else StreamingReport()
     config = AutoConfig.from_pretrained(model_path)
     streaming_supported(config)
+    settings = process_settings(settings, config)
+    batch_size, device, dtype = settings.batch_size, torch.device(settings.device), DTYPES[settings.dtype]
     renames = get_adapter(config).checkpoint_renames
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     reader = CheckpointTensors(model_path)
@@ -93,7 +96,7 @@ def observe_streaming(
             if buffer is not None and buffer.device.type != "meta":
                 module._buffers[leaf] = buffer.to(device)
 
-    observer = StreamingObserver(model, engine, renormalize, device)
+    observer = StreamingObserver(model, settings.engine, settings.renormalize, device)
     num_batches = -(-count // batch_size)
     start_layer, start_batch = 0, 0
     store = HiddenStore((count, length, hidden), dtype, tier, device, scratch_dir)
@@ -128,7 +131,7 @@ def observe_streaming(
 
             total = len(real_layers) * num_batches
             with tqdm(total=total, initial=start_layer * num_batches + start_batch, unit="batch",
-                      desc="stream", disable=not progress) as bar:
+                      desc="stream", disable=not settings.progress) as bar:
                 for index in range(start_layer, len(real_layers)):
                     layer = real_layers[index]
                     prefix = f"{layers_name}.{index}."
