@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ObserveConfig
+from .config import ObserveConfig, QuantConfig
 from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
 from .errors import EXIT_INTERRUPTED, ReapFastError
 from .logs import configure_logging
@@ -68,9 +68,9 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--iters", type=int, default=200, help="AutoRound tuning iterations (0 = RTN)")
-    parser.add_argument("--nsamples", type=int, default=128, help="AutoRound calibration samples")
-    parser.add_argument("--seqlen", type=int, default=512, help="AutoRound calibration length")
+    parser.add_argument("--iters", type=int, default=QuantConfig.iters, help="AutoRound tuning iterations (0 = RTN)")
+    parser.add_argument("--nsamples", type=int, default=QuantConfig.nsamples, help="AutoRound calibration samples")
+    parser.add_argument("--seqlen", type=int, default=QuantConfig.seqlen, help="AutoRound calibration length")
 
 
 def _add_harness_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--output", required=True, help="folder for the quantized model")
     quantize.add_argument("--dataset", required=True, help="calibration spec (local files work offline)")
     _add_quantize_arguments(quantize)
-    quantize.add_argument("--batch-size", type=int, default=8)
-    quantize.add_argument("--seed", type=int, default=42)
-    quantize.add_argument("--device", default="auto")
+    quantize.add_argument("--batch-size", type=int, default=QuantConfig.batch_size)
+    quantize.add_argument("--seed", type=int, default=QuantConfig.seed)
+    quantize.add_argument("--device", default=QuantConfig.device)
     quantize.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
 
     run = commands.add_parser("run", help="observe -> prune -> [quantize] -> [eval], resumable")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="folder for every stage's outputs")
     run.add_argument("--quantize", choices=["w4a16"], default=None, help="quantize the pruned model")
     _add_quantize_arguments(run)
-    run.add_argument("--quant-batch-size", type=int, default=8)
+    run.add_argument("--quant-batch-size", type=int, default=QuantConfig.batch_size)
     run.add_argument("--eval", action="store_true", help="perplexity of original, pruned and quantized models")
     run.add_argument("--eval-dataset", default=None, help="held-out text spec for --eval (implies --eval)")
     run.add_argument("--eval-samples", type=int, default=16, help="held-out sequences for perplexity")
@@ -215,13 +215,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import calibration_texts
     from .quantize import check_model_dir, check_output_dir, quantize_w4a16
 
+    config = QuantConfig(
+        iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
+        seed=args.seed, overwrite=args.overwrite,
+    )
     check_model_dir(args.model)
     check_output_dir(args.output, overwrite=args.overwrite, model_dir=Path(args.model))  # before reading any data
-    texts = calibration_texts(args.dataset, AutoTokenizer.from_pretrained(args.model), args.nsamples, seed=args.seed)
-    folder = quantize_w4a16(
-        args.model, args.output, texts, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-        batch_size=args.batch_size, device=args.device, seed=args.seed, overwrite=args.overwrite,
-    )
+    texts = calibration_texts(args.dataset, AutoTokenizer.from_pretrained(args.model), config.nsamples, seed=config.seed)
+    folder = quantize_w4a16(args.model, args.output, texts, config)
     print(f"W4A16 model saved to {folder}")
     return 0
 

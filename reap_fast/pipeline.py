@@ -28,7 +28,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from .children import call_child
-from .config import ConfigError, ObserveConfig
+from .config import ConfigError, ObserveConfig, QuantConfig
 from .errors import ReapFastError
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
 from .harness import Comparison, HarnessSettings, ModelEntry, check_tasks, format_table, run_comparison
@@ -78,10 +78,10 @@ class PipelineConfig:
     layerwise: bool = ObserveConfig.layerwise
     checkpoint_every: float = ObserveConfig.checkpoint_every  # observation checkpoints: a rerun resumes from them
     quantize: str | None = None  # None or "w4a16"
-    quant_iters: int = 200
-    quant_nsamples: int = 128
-    quant_seqlen: int = 512
-    quant_batch_size: int = 8
+    quant_iters: int = QuantConfig.iters
+    quant_nsamples: int = QuantConfig.nsamples
+    quant_seqlen: int = QuantConfig.seqlen
+    quant_batch_size: int = QuantConfig.batch_size
     eval_dataset: str | None = None
     eval_samples: int = 16
     eval_max_length: int = 512
@@ -119,6 +119,8 @@ def validate(config: PipelineConfig) -> None:
         raise PipelineError(f"--quantize supports only w4a16, got {config.quantize!r}")
     try:
         observe_config(config)
+        if config.quantize:
+            quant_config(config)
     except ConfigError as exc:
         raise PipelineError(str(exc)) from None
 
@@ -132,6 +134,14 @@ def observe_config(config: PipelineConfig) -> ObserveConfig:
         checkpoint_dir=str(Path(config.output) / "observation.partial"), checkpoint_every=config.checkpoint_every,
         resume=True,
     )  # fmt: skip
+
+
+def quant_config(config: PipelineConfig) -> QuantConfig:
+    """The quantize stage's settings of a run (it replaces an earlier, interrupted OUTPUT/w4a16)."""
+    return QuantConfig(
+        iters=config.quant_iters, nsamples=config.quant_nsamples, seqlen=config.quant_seqlen,
+        batch_size=config.quant_batch_size, device=config.device, seed=config.seed, overwrite=True,
+    )
 
 
 class Pipeline:
@@ -235,7 +245,7 @@ class Pipeline:
             from .quantize import auto_round_version, check_group_size
 
             auto_round_version()
-            check_group_size(config, 128)
+            check_group_size(config, quant_config(c).group_size)
         if c.eval_dataset:
             from .data import check_dataset_spec
 
@@ -302,11 +312,9 @@ class Pipeline:
 
         c = self.config
         tokenizer = AutoTokenizer.from_pretrained(self.pruned)
-        texts = calibration_texts(c.dataset, tokenizer, c.quant_nsamples, seed=c.seed)
-        folder = run_quantize_subprocess(
-            self.pruned, self.quantized, texts, overwrite=True, iters=c.quant_iters, nsamples=c.quant_nsamples,
-            seqlen=c.quant_seqlen, batch_size=c.quant_batch_size, device=c.device, seed=c.seed,
-        )
+        quant = quant_config(c)
+        texts = calibration_texts(c.dataset, tokenizer, quant.nsamples, seed=quant.seed)
+        folder = run_quantize_subprocess(self.pruned, self.quantized, texts, quant)
         return [Path(folder)]
 
     def _evaluate(self) -> list[Path]:

@@ -364,7 +364,7 @@ def test_subprocess_reports_precheck_error(small_source, tmp_path):
     texts_file.write_text(json.dumps({"texts": ["a"]}))
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"model_dir": str(small_source), "output_dir": str(tmp_path / "out"),
-                                   "texts_file": str(texts_file), "overwrite": False, "options": {"seqlen": 8}}))
+                                   "texts_file": str(texts_file), "config": {"seqlen": 8}}))
     code = worker.main([str(request)])
     assert code == q.EXIT_QUANT_ERROR
     assert not (tmp_path / "out").exists()

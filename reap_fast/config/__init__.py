@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from .checks import ConfigError, check_choice, check_range, resolve
 from .observe import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
+from .quantize import QuantConfig
 
 __all__ = ["ConfigError", "check_choice", "check_range", "resolve"]
 __all__ += ["DEFAULT_MODEL_MAX_LENGTH", "ObserveConfig"]
+__all__ += ["QuantConfig"]

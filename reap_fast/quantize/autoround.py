@@ -11,9 +11,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..config.checks import resolve
+from ..config.quantize import QuantConfig
 from ..devices import resolve_device
 from ..errors import ReapFastError
 from ..fileio import publish_folder, sha256_file
@@ -32,23 +35,16 @@ from .output import MARKER_FILE, MARKER_FORMAT, verify_saved, weight_files
 
 logger = logging.getLogger(__name__)
 
+# The QuantConfig fields recorded in reap_fast_quant.json's "settings" (with the scheme, format and counts).
+_MARKER_SETTINGS = ("bits", "group_size", "sym", "iters", "nsamples", "seqlen", "batch_size", "device", "seed")
+
 
 def quantize_w4a16(
     model_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     texts: Sequence[str],
-    *,
-    bits: int = 4,
-    group_size: int = 128,
-    sym: bool = True,
-    iters: int = 200,
-    nsamples: int = 128,
-    seqlen: int = 512,
-    batch_size: int = 8,
-    device: str = "auto",
-    seed: int = 42,
-    overwrite: bool = False,
-    min_samples: int = 1,
+    config: QuantConfig | None = None,
+    **overrides: Any,
 ) -> Path:
     """Quantize the checkpoint in ``model_dir`` to W4A16 with AutoRound and save it to ``output_dir``.
 
@@ -57,28 +53,24 @@ def quantize_w4a16(
     Saved with ``save_quantized(format="auto_round")`` (GPTQ-compatible ``auto_round:auto_gptq``
     packing), routers and shared-expert gates in 16 bit, the tokenizer alongside, and
     ``reap_fast_quant.json``. The folder appears at ``output_dir`` only once complete.
+    Settings: ``config`` (:class:`~reap_fast.config.QuantConfig`) with its fields as keyword ``overrides``.
     """
+    config = resolve(QuantConfig, config, overrides)
     with OutputLock(output_dir):  # one process per output; leftovers of killed runs go first
         clean_leftovers(output_dir)
         version = auto_round_version()
         model_path = check_model_dir(model_dir)
-        out = check_output_dir(output_dir, overwrite=overwrite, model_dir=model_path)
-        if bits not in (2, 3, 4, 8):
-            raise QuantizationError(f"bits must be 2, 3, 4 or 8, got {bits}")
-        for label, value, low in (("iters", iters, 0), ("nsamples", nsamples, 1), ("batch_size", batch_size, 1)):
-            if value < low:
-                raise QuantizationError(f"{label} must be >= {low}, got {value}")
-        device = resolve_device(device)
+        out = check_output_dir(output_dir, overwrite=config.overwrite, model_dir=model_path)
+        config = replace(config, device=resolve_device(config.device))
 
         from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
 
-        config = AutoConfig.from_pretrained(model_path)
-        check_group_size(config, group_size)
+        check_group_size(AutoConfig.from_pretrained(model_path), config.group_size)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         except Exception as error:
             raise QuantizationError(f"cannot load the tokenizer from {model_path}: {error}") from error
-        usable = check_texts(tokenizer, texts, seqlen, nsamples=nsamples, min_samples=min_samples)
+        usable = check_texts(tokenizer, texts, config.seqlen, nsamples=config.nsamples, min_samples=config.min_samples)
 
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -90,23 +82,9 @@ def quantize_w4a16(
         previous_workspace = os.environ.get("AR_WORK_SPACE")
         os.environ["AR_WORK_SPACE"] = str(workspace)
         try:
-            routers = _run_auto_round(
-                model_path,
-                staging,
-                tokenizer,
-                list(texts),
-                bits=bits,
-                group_size=group_size,
-                sym=sym,
-                iters=iters,
-                nsamples=nsamples,
-                seqlen=seqlen,
-                batch_size=batch_size,
-                device=device,
-                seed=seed,
-            )
+            routers = _run_auto_round(model_path, staging, tokenizer, list(texts), config=config)
             tokenizer.save_pretrained(staging)
-            qcfg = verify_saved(staging, bits=bits, group_size=group_size, sym=sym, routers=routers)
+            qcfg = verify_saved(staging, bits=config.bits, group_size=config.group_size, sym=config.sym, routers=routers)
             marker = {
                 "format": MARKER_FORMAT,
                 "complete": True,
@@ -117,20 +95,12 @@ def quantize_w4a16(
                 "transformers_version": importlib.metadata.version("transformers"),
                 "torch_version": importlib.metadata.version("torch"),
                 "settings": {
-                    "scheme": f"W{bits}A16",
-                    "bits": bits,
-                    "group_size": group_size,
-                    "sym": sym,
-                    "iters": iters,
-                    "nsamples": nsamples,
-                    "seqlen": seqlen,
-                    "batch_size": batch_size,
-                    "device": device,
-                    "seed": seed,
+                    "scheme": f"W{config.bits}A16",
+                    **{name: getattr(config, name) for name in _MARKER_SETTINGS},
                     "format": "auto_round",
                     "packing_format": qcfg.get("packing_format"),
                     "calibration_texts": len(texts),
-                    "calibration_texts_used": min(usable, nsamples),
+                    "calibration_texts_used": min(usable, config.nsamples),
                 },
                 "unquantized_routers": sorted(routers),
                 "weight_files": {p.name: sha256_file(p) for p in weight_files(staging)},
@@ -151,22 +121,7 @@ def quantize_w4a16(
         return out
 
 
-def _run_auto_round(
-    model_path: Path,
-    staging: Path,
-    tokenizer: Any,
-    texts: list[str],
-    *,
-    bits: int,
-    group_size: int,
-    sym: bool,
-    iters: int,
-    nsamples: int,
-    seqlen: int,
-    batch_size: int,
-    device: str,
-    seed: int,
-) -> list[str]:
+def _run_auto_round(model_path: Path, staging: Path, tokenizer: Any, texts: list[str], config: QuantConfig) -> list[str]:
     """Construct AutoRound, quantize, save into ``staging``; returns the router names kept 16 bit."""
     from auto_round import AutoRound  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
@@ -175,22 +130,22 @@ def _run_auto_round(
     model.eval()
     routers = [name for name, _ in model.named_modules() if is_router_name(name) and ".layers." in name]
     options: dict[str, Any] = {}
-    if device == "cpu":
+    if config.device == "cpu":
         options["enable_torch_compile"] = False
     rounder = AutoRound(
         model,
         tokenizer=tokenizer,
-        scheme=f"W{bits}A16",
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-        iters=iters,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        batch_size=batch_size,
+        scheme=f"W{config.bits}A16",
+        bits=config.bits,
+        group_size=config.group_size,
+        sym=config.sym,
+        iters=config.iters,
+        nsamples=config.nsamples,
+        seqlen=config.seqlen,
+        batch_size=config.batch_size,
         dataset=texts,  # a local list: never downloads a calibration set
-        device_map=device,
-        seed=seed,
+        device_map=config.device,
+        seed=config.seed,
         ignore_layers=",".join(routers),
         **options,
     )

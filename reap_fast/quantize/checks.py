@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config.quantize import QuantConfig
 from ..errors import ReapFastError
 from ..outputs import check_output
 from ..preflight import check_model_folder
@@ -103,10 +104,9 @@ def _quantizable_in_features(config: Any) -> dict[int, list[str]]:
 
 def check_group_size(config: Any, group_size: int) -> None:
     """Error when a quantized layer's in-features are not divisible by ``group_size``."""
+    QuantConfig(group_size=group_size)  # the range check (positive or -1)
     if group_size == -1:
         return
-    if group_size <= 0:
-        raise QuantizationError(f"group_size must be positive or -1, got {group_size}")
     try:
         sizes = _quantizable_in_features(config)
     except Exception as error:  # an architecture transformers cannot build on meta: use the config

@@ -3,8 +3,9 @@
 ``python -m reap_fast.quantize.worker REQUEST.json`` and this process's classes stay untouched.
 
 The request is a JSON file written into a scratch folder beside the output (model, output, texts file,
-settings, where to write an error); the worker answers a failure with an error file
-(``{"type": ..., "message": ...}``) and exit code :data:`EXIT_QUANT_ERROR` for a :class:`QuantizationError`.
+the :class:`~reap_fast.config.QuantConfig` as a dictionary, where to write an error); the worker answers a
+failure with an error file (``{"type": ..., "message": ...}``) and exit code :data:`EXIT_QUANT_ERROR` for a
+:class:`QuantizationError`.
 """
 
 from __future__ import annotations
@@ -14,49 +15,44 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..children import run_child
+from ..config.checks import resolve
+from ..config.quantize import QuantConfig
 from ..outputs import work_prefix
 from .checks import QuantizationError
 
 # Exit code of the worker for a QuantizationError (the same as the CLI's for a usage error).
 EXIT_QUANT_ERROR = 2
 WORKER_MODULE = "reap_fast.quantize.worker"
-# The keyword settings of quantize_w4a16 that a child run accepts (sym is always True there).
-_CHILD_OPTIONS = ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "device", "seed", "min_samples")
 
 
 def run_quantize_subprocess(
     model_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     texts: Sequence[str] | None = None,
+    config: QuantConfig | None = None,
     *,
     texts_file: str | os.PathLike | None = None,
-    overwrite: bool = False,
     python: str | None = None,
     timeout: float | None = None,
     capture_output: bool = False,
-    env: dict[str, str] | None = None,
-    **options: Any,
+    **overrides: Any,
 ) -> Path:
     """Run :func:`quantize_w4a16` in a child process (see the module docstring).
 
     Give either ``texts`` (a list, written to a temporary JSON file) or ``texts_file`` (a JSON list of
-    strings, or an object with a ``"texts"`` list). ``options`` are the keyword settings of
-    :func:`quantize_w4a16` (``bits``, ``group_size``, ``iters``, ``nsamples``, ``seqlen``, ``batch_size``,
-    ``device``, ``seed``, ``min_samples``); ``sym`` must stay True (the CLI quantizes symmetrically).
-    A :class:`QuantizationError` in the child is raised again here with the same message; any other
-    failure raises ``RuntimeError``.
+    strings, or an object with a ``"texts"`` list). Settings: ``config`` (:class:`~reap_fast.config.QuantConfig`)
+    with its fields as keyword ``overrides``, checked here before the child starts. ``python`` is the
+    interpreter of the child (default: this one). A :class:`QuantizationError` in the child is raised again
+    here with the same message; any other failure raises ``RuntimeError``.
     """
+    config = resolve(QuantConfig, config, overrides)
     if (texts is None) == (texts_file is None):
         raise QuantizationError("give exactly one of texts or texts_file")
-    if not options.pop("sym", True):
-        raise QuantizationError("run_quantize_subprocess supports sym=True only")
-    unknown = sorted(set(options) - set(_CHILD_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown quantization options: {unknown}")
     output_path = Path(output_dir).expanduser().absolute()
     output_path.parent.mkdir(parents=True, exist_ok=True)
     # Beside the output, named with this pid: a run killed with SIGKILL leaves it to the next run's cleanup.
@@ -72,14 +68,13 @@ def run_quantize_subprocess(
             "model_dir": str(model_dir),
             "output_dir": str(output_dir),
             "texts_file": str(texts_file),
-            "overwrite": overwrite,
-            "options": options,
+            "config": asdict(config),
             "error_file": str(error_file),
         }
         request_file = scratch_path / "request.json"
         request_file.write_text(json.dumps(request))
         argv = [python or sys.executable, "-m", WORKER_MODULE, str(request_file)]
-        child_env = dict(os.environ if env is None else env)
+        child_env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         child_env["PYTHONPATH"] = os.pathsep.join(
             [package_root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]

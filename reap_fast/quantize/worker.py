@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..children import exit_on_sigterm
+from ..config.quantize import QuantConfig
 from ..errors import ReapFastError
 from ..logs import configure_logging
 from .autoround import quantize_w4a16
@@ -27,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         texts = load_texts_file(request["texts_file"])
-        out = quantize_w4a16(
-            request["model_dir"], request["output_dir"], texts, overwrite=request["overwrite"], **request["options"]
-        )
+        out = quantize_w4a16(request["model_dir"], request["output_dir"], texts, QuantConfig(**request["config"]))
     except ReapFastError as error:
         report("QuantizationError", str(error))
         print(f"reap-fast quantize: error: {error}", file=sys.stderr)

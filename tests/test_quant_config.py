@@ -1,0 +1,77 @@
+"""The quantize stage's settings (reap_fast.config.QuantConfig): defaults, range checks, and that the CLI,
+the pipeline and the stage functions refuse bad settings with one line (exit 2) before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from reap_fast.cli import build_parser, main
+from reap_fast.config import ConfigError, QuantConfig
+from reap_fast.pipeline import PipelineConfig, quant_config
+from reap_fast.quantize import quantize_w4a16, run_quantize_subprocess
+
+
+def test_defaults_are_the_documented_ones():
+    # README "W4A16 quantization": 4 bits, symmetric, group size 128; --iters/--nsamples/--seqlen help.
+    assert dataclasses.asdict(QuantConfig()) == {
+        "bits": 4, "group_size": 128, "sym": True, "iters": 200, "nsamples": 128, "seqlen": 512, "batch_size": 8,
+        "device": "auto", "seed": 42, "min_samples": 1, "overwrite": False,
+    }
+    QuantConfig(group_size=-1, iters=0, bits=8)  # -1 (one scale per row) and RTN are valid
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"bits": 5}, "bits must be one of 2, 3, 4, 8; got 5"),
+        ({"group_size": 0}, "group_size must be positive or -1, got 0"),
+        ({"group_size": -2}, "group_size must be positive or -1, got -2"),
+        ({"iters": -1}, "iters must be in [0, inf), got -1"),
+        ({"nsamples": 0}, "nsamples must be in [1, inf), got 0"),
+        ({"seqlen": 0}, "seqlen must be in [1, inf), got 0"),
+        ({"batch_size": 0}, "batch_size must be in [1, inf), got 0"),
+        ({"min_samples": 0}, "min_samples must be in [1, inf), got 0"),
+        ({"iters": 1.5}, "iters must be an integer, got 1.5"),
+        ({"nsamples": True}, "nsamples must be an integer, got True"),
+    ],
+)
+def test_bad_settings_are_refused_with_one_line(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        QuantConfig(**settings)
+    assert str(caught.value) == message and caught.value.exit_code == 2
+
+
+def test_stage_functions_refuse_bad_or_unknown_settings_before_any_work(tmp_path):
+    # Neither the model folder nor the texts are looked at: the settings are checked first.
+    with pytest.raises(ConfigError, match=r"iters must be in \[0, inf\), got -1"):
+        quantize_w4a16(tmp_path / "missing", tmp_path / "out", ["text"], iters=-1)
+    with pytest.raises(ConfigError, match="unknown QuantConfig setting"):
+        quantize_w4a16(tmp_path / "missing", tmp_path / "out", ["text"], QuantConfig(), speed=3)
+    with pytest.raises(ConfigError, match=r"seqlen must be in \[1, inf\), got 0"):
+        run_quantize_subprocess(tmp_path / "missing", tmp_path / "out", ["text"], QuantConfig(), seqlen=0)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_cli_and_pipeline_take_their_defaults_from_the_config():
+    quantize = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d"])
+    run = build_parser().parse_args(["run", "--model", "m", "--output", "o", "--dataset", "d"])
+    expected = QuantConfig()
+    assert (quantize.iters, quantize.nsamples, quantize.seqlen, quantize.batch_size, quantize.seed, quantize.device) == (
+        200, 128, 512, 8, 42, "auto")
+    assert (run.iters, run.nsamples, run.seqlen, run.quant_batch_size) == (200, 128, 512, 8)
+    built = quant_config(PipelineConfig(model="m", dataset="d", output="o", quantize="w4a16"))
+    assert dataclasses.replace(built, overwrite=False) == expected
+
+
+@pytest.mark.parametrize("command", ["quantize", "run"])
+def test_cli_refuses_bad_settings_in_one_line_before_reading_anything(tmp_path, capsys, command):
+    argv = [command, "--model", str(tmp_path / "missing"), "--dataset", str(tmp_path / "none.jsonl"),
+            "--output", str(tmp_path / "out"), "--nsamples", "0"]
+    if command == "run":
+        argv += ["--quantize", "w4a16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"reap-fast {command}: error: nsamples must be in [1, inf), got 0"
+    assert not (tmp_path / "out").exists()
