@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import ObserveConfig, QuantConfig
 from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
+from .config.evaluate import EvalConfig, HarnessSettings
 from .errors import EXIT_INTERRUPTED, ReapFastError
 from .logs import configure_logging
 from .metrics import format_expert_table
@@ -88,7 +89,8 @@ def _add_harness_arguments(parser: argparse.ArgumentParser, prefix: str) -> None
                         help="examples per task (below 1: a fraction), as lm-eval's --limit")
     parser.add_argument(*names("num-fewshot"), dest="num_fewshot", type=int, default=None,
                         help="few-shot examples (default: each task's own)")
-    parser.add_argument(*names("batch-size"), dest="harness_batch_size", default="1", metavar="BATCH_SIZE",
+    parser.add_argument(*names("batch-size"), dest="harness_batch_size", default=HarnessSettings.batch_size,
+                        metavar="BATCH_SIZE",
                         help="lm-eval batch size: an integer, auto or auto:N")
 
 
@@ -133,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quant-batch-size", type=int, default=QuantConfig.batch_size)
     run.add_argument("--eval", action="store_true", help="perplexity of original, pruned and quantized models")
     run.add_argument("--eval-dataset", default=None, help="held-out text spec for --eval (implies --eval)")
-    run.add_argument("--eval-samples", type=int, default=16, help="held-out sequences for perplexity")
-    run.add_argument("--eval-max-length", type=int, default=512, help="tokens per held-out sequence")
+    run.add_argument("--eval-samples", type=int, default=EvalConfig.samples, help="held-out sequences for perplexity")
+    run.add_argument("--eval-max-length", type=int, default=EvalConfig.max_length, help="tokens per held-out sequence")
     run.add_argument("--eval-tasks", default=None,
                      help="lm-eval tasks (comma-separated) on the original, pruned and W4A16 models")
     _add_harness_arguments(run, "eval-")
@@ -255,8 +257,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _harness_settings(args: argparse.Namespace, tasks: str | None):
     """lm-eval settings from the parsed flags (None without tasks)."""
-    from .harness import HarnessSettings
-
     if tasks is None:
         return None
     return HarnessSettings(
@@ -269,7 +269,7 @@ def _harness_settings(args: argparse.Namespace, tasks: str | None):
 def _named_models(values: list[str]) -> list:
     """['a', 'pruned=b'] -> ModelEntry('a', 'a'), ModelEntry('pruned', 'b'); local folders are checked."""
     from .errors import UsageError
-    from .harness import ModelEntry
+    from .evaluate import ModelEntry
     from .preflight import check_model_folder
 
     entries = []
@@ -283,7 +283,8 @@ def _named_models(values: list[str]) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .harness import Comparison, check_tasks, format_table, run_comparison
+    from .evaluate import Comparison, format_table, run_comparison
+    from .evaluate.harness import check_tasks
 
     models = _named_models(args.model)
     settings = _harness_settings(args, args.tasks)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .children import call_child
 from .config import ConfigError, ObserveConfig, QuantConfig
+from .config.evaluate import EvalConfig, HarnessSettings
 from .errors import ReapFastError
+from .evaluate.comparison import Comparison, ModelEntry, format_table, run_comparison
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
-from .harness import Comparison, HarnessSettings, ModelEntry, check_tasks, format_table, run_comparison
 from .outputs import (
     OutputError,
     check_not_overlapping,
@@ -39,7 +38,6 @@ from .outputs import (
     clean_folder_leftovers,
     clean_leftovers,
     output_lock,
-    work_prefix,
     write_marker,
 )
 from .picture import picture_path, write_pruning_picture
@@ -83,8 +81,8 @@ class PipelineConfig:
     quant_seqlen: int = QuantConfig.seqlen
     quant_batch_size: int = QuantConfig.batch_size
     eval_dataset: str | None = None
-    eval_samples: int = 16
-    eval_max_length: int = 512
+    eval_samples: int = EvalConfig.samples
+    eval_max_length: int = EvalConfig.max_length
     lm_eval: HarnessSettings | None = None  # lm-evaluation-harness tasks (--eval-tasks)
     overwrite: bool = False
     progress: bool = True
@@ -99,6 +97,10 @@ class PipelineConfig:
                          "lm_eval"):
             settings.pop(volatile)
         return settings
+
+    def evaluation(self) -> EvalConfig:
+        """The evaluation stage's settings (validated)."""
+        return EvalConfig(self.eval_dataset, self.eval_samples, self.eval_max_length, harness=self.lm_eval)
 
     def stages(self) -> list[str]:
         chosen = ["observe", "prune"]
@@ -121,6 +123,7 @@ def validate(config: PipelineConfig) -> None:
         observe_config(config)
         if config.quantize:
             quant_config(config)
+        config.evaluation()
     except ConfigError as exc:
         raise PipelineError(str(exc)) from None
 
@@ -251,6 +254,8 @@ class Pipeline:
 
             check_dataset_spec(c.eval_dataset)
         if c.lm_eval and not self.is_done("lm_eval"):
+            from .evaluate.harness import check_tasks
+
             check_tasks(c.lm_eval)
 
     def run(self) -> dict[str, Any]:
@@ -321,17 +326,18 @@ class Pipeline:
         from transformers import AutoTokenizer
 
         from .data import calibration_texts
+        from .evaluate.heldout import perplexity_in_child
 
         c = self.config
+        evaluation = c.evaluation()
         tokenizer = AutoTokenizer.from_pretrained(self.pruned)
-        texts_file = atomic_write_json(
-            calibration_texts(c.eval_dataset, tokenizer, c.eval_samples, seed=c.seed), self.root / "eval_texts.json"
-        )
+        texts = calibration_texts(evaluation.dataset, tokenizer, evaluation.samples, seed=c.seed)
+        texts_file = atomic_write_json(texts, self.root / "eval_texts.json")
         models = {"original": c.model, "pruned": str(self.pruned)}
         if c.quantize:
             models["w4a16"] = str(self.quantized)
         results = {
-            name: evaluate_in_subprocess(path, texts_file, c.eval_max_length, quantized=(name == "w4a16"))
+            name: perplexity_in_child(path, texts_file, evaluation, quantized=(name == "w4a16"))
             for name, path in models.items()
         }
         texts_file.unlink()
@@ -368,21 +374,6 @@ class Pipeline:
         if self.config.lm_eval and self.lm_eval_file.is_file():
             report["lm_eval"] = json.loads(self.lm_eval_file.read_text())
         return report
-
-
-def evaluate_in_subprocess(model_dir: str, texts_file: Path, seq_len: int, quantized: bool = False) -> dict[str, Any]:
-    """Held-out perplexity of a checkpoint, computed in a child process (a quantized model's loader patches
-    transformers classes process-wide, so it never runs in the pipeline's own process)."""
-    result_file = texts_file.with_name(f"{work_prefix(texts_file, 'scratch')}{Path(model_dir).name}.json")
-    command = [sys.executable, "-m", "reap_fast.evaluate", "--model", model_dir, "--texts-file", str(texts_file),
-               "--seq-len", str(seq_len), "--json", str(result_file)]
-    if quantized:
-        command.append("--quantized")
-    try:
-        call_child(command, PipelineError, f"evaluation of {model_dir}", capture_output=True)
-        return json.loads(result_file.read_text())
-    finally:
-        result_file.unlink(missing_ok=True)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -157,3 +157,51 @@ def test_real_model_runs():
     # of the 3 rows has no context and is not a target
     assert result["tokens"] == 20 + 23 - 3
     assert 1 < result["perplexity"] < 1e6
+
+
+# --- the stage's settings and its child process ----------------------------------------------------------
+
+
+def test_eval_config_defaults_and_range_checks():
+    from dataclasses import FrozenInstanceError
+
+    from reap_fast.config import ConfigError, EvalConfig
+
+    config = EvalConfig()
+    assert (config.dataset, config.samples, config.max_length, config.batch_size, config.harness) == (
+        None, 16, 512, 8, None)
+    for overrides, message in [(dict(samples=0), "--eval-samples"), (dict(max_length=1), "--eval-max-length"),
+                               (dict(batch_size=0), "batch_size"), (dict(harness="arc_easy"), "HarnessSettings")]:
+        with pytest.raises(ConfigError, match=message):
+            EvalConfig(**overrides)
+    with pytest.raises(FrozenInstanceError):
+        config.samples = 4
+
+
+def test_run_refuses_bad_eval_settings_before_any_work(tmp_path, capsys):
+    from reap_fast.cli import main
+
+    output = tmp_path / "run"
+    code = main(["run", "--model", str(tmp_path / "no-model"), "--dataset", "x.jsonl", "--eval-dataset", "y.jsonl",
+                 "--eval-max-length", "1", "--output", str(output)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "reap-fast run: error: --eval-max-length must be in [2, inf), got 1"]
+    assert not output.exists()
+
+
+def test_a_refusal_in_the_child_comes_back_as_one_line(tmp_path):
+    import json
+
+    from reap_fast.config import EvalConfig
+    from reap_fast.evaluate import EvalError
+    from reap_fast.evaluate.heldout import perplexity_in_child
+    from reap_fast.lab.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "model", num_hidden_layers=1)
+    texts_file = tmp_path / "texts.json"
+    texts_file.write_text(json.dumps(["", ""]))
+    with pytest.raises(EvalError) as raised:
+        perplexity_in_child(str(model), texts_file, EvalConfig(max_length=16))
+    assert str(raised.value) == f"evaluation of {model} failed: no non-empty texts to evaluate"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "texts.json"]  # no result file left

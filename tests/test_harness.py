@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from reap_fast import harness
+from reap_fast.evaluate import harness
 from reap_fast.cli import main
 from reap_fast.lab.corpus import write_jsonl
-from reap_fast.harness import HarnessError, HarnessSettings, comparison_rows, format_table
+from reap_fast.evaluate import HarnessError, HarnessSettings, comparison_rows, format_table
 from reap_fast.picture import draw, layer_pictures, picture_path
 from reap_fast.lab.tiny import make_tiny_checkpoint
 

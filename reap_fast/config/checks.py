@@ -23,8 +23,10 @@ def check_range(
     *,
     open_low: bool = False,
     open_high: bool = False,
+    error: type[ConfigError] = ConfigError,
 ) -> None:
-    """Refuse ``value`` outside ``[low, high]`` (``open_low``/``open_high`` exclude that end); None passes."""
+    """Refuse ``value`` outside ``[low, high]`` (``open_low``/``open_high`` exclude that end) with ``error``;
+    None passes."""
     if value is None:
         return
     below = low is not None and (value <= low if open_low else value < low)
@@ -33,14 +35,14 @@ def check_range(
         left = "-inf" if low is None else f"{low:g}"
         right = "inf" if high is None else f"{high:g}"
         interval = f"{'(' if open_low or low is None else '['}{left}, {right}{')' if open_high or high is None else ']'}"
-        raise ConfigError(f"{name} must be in {interval}, got {value!r}")
+        raise error(f"{name} must be in {interval}, got {value!r}")
 
 
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    """Refuse ``value`` that is not one of ``choices``."""
+def check_choice(name: str, value: Any, choices: Iterable[Any], error: type[ConfigError] = ConfigError) -> None:
+    """Refuse ``value`` that is not one of ``choices`` with ``error``."""
     allowed = tuple(choices)
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        raise error(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def resolve(config_type: type[Config], config: Config | None, overrides: Mapping[str, Any]) -> Config:

@@ -20,27 +20,19 @@ separator (EOS) between documents, cut into consecutive windows of ``seq_len`` t
 dropped (a document may continue in the next window; the last window is right-padded). Evaluation
 runs under ``torch.no_grad`` in ``eval`` mode and visits the rows in order, so it is deterministic.
 
-Command line (used by the pipeline to score a W4A16 model in a separate process, because
-loading an auto-round checkpoint patches transformers' MoE classes process-wide)::
-
-    python -m reap_fast.evaluate --model DIR --texts-file docs.json [--texts-file code.json ...] --seq-len 256 \\
-        [--quantized] [--json out.json]
+The pipeline scores each model in a child process (:mod:`reap_fast.evaluate.heldout`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .children import child_main
-from .errors import ReapFastError
+from ..config.evaluate import EvalConfig
+from ..errors import ReapFastError
 
 __all__ = ["EvalError", "EvalRows", "combine_results", "evaluate_rows", "pack_texts", "perplexity"]
 
@@ -125,7 +117,7 @@ def _logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return logits
 
 
-def evaluate_rows(model: Any, rows: EvalRows, batch_size: int = 8) -> dict[str, float | int]:
+def evaluate_rows(model: Any, rows: EvalRows, batch_size: int = EvalConfig.batch_size) -> dict[str, float | int]:
     """Score ``rows`` with ``model`` (see the module docstring for the counting rule)."""
     if batch_size < 1:
         raise EvalError(f"batch_size must be at least 1, got {batch_size}")
@@ -175,7 +167,7 @@ def perplexity(
     tokenizer: Any,
     data: Any,
     seq_len: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EvalConfig.batch_size,
 ) -> dict[str, float | int]:
     """Held-out perplexity and next-token accuracy of ``model``.
 
@@ -205,62 +197,3 @@ def combine_results(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
             name: {k: p[k] for k in ("perplexity", "next_token_accuracy", "tokens")} for name, p in parts.items()
         },
     }
-
-
-# --- command line ------------------------------------------------------------------------------------
-
-
-def _load_texts(path: str) -> list[str]:
-    file = Path(path)
-    if file.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    data = json.loads(file.read_text(encoding="utf-8"))
-    texts = data["texts"] if isinstance(data, dict) else data
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise EvalError(f"{path}: expected a JSON list of strings or {{'texts': [...]}}, or a .jsonl of {{'text': ...}}")
-    return texts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reap_fast.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model folder")
-    parser.add_argument("--texts-file", required=True, action="append",
-                        help="JSON list of texts, {'texts': [...]}, or .jsonl; repeat it to pack sets separately and "
-                        "combine them token-weighted (each file is one category, named by its stem)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--quantized", action="store_true", help="load with reap_fast.quantize.load_quantized")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None, help="write the result here as well as to stdout")
-    args = parser.parse_args(argv)
-    return child_main(lambda: _evaluate_files(args), "python -m reap_fast.evaluate")
-
-
-def _evaluate_files(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quantized:
-        from .quantize import load_quantized
-
-        model, tokenizer = load_quantized(args.model, device="cpu")
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    parts = {
-        Path(name).stem: perplexity(model, tokenizer, _load_texts(name), args.seq_len, args.batch_size)
-        for name in args.texts_file
-    }
-    result = combine_results(parts)
-    result["model"] = str(args.model)
-    result["quantized"] = bool(args.quantized)
-    result["first_param_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
