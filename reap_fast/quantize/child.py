@@ -3,9 +3,9 @@
 ``python -m reap_fast.quantize.worker REQUEST.json`` and this process's classes stay untouched.
 
 The request is a JSON file written into a scratch folder beside the output (model, output, texts file,
-the :class:`~reap_fast.config.QuantConfig` as a dictionary, where to write an error); the worker answers a
-failure with an error file (``{"type": ..., "message": ...}``) and exit code :data:`EXIT_QUANT_ERROR` for a
-:class:`QuantizationError`.
+the :class:`~reap_fast.config.QuantConfig` as a dictionary); a failure comes back through the child-process
+error protocol (:func:`reap_fast.children.call_child`): a :class:`QuantizationError` (exit code
+:data:`EXIT_QUANT_ERROR`) as one line, anything else as :class:`~reap_fast.children.ChildCrashed`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..children import run_child
+from ..children import call_child
 from ..config.checks import resolve
 from ..config.quantize import QuantConfig
 from ..outputs import work_prefix
@@ -48,7 +48,8 @@ def run_quantize_subprocess(
     strings, or an object with a ``"texts"`` list). Settings: ``config`` (:class:`~reap_fast.config.QuantConfig`)
     with its fields as keyword ``overrides``, checked here before the child starts. ``python`` is the
     interpreter of the child (default: this one). A :class:`QuantizationError` in the child is raised again
-    here with the same message; any other failure raises ``RuntimeError``.
+    here with its message; any other failure raises :class:`~reap_fast.children.ChildCrashed` (a
+    ``RuntimeError``) with the child's exit code and the last lines of its stderr.
     """
     config = resolve(QuantConfig, config, overrides)
     if (texts is None) == (texts_file is None):
@@ -63,13 +64,11 @@ def run_quantize_subprocess(
                 raise QuantizationError("calibration texts must be a list of strings")
             texts_file = scratch_path / "texts.json"
             texts_file.write_text(json.dumps(list(texts)))
-        error_file = scratch_path / "error.json"
         request = {
             "model_dir": str(model_dir),
             "output_dir": str(output_dir),
             "texts_file": str(texts_file),
             "config": asdict(config),
-            "error_file": str(error_file),
         }
         request_file = scratch_path / "request.json"
         request_file.write_text(json.dumps(request))
@@ -79,15 +78,9 @@ def run_quantize_subprocess(
         child_env["PYTHONPATH"] = os.pathsep.join(
             [package_root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
-        result = run_child(argv, env=child_env, timeout=timeout, capture_output=capture_output)
-        if result.returncode == 0:
-            return Path(output_dir)
-        details = json.loads(error_file.read_text()) if error_file.exists() else {}
-        if details.get("type") == "QuantizationError":
-            raise QuantizationError(details["message"])
-        tail = (result.stderr or "")[-2000:] if capture_output else ""
-        message = details.get("message") or f"exit code {result.returncode}"
-        raise RuntimeError(f"quantization child process failed: {message}\n{tail}".rstrip())
+        call_child(argv, QuantizationError, f"quantization of {model_dir}", env=child_env, timeout=timeout,
+                   capture_output=capture_output)
+        return Path(output_dir)
 
 
 def load_texts_file(path: str | os.PathLike) -> list[str]:
