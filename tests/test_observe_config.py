@@ -77,3 +77,30 @@ def test_cli_defaults_come_from_the_config():
         config.model_max_length, config.batch_size, config.seed, config.engine, config.device, config.dtype)
     assert (args.renormalize_router_weights, args.checkpoint_every, args.samples_per_category) == (
         config.renormalize, config.checkpoint_every, config.samples_per_category)
+
+
+def test_output_written_and_distributed_false_ignores_torchrun(tmp_path, monkeypatch):
+    """The entry point writes what it returns (with the model's identity); distributed=False observes the whole
+    set in this process even where torchrun's variables are set (else it would try to join a process group)."""
+    from reap_fast.lab.tiny import make_tiny_checkpoint
+    from reap_fast.metrics import METRIC_DTYPES, load_metrics
+
+    checkpoint = str(make_tiny_checkpoint(tmp_path / "tiny", seed=4, num_hidden_layers=2))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "line {i}: the quick brown fox jumps over the lazy dog"}}\n' for i in range(6)))
+    settings = ObserveConfig(samples_per_category=3, model_max_length=32, engine="reference", device="cpu",
+                             dtype="float32", progress=False)
+    output = tmp_path / "obs.pt"
+    single = observe_checkpoint(checkpoint, str(data), output, settings)
+    saved = load_metrics(output)
+    assert saved.identity["model"] == str((tmp_path / "tiny").resolve())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    alone = observe_checkpoint(checkpoint, str(data), config=settings, distributed=False)
+    assert not torch.distributed.is_initialized()
+    assert sorted(single) == sorted(saved) == sorted(alone) and len(single) == 2
+    for layer in single:
+        for key in METRIC_DTYPES:
+            assert torch.equal(single[layer][key], saved[layer][key]), (layer, key)
+            assert torch.equal(single[layer][key], alone[layer][key]), (layer, key)
+    assert int(single[0]["expert_frequency"].sum()) > 0

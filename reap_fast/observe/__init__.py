@@ -7,7 +7,8 @@ session that attaches an engine to a loaded model for one batch at a time.
 
 from ..config import ObserveConfig
 from .engines import ENGINE_NAMES, EngineUnavailableError, get_engine, register_engine
-from .runner import load_model, observe_checkpoint
+from ..models.loading import load_model  # the model an Observer attaches to (README's Python API)
+from .runner import observe_checkpoint
 from .session import Observer
 
 __all__ = [

@@ -4,7 +4,9 @@ Under ``torchrun --nproc-per-node N -m reap_fast observe ...`` (WORLD_SIZE, RANK
 process initialises the process group (NCCL on CUDA, Gloo on CPU), takes the calibration shard
 ``rank, rank + N, ...``, observes it (in memory or layer streaming) and then all-reduces every layer's
 accumulators: counts (int64) and float64 sums with SUM, ``max_activations`` with MAX, so every rank
-holds the totals. Only rank 0 writes the observation file (the CLI checks :func:`is_main_process`).
+holds the totals. Only rank 0 writes the observation file (``observe_checkpoint``'s ``output``; the CLI
+prints its table on rank 0 only). ``ObserveConfig(distributed=False)`` ignores torchrun's variables and
+observes the whole calibration set in the calling process.
 Counts are exact; float64 sums differ from a single-process run only by the summation order (relative
 differences around 1e-15; ``max_activations`` is exact).
 

@@ -23,15 +23,7 @@ from ..config import ObserveConfig, resolve
 from ..data import CalibrationSet, build_calibration_set
 from ..identity import attach_identity, model_identity
 from ..metrics import LayerMetrics, save_metrics
-from ..models.loading import (  # noqa: F401  (DTYPES, ModelLoadError, checkpoint_dtype, load_skeleton: re-exported)
-    DTYPES,
-    ModelLoadError,
-    checkpoint_dtype,
-    load_config,
-    load_model,
-    load_skeleton,
-    resolve_dtype,
-)
+from ..models.loading import load_config, load_model
 from ..preflight import check_model_folder
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators, run_fingerprint
 from .distributed import all_reduce_accumulators, init_distributed, is_main_process
