@@ -9,9 +9,10 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ObserveConfig, QuantConfig
+from .config import ObserveConfig, PruneConfig, QuantConfig
 from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
 from .config.evaluate import EvalConfig, HarnessSettings
+from .config.prune import DEFAULT_COMPRESSION_RATIO
 from .errors import EXIT_INTERRUPTED, ReapFastError
 from .logs import configure_logging
 from .metrics import format_expert_table
@@ -52,20 +53,32 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .prune import DEFAULT_METHOD, METHOD_CHOICES
+    from .prune import METHOD_CHOICES
 
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--compression-ratio", type=float, default=None, help="fraction of experts removed per layer")
-    budget.add_argument("--n-experts-to-prune", type=int, default=None, help="experts removed per layer")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHOD_CHOICES), help="saliency score")
+    budget.add_argument("--compression-ratio", type=float, default=PruneConfig.compression_ratio,
+                        help=f"fraction of experts removed per layer (default {DEFAULT_COMPRESSION_RATIO} without "
+                        "--n-experts-to-prune)")
+    budget.add_argument("--n-experts-to-prune", type=int, default=PruneConfig.n_experts_to_prune,
+                        help="experts removed per layer")
+    parser.add_argument("--method", default=PruneConfig.method, choices=sorted(METHOD_CHOICES), help="saliency score")
     parser.add_argument("--global", dest="global_ranking", action="store_true",
                         help="rank layer-normalised scores across layers (per-layer counts: refused for every "
                         "supported family, whose config holds one count)")
-    parser.add_argument("--min-experts-per-layer", type=int, default=None,
+    parser.add_argument("--min-experts-per-layer", type=int, default=PruneConfig.min_experts_per_layer,
                         help="refuse a budget that leaves fewer experts per layer")
     parser.add_argument("--preserve-super-experts", action="store_true", help="never remove super experts")
     if not any(action.dest == "seed" for action in parser._actions):
-        parser.add_argument("--seed", type=int, default=42)
+        parser.add_argument("--seed", type=int, default=PruneConfig.seed)
+
+
+def _prune_config(args: argparse.Namespace, **settings: object) -> PruneConfig:
+    """The prune stage's settings from the flags of ``prune`` and ``run`` (``settings``: the rest)."""
+    return PruneConfig(
+        method=args.method, compression_ratio=args.compression_ratio, n_experts_to_prune=args.n_experts_to_prune,
+        seed=args.seed, global_ranking=args.global_ranking, min_experts_per_layer=args.min_experts_per_layer,
+        preserve_super_experts=args.preserve_super_experts, device=args.device, dtype=args.dtype, **settings,
+    )
 
 
 def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--metrics", required=True, help="observation .pt (reap-fast's or upstream REAP's)")
     prune.add_argument("--output", required=True, help="folder for the pruned model")
     _add_prune_arguments(prune)
-    prune.add_argument("--device", default="auto")
-    prune.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    prune.add_argument("--device", default=PruneConfig.device)
+    prune.add_argument("--dtype", default=PruneConfig.dtype, choices=DTYPE_CHOICES)
     prune.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
 
     quantize = commands.add_parser("quantize", help="AutoRound W4A16 quantization of a (pruned) model")
@@ -189,21 +202,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .picture import write_pruning_picture
     from .prune import prune_checkpoint
 
-    folder = prune_checkpoint(
-        args.model,
-        args.metrics,
-        args.output,
-        method=args.method,
-        compression_ratio=args.compression_ratio,
-        n_experts_to_prune=args.n_experts_to_prune,
-        seed=args.seed,
-        global_ranking=args.global_ranking,
-        min_experts_per_layer=args.min_experts_per_layer,
-        preserve_super_experts=args.preserve_super_experts,
-        overwrite=args.overwrite,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    folder = prune_checkpoint(args.model, args.metrics, args.output, _prune_config(args, overwrite=args.overwrite))
     print(f"pruned model saved to {folder}")
     picture = write_pruning_picture(args.metrics, folder)
     if picture is not None:
@@ -234,10 +233,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.eval and not args.eval_dataset:
         raise PipelineError("--eval needs --eval-dataset: held-out text that calibration did not see")
+    budget = _prune_config(args)  # validated; the default ratio filled in
     config = PipelineConfig(
         model=args.model, dataset=args.dataset, output=args.output,
-        compression_ratio=args.compression_ratio if args.n_experts_to_prune is None else None,
-        n_experts_to_prune=args.n_experts_to_prune, method=args.method,
+        compression_ratio=budget.compression_ratio, n_experts_to_prune=budget.n_experts_to_prune, method=args.method,
         samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
         batch_size=args.batch_size, seed=args.seed, renormalize=args.renormalize_router_weights,
         global_ranking=args.global_ranking, min_experts_per_layer=args.min_experts_per_layer,
@@ -248,8 +247,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         quant_batch_size=args.quant_batch_size, eval_dataset=args.eval_dataset, eval_samples=args.eval_samples,
         eval_max_length=args.eval_max_length, overwrite=args.overwrite, lm_eval=_harness_settings(args, args.eval_tasks),
     )
-    if config.compression_ratio is None and config.n_experts_to_prune is None:
-        config.compression_ratio = 0.5
     summary = Pipeline(config).run()
     print(format_summary(summary))
     return 0

@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ObserveConfig, QuantConfig
+from .config import ConfigError, ObserveConfig, PruneConfig, QuantConfig
 from .config.evaluate import EvalConfig, HarnessSettings
+from .config.prune import DEFAULT_COMPRESSION_RATIO
 from .errors import ReapFastError
 from .evaluate.comparison import Comparison, ModelEntry, format_table, run_comparison
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
@@ -59,17 +60,17 @@ class PipelineConfig:
     model: str
     dataset: str
     output: str
-    compression_ratio: float | None = 0.5
-    n_experts_to_prune: int | None = None
-    method: str = "reap"
+    compression_ratio: float | None = DEFAULT_COMPRESSION_RATIO  # PruneConfig's when no budget is given
+    n_experts_to_prune: int | None = PruneConfig.n_experts_to_prune
+    method: str = PruneConfig.method
     samples_per_category: int | None = ObserveConfig.samples_per_category
     model_max_length: int = ObserveConfig.model_max_length
     batch_size: int = ObserveConfig.batch_size
     seed: int = 42
     renormalize: bool = ObserveConfig.renormalize
-    global_ranking: bool = False
-    min_experts_per_layer: int | None = None
-    preserve_super_experts: bool = False
+    global_ranking: bool = PruneConfig.global_ranking
+    min_experts_per_layer: int | None = PruneConfig.min_experts_per_layer
+    preserve_super_experts: bool = PruneConfig.preserve_super_experts
     engine: str = ObserveConfig.engine
     device: str = ObserveConfig.device
     dtype: str = ObserveConfig.dtype
@@ -115,17 +116,26 @@ class PipelineConfig:
 
 def validate(config: PipelineConfig) -> None:
     """Cheap checks before any model is loaded."""
-    if config.compression_ratio is not None and not 0.0 < config.compression_ratio < 1.0:
-        raise PipelineError(f"--compression-ratio must be in (0, 1), got {config.compression_ratio}")
     if config.quantize not in (None, "w4a16"):
         raise PipelineError(f"--quantize supports only w4a16, got {config.quantize!r}")
     try:
+        prune_config(config)
         observe_config(config)
         if config.quantize:
             quant_config(config)
         config.evaluation()
     except ConfigError as exc:
         raise PipelineError(str(exc)) from None
+
+
+def prune_config(config: PipelineConfig) -> PruneConfig:
+    """The prune stage's settings of a run (the pruned folder is rewritten when the stage reruns)."""
+    return PruneConfig(
+        method=config.method, compression_ratio=config.compression_ratio,
+        n_experts_to_prune=config.n_experts_to_prune, seed=config.seed, global_ranking=config.global_ranking,
+        min_experts_per_layer=config.min_experts_per_layer, preserve_super_experts=config.preserve_super_experts,
+        device=config.device, dtype=config.dtype, overwrite=True,
+    )  # fmt: skip
 
 
 def observe_config(config: PipelineConfig) -> ObserveConfig:
@@ -241,7 +251,7 @@ class Pipeline:
         c = self.config
         config = load_config(c.model)
         check_model_folder(c.model, need_tokenizer=True)
-        check_prune_budget(config, c.compression_ratio, c.n_experts_to_prune, c.global_ranking, c.min_experts_per_layer)
+        check_prune_budget(config, prune_config(c))
         weights = weights_bytes(c.model)
         check_output_location(self.root, weights + (weights // 2 if c.quantize else 0))
         if c.quantize:
@@ -301,11 +311,7 @@ class Pipeline:
         from .prune import prune_checkpoint
 
         c = self.config
-        folder = prune_checkpoint(
-            c.model, self.observation, self.pruned, method=c.method, compression_ratio=c.compression_ratio,
-            n_experts_to_prune=c.n_experts_to_prune, seed=c.seed, global_ranking=c.global_ranking,
-            min_experts_per_layer=c.min_experts_per_layer, preserve_super_experts=c.preserve_super_experts, overwrite=True, device=c.device, dtype=c.dtype,
-        )
+        folder = prune_checkpoint(c.model, self.observation, self.pruned, prune_config(c))
         write_pruning_picture(self.observation, folder)
         return [folder]
 

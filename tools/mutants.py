@@ -45,6 +45,7 @@ SESSION = ("reap_fast/observe/session.py",)
 PRUNE = ("reap_fast/prune/__init__.py",)
 DROPIN = ("reap_fast/upstream/main.py",)
 PIPELINE = ("reap_fast/pipeline.py",)
+CLI = ("reap_fast/cli.py",)
 SELECT = ("reap_fast/prune/select.py",)
 GATES = ("tests/test_gate_oracle.py",)
 E2E = "tests/test_e2e_decisions.py"
@@ -104,8 +105,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "offsets = (torch.arange(num_groups) * group_size).view(1, num_groups, 1)",
            "offsets = (torch.arange(num_groups) * 0).view(1, num_groups, 1)", ("tests/test_prune.py", "-k", "group")),
     # --- super experts -----------------------------------------------------------------------------------
-    Mutant("prune_checkpoint drops preserve_super_experts", PRUNE,
-           "preserve_super_experts=preserve_super_experts,", "preserve_super_experts=False,",
+    Mutant("native CLI drops --preserve-super-experts", CLI,
+           "preserve_super_experts=args.preserve_super_experts, device=args.device,",
+           "preserve_super_experts=False, device=args.device,",
            (E2E, "-k", "native_cli_keeps")),
     Mutant("drop-in drops --perserve_super_experts", DROPIN,
            "preserve_super_experts=preserve_super,", "preserve_super_experts=False,",
@@ -117,12 +119,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "return (num_experts - 1) - flipped_order", "return torch.sort(scores, dim=-1, stable=True).indices",
            ("tests/test_prune.py", "-k", "tie")),
     Mutant("ratio budget rounded instead of int(E * r)", SELECT,
-           "count = int(num_experts * ratio)", "count = round(num_experts * ratio)",
+           "count = int(num_experts * config.compression_ratio)", "count = round(num_experts * config.compression_ratio)",
            ("tests/test_prune.py", "-k", "budget")),
     Mutant("run ignores --min-experts-per-layer", PIPELINE,
-           "c.global_ranking, c.min_experts_per_layer)", "c.global_ranking, None)", (E2E, "-k", "min_experts")),
+           "min_experts_per_layer=config.min_experts_per_layer,", "min_experts_per_layer=None,", (E2E, "-k", "min_experts")),
     Mutant("global ranking no longer refused", PRUNE,
-           "if global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:", "if False:",
+           "if pruning.global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:", "if False:",
            (E2E, "-k", "global")),
     # --- masks -----------------------------------------------------------------------------------------------
     Mutant("reference engine counts masked tokens", ("reap_fast/observe/reference.py",),

@@ -14,9 +14,11 @@ from __future__ import annotations
 from .checks import ConfigError, check_choice, check_range, resolve
 from .evaluate import EvalConfig, HarnessError, HarnessSettings
 from .observe import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
+from .prune import DEFAULT_COMPRESSION_RATIO, PruneConfig, SelectionError
 from .quantize import QuantConfig
 
 __all__ = ["ConfigError", "check_choice", "check_range", "resolve"]
 __all__ += ["DEFAULT_MODEL_MAX_LENGTH", "ObserveConfig"]
+__all__ += ["DEFAULT_COMPRESSION_RATIO", "PruneConfig", "SelectionError"]
 __all__ += ["QuantConfig"]
 __all__ += ["EvalConfig", "HarnessError", "HarnessSettings"]

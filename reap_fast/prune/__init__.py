@@ -2,10 +2,13 @@
 
 Public API::
 
-    keep = select_experts(metrics, method="reap", compression_ratio=0.5, top_k=8)   # {layer: kept indices}
+    config = PruneConfig(method="reap", compression_ratio=0.5)                      # reap_fast.config.PruneConfig
+    keep = select_experts(metrics, config=config, top_k=8)                          # {layer: kept indices}
     prune_model(model, keep)                                                        # in place
     save_pruned(model, tokenizer, "out/", keep, {"method": "reap"})                 # atomic
-    prune_checkpoint("model/", "observations.pt", "out/", compression_ratio=0.5)    # all of the above
+    prune_checkpoint("model/", "observations.pt", "out/", config)                   # all of the above
+
+The config's fields may also be given as keywords (``prune_checkpoint(..., compression_ratio=0.5)``).
 
 Drop-in command lines: ``python -m reap_fast.prune`` and ``python -m reap_fast.layerwise_prune`` accept
 upstream REAP's flags (see :mod:`reap_fast.upstream`).
@@ -18,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config.checks import resolve
+from ..config.prune import PruneConfig
 from ..errors import ReapFastError
 from ..identity import check_identity
 from ..metrics import LayerMetrics, load_metrics
@@ -38,6 +43,7 @@ __all__ = [
     "KeepIndexError",
     "MetricsMismatchError",
     "OutputExistsError",
+    "PruneConfig",
     "SelectionError",
     "UnevenPruningError",
     "UnknownMethodError",
@@ -92,69 +98,55 @@ def model_routing(model_or_config) -> dict[str, Any]:
     return {"top_k": int(top_k) if top_k is not None else None, "groups": groups}
 
 
-def check_prune_budget(
-    config,
-    compression_ratio: float | None = None,
-    n_experts_to_prune: int | None = None,
-    global_ranking: bool = False,
-    min_experts_per_layer: int | None = None,
-) -> int:
+def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: Any) -> int:
     """Check a pruning budget against a model config before any calibration work; returns experts removed per layer.
 
-    Catches a ratio that leaves fewer experts than the top-k (or than a routing group needs), and global
-    ranking for a family whose config cannot hold per-layer expert counts (none of the supported ones),
-    while it costs nothing, instead of after a long observation.
+    ``pruning`` (or its fields as keywords) holds the budget. Catches a ratio that leaves fewer experts than
+    the top-k (or than a routing group needs), and global ranking for a family whose config cannot hold
+    per-layer expert counts (none of the supported ones), while it costs nothing, instead of after a
+    long observation.
     """
+    pruning = resolve(PruneConfig, pruning, overrides)
     adapter = get_adapter(config)
     num_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
-    count = experts_to_prune(num_experts, compression_ratio, n_experts_to_prune)
+    count = experts_to_prune(num_experts, pruning)
     routing = model_routing(config)
-    if global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
+    if pruning.global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
         raise SelectionError(
             f"global ranking gives layers different expert counts, but the {adapter.family} config holds one count "
             f"for all layers ({adapter.num_experts_key}), so the pruned checkpoint could not be loaded again; "
             "prune uniformly (drop --global / --global_ranking)"
         )
-    if global_ranking:
-        floor = max(routing["top_k"] or 1, min_experts_per_layer or 0)
+    if pruning.global_ranking:
+        floor = max(routing["top_k"] or 1, pruning.min_experts_per_layer or 0)
         if floor > num_experts:
             raise SelectionError(f"the per-layer floor {floor} exceeds the {num_experts} experts of a layer")
         return count
-    return uniform_prune_count(num_experts, count, routing["top_k"], routing["groups"], min_experts_per_layer)
+    return uniform_prune_count(num_experts, count, routing["top_k"], routing["groups"], pruning.min_experts_per_layer)
 
 
 def prune_checkpoint(
     model_path: str | os.PathLike,
     metrics_path: str | os.PathLike,
     output_dir: str | os.PathLike,
-    method: str = DEFAULT_METHOD,
-    compression_ratio: float | None = None,
-    n_experts_to_prune: int | None = None,
-    seed: int = 42,
-    global_ranking: bool = False,
-    min_experts_per_layer: int | None = None,
-    preserve_super_experts: bool = False,
-    preserve_outliers: bool = False,
-    overwrite: bool = False,
-    device: str = "auto",
-    dtype: str = "auto",
+    config: PruneConfig | None = None,
+    *,
     metadata: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Path:
     """Load a checkpoint and an observation file, select, slice and save the pruned model; returns the folder.
 
-    ``compression_ratio`` defaults to 0.5 (upstream's default) when neither it nor ``n_experts_to_prune``
-    is given.
+    ``config`` (or its fields as keywords) says how; without a budget the ratio is 0.5 (upstream's
+    default). ``metadata`` is added to the settings recorded in ``pruned_experts.json``/``reap_args.yaml``.
     """
     from ..models.loading import load_config, load_model, load_skeleton
 
-    if compression_ratio is None and n_experts_to_prune is None:
-        compression_ratio = 0.5
+    config = resolve(PruneConfig, config, overrides)
     with OutputLock(output_dir):
         clean_leftovers(output_dir)
         # everything is checked before the model is loaded
-        prepare_output_dir(output_dir, overwrite, {"model folder": model_path, "observation file": metrics_path})
-        check_prune_budget(load_config(str(model_path)), compression_ratio, n_experts_to_prune, global_ranking,
-                           min_experts_per_layer)
+        prepare_output_dir(output_dir, config.overwrite, {"model folder": model_path, "observation file": metrics_path})
+        check_prune_budget(load_config(str(model_path)), config)
         metrics = load_metrics(metrics_path)
         check_model_folder(model_path, need_tokenizer=True)
         check_output_location(output_dir, weights_bytes(model_path))  # the pruned model is at most as large
@@ -162,43 +154,36 @@ def prune_checkpoint(
         # a safetensors source is rewritten from its own files: the weights are never loaded
         from_source = source_checkpoint(model_path) is not None
         if from_source:
-            model, tokenizer = load_skeleton(str(model_path), dtype=dtype)
+            model, tokenizer = load_skeleton(str(model_path), dtype=config.dtype)
         else:
-            model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
+            model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype)
         check_metrics_match(model, metrics, str(metrics_path))
         routing = model_routing(model)
         keep = select_experts(
             metrics,
-            method=method,
-            compression_ratio=compression_ratio,
-            n_experts_to_prune=n_experts_to_prune,
-            seed=seed,
-            global_ranking=global_ranking,
-            min_experts_per_layer=min_experts_per_layer,
-            preserve_super_experts=preserve_super_experts,
-            preserve_outliers=preserve_outliers,
+            config=config,
             top_k=routing["top_k"],
             groups=routing["groups"],
         )
         prune_model(model, keep)
         info = {
-            "method": method,
-            "compression_ratio": compression_ratio,
-            "n_experts_to_prune": n_experts_to_prune,
-            "seed": seed,
-            "global_ranking": global_ranking,
-            "preserve_super_experts": preserve_super_experts,
-            "preserve_outliers": preserve_outliers,
+            "method": config.method,
+            "compression_ratio": config.compression_ratio,
+            "n_experts_to_prune": config.n_experts_to_prune,
+            "seed": config.seed,
+            "global_ranking": config.global_ranking,
+            "preserve_super_experts": config.preserve_super_experts,
+            "preserve_outliers": config.preserve_outliers,
             "source_model": str(model_path),
             "observation_file": str(metrics_path),
             **(metadata or {}),
         }
         try:
-            return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)
+            return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=config.overwrite)
         except SourceLayoutError as exc:
             if not from_source:
                 raise
             logger.warning("%s; loading the weights to save with save_pretrained", exc)
-            model, tokenizer = load_model(str(model_path), device=device, dtype=dtype)
+            model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype)
             prune_model(model, keep)
-            return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=overwrite)
+            return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=config.overwrite)

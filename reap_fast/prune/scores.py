@@ -33,12 +33,12 @@ import logging
 
 import torch
 
+from ..config.prune import DEFAULT_METHOD
 from ..errors import ReapFastError, UsageError
 from ..metrics import LayerMetrics
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "reap"
 
 # method name -> observation key (methods computed from several keys are handled in layer_scores)
 METHOD_KEYS: dict[str, str] = {

@@ -28,19 +28,16 @@ Rules (where upstream REAP is silent, the choice made here is stated):
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..errors import ReapFastError
+from ..config.checks import resolve
+from ..config.prune import PruneConfig, SelectionError
 from ..metrics import LayerMetrics
-from .scores import DEFAULT_METHOD, layer_scores, num_experts_of, sorted_layers, super_expert_mask
+from .scores import layer_scores, num_experts_of, sorted_layers, super_expert_mask
 
 logger = logging.getLogger(__name__)
-
-
-class SelectionError(ReapFastError, ValueError):
-    """An impossible pruning request (bad ratio or count, too few experts left, bad groups)."""
 
 
 def removal_order(scores: torch.Tensor) -> torch.Tensor:
@@ -50,30 +47,20 @@ def removal_order(scores: torch.Tensor) -> torch.Tensor:
     return (num_experts - 1) - flipped_order
 
 
-def experts_to_prune(
-    num_experts: int, compression_ratio: float | None = None, n_experts_to_prune: int | None = None
-) -> int:
-    """The per-layer number of experts to remove, from a ratio (``int(E * r)``, as upstream) or a count."""
-    if compression_ratio is not None and n_experts_to_prune is not None:
-        raise SelectionError("give either compression_ratio or n_experts_to_prune, not both")
-    if n_experts_to_prune is not None:
-        if isinstance(n_experts_to_prune, bool) or not isinstance(n_experts_to_prune, int):
-            raise SelectionError(f"n_experts_to_prune must be an integer, got {n_experts_to_prune!r}")
-        if not 0 <= n_experts_to_prune < num_experts:
+def experts_to_prune(num_experts: int, config: PruneConfig) -> int:
+    """The per-layer number of experts to remove: ``int(E * r)`` from the ratio (as upstream), or the count.
+
+    The config has checked the budget on its own; here the count is checked against the model's ``E``.
+    """
+    if config.n_experts_to_prune is not None:
+        count = config.n_experts_to_prune
+        if count >= num_experts:
             raise SelectionError(
-                f"n_experts_to_prune={n_experts_to_prune} is out of range: the model has {num_experts} experts "
+                f"n_experts_to_prune={count} is out of range: the model has {num_experts} experts "
                 f"per layer, so it must be between 0 and {num_experts - 1}"
             )
-        count = n_experts_to_prune
-    elif compression_ratio is not None:
-        ratio = float(compression_ratio)
-        if not 0.0 < ratio < 1.0:
-            raise SelectionError(
-                f"compression_ratio={compression_ratio} is outside (0, 1): it is the fraction of experts removed"
-            )
-        count = int(num_experts * ratio)
     else:
-        raise SelectionError("either compression_ratio or n_experts_to_prune must be set for pruning")
+        count = int(num_experts * config.compression_ratio)
     if count == 0:
         logger.warning("pruning budget is 0 of %d experts per layer: nothing will be removed", num_experts)
     return count
@@ -198,35 +185,40 @@ def uniform_prune_count(
 
 def select_experts(
     metrics: dict[int, LayerMetrics],
-    method: str = DEFAULT_METHOD,
-    compression_ratio: float | None = None,
-    n_experts_to_prune: int | None = None,
-    seed: int = 42,
-    global_ranking: bool = False,
-    min_experts_per_layer: int | None = None,
-    preserve_super_experts: bool = False,
+    method: str | None = None,
+    config: PruneConfig | None = None,
+    *,
     top_k: int | None = None,
     groups: int | Sequence[int] | None = None,
-    preserve_outliers: bool = False,
+    **overrides: Any,
 ) -> dict[int, torch.Tensor]:
-    """The experts to keep in every layer: ``{layer: sorted int64 indices}``. See the module docstring."""
+    """The experts to keep in every layer: ``{layer: sorted int64 indices}``. See the module docstring.
+
+    ``config`` holds the budget, method, seed, ranking, floor and super-expert settings (its fields may
+    also be given as keywords; ``method`` may be given second, as before); ``top_k`` and ``groups``
+    are the model's routing (:func:`reap_fast.prune.model_routing`). Without a config the budget must
+    be given: in memory there is no default ratio.
+    """
+    if method is not None:
+        overrides["method"] = method
+    if config is None and overrides.get("compression_ratio") is None and overrides.get("n_experts_to_prune") is None:
+        raise SelectionError("either compression_ratio or n_experts_to_prune must be set for pruning")
+    config = resolve(PruneConfig, config, overrides)
     layers = sorted_layers(metrics)
     if not layers:
         raise SelectionError("the observation has no layers")
     num_experts = num_experts_of(metrics)
-    count = experts_to_prune(num_experts, compression_ratio, n_experts_to_prune)
+    count = experts_to_prune(num_experts, config)
     num_groups, topk_group = _group_settings(groups)
-    scores = layer_scores(metrics, method, seed)
+    scores = layer_scores(metrics, config.method, config.seed)
 
-    if preserve_super_experts and preserve_outliers:
-        raise SelectionError("only one of preserve_super_experts or preserve_outliers can be set")
     protected = None
-    if preserve_super_experts or preserve_outliers:
-        protected = super_expert_mask(metrics, include_last_layers=preserve_outliers)
+    if config.preserve_super_experts or config.preserve_outliers:
+        protected = super_expert_mask(metrics, include_last_layers=config.preserve_outliers)
         logger.info("preserving %d super experts", int(protected.sum()))
 
-    floor = max(top_k or 1, min_experts_per_layer or 0, 2 if groups is not None else 1)
-    if global_ranking:
+    floor = max(top_k or 1, config.min_experts_per_layer or 0, 2 if groups is not None else 1)
+    if config.global_ranking:
         if num_groups > 1:
             raise SelectionError(
                 f"global ranking gives layers different expert counts, which group-limited routing "
@@ -240,7 +232,7 @@ def select_experts(
         keep = _global_mask(normalized, count * len(layers), floor)
         return _keep_dict(layers, keep)
 
-    count = uniform_prune_count(num_experts, count, top_k, groups, min_experts_per_layer)
+    count = uniform_prune_count(num_experts, count, top_k, groups, config.min_experts_per_layer)
     kept = num_experts - count
     if protected is not None:
         scores = scores.masked_fill(protected, float("inf"))

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config.prune import PruneConfig
 from ..data import CalibrationSet, PackingOptions, build_calibration_set
 from ..errors import EXIT_INTERRUPTED, ReapFastError
 from ..logs import configure_logging
@@ -109,8 +110,21 @@ def _validate(parsed: dict[str, Any]) -> None:
         raise CliError("--split_by_category / --select_only_categories are not supported by reap-fast")
     if prune_args.n_experts_to_prune is None and cluster_args.compression_ratio is None:
         raise CliError("either --n_experts_to_prune or --compression_ratio must be set for pruning")
-    if prune_args.n_experts_to_prune is None and not 0.0 < cluster_args.compression_ratio < 1.0:
-        raise CliError(f"--compression_ratio {cluster_args.compression_ratio} is outside (0, 1)")
+
+
+def prune_config(parsed: dict[str, Any]) -> PruneConfig:
+    """The prune stage's settings from upstream's flags (the config checks them; ``--n_experts_to_prune``
+    wins over ``--compression_ratio``, as upstream)."""
+    prune_args: PruneArgs = parsed["PruneArgs"]
+    extra: ReapFastArgs = parsed["ReapFastArgs"]
+    count = prune_args.n_experts_to_prune
+    ratio = parsed["ClusterArgs"].compression_ratio if count is None else None
+    return PruneConfig(
+        method=prune_args.prune_method, compression_ratio=ratio, n_experts_to_prune=count, seed=parsed["ReapArgs"].seed,
+        global_ranking=extra.global_ranking, min_experts_per_layer=extra.min_experts_per_layer,
+        preserve_super_experts=prune_args.perserve_super_experts,
+        preserve_outliers=prune_args.perserve_outliers, device=extra.device, dtype=extra.dtype, overwrite=True,
+    )  # fmt: skip
 
 
 def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: bool) -> dict:
@@ -151,37 +165,32 @@ def _load_observation(obs_path: Path) -> dict:
         raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
 
 
-def _prune(parsed: dict[str, Any], metrics: dict, obs_path: Path, pruned_dir: Path, layerwise: bool) -> None:
+def _prune(parsed: dict[str, Any], pruning: PruneConfig, metrics: dict, obs_path: Path, pruned_dir: Path,
+           layerwise: bool) -> None:
+    """Prune with ``pruning``, whose super-expert flags count only where upstream's would."""
     from ..identity import ModelIdentityError
     from ..prune import MetricsMismatchError, prune_checkpoint
-    from ..prune.select import experts_to_prune
 
-    prune_args: PruneArgs = parsed["PruneArgs"]
-    extra: ReapFastArgs = parsed["ReapFastArgs"]
-    preserve_super = prune_args.perserve_super_experts
-    preserve_outliers = prune_args.perserve_outliers
+    preserve_super = pruning.preserve_super_experts
+    preserve_outliers = pruning.preserve_outliers
     if preserve_super or preserve_outliers:
         flag = "--perserve_super_experts" if preserve_super else "--perserve_outliers"
-        if not super_experts_apply(prune_args.prune_method, extra.super_experts_all_methods):
+        if not super_experts_apply(pruning.method, parsed["ReapFastArgs"].super_experts_all_methods):
             _note(
-                f"{flag} changes nothing with --prune_method {prune_args.prune_method}, as upstream "
+                f"{flag} changes nothing with --prune_method {pruning.method}, as upstream "
                 "(--super_experts_all_methods protects them for every method)"
             )
             preserve_super = preserve_outliers = False
         elif (line := super_expert_layer_note(sorted(metrics))) is not None:
             _note(line)
-    total = int(metrics[min(metrics)]["expert_frequency"].shape[0])
-    ratio = parsed["ClusterArgs"].compression_ratio if prune_args.n_experts_to_prune is None else None
-    n_prune = experts_to_prune(total, ratio, prune_args.n_experts_to_prune)
+    pruning = dataclasses.replace(
+        pruning,
+        preserve_super_experts=preserve_super,
+        preserve_outliers=preserve_outliers,
+    )
     metadata = {"source_model": parsed["ModelArgs"].model_name, "args": yaml_args(parsed, layerwise)}
     try:
-        prune_checkpoint(
-            parsed["ModelArgs"].model_name, obs_path, pruned_dir, method=prune_args.prune_method,
-            n_experts_to_prune=n_prune, seed=parsed["ReapArgs"].seed, global_ranking=extra.global_ranking,
-            min_experts_per_layer=extra.min_experts_per_layer, preserve_super_experts=preserve_super,
-            preserve_outliers=preserve_outliers, overwrite=True, device=extra.device, dtype=extra.dtype,
-            metadata=metadata,
-        )  # fmt: skip
+        prune_checkpoint(parsed["ModelArgs"].model_name, obs_path, pruned_dir, pruning, metadata=metadata)
     except (MetricsMismatchError, ModelIdentityError) as exc:
         raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
     if not layerwise:
@@ -211,6 +220,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
             ", ".join(ignored),
         )
     _validate(parsed)
+    pruning = prune_config(parsed)
     random.seed(reap_args.seed)  # as upstream's set_seed; the calibration sampler has its own seeded stream
     torch.manual_seed(reap_args.seed)
 
@@ -219,8 +229,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     logger.info("results directory: %s", results_dir)
     # The family and the budget are checked before any calibration work.
     config = load_config(model_args.model_name)
-    ratio = parsed["ClusterArgs"].compression_ratio if prune_args.n_experts_to_prune is None else None
-    check_prune_budget(config, ratio, prune_args.n_experts_to_prune, extra.global_ranking, extra.min_experts_per_layer)
+    check_prune_budget(config, pruning)
     if reap_args.do_eval:  # unknown lm-eval tasks stop here, not after the observation
         check_evaluation(parsed["EvalArgs"], reap_args.seed, extra.device)
     if (line := family_note(config)) is not None:
@@ -242,7 +251,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
             f"{obs_path}: metrics file of another model: expert counts differ ({total} in the file vs "
             f"{model_experts} in the model); pass --overwrite_observations to record a new one"
         )
-    n_prune = experts_to_prune(total, ratio, prune_args.n_experts_to_prune)
+    n_prune = experts_to_prune(total, pruning)
     renorm = bool(obs_args.renormalize_router_weights)
     name = pruned_model_name(prune_args, n_prune, total, reap_args.seed, renorm, layerwise)
     pruned_dir = results_dir / "pruned_models" / name
@@ -250,7 +259,9 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
         logger.info("pruned model %s already exists; skipping pruning (--overwrite_pruned_model to redo it)", pruned_dir)
     else:
         logger.info("pruning %d of %d experts per layer with %s", n_prune, total, prune_args.prune_method)
-        _prune(parsed, metrics, obs_path, pruned_dir, layerwise)
+        # as upstream, a ratio becomes a count per layer (pruned_experts.json records that count)
+        counted = dataclasses.replace(pruning, compression_ratio=None, n_experts_to_prune=n_prune)
+        _prune(parsed, counted, metrics, obs_path, pruned_dir, layerwise)
         logger.info("pruned model saved to %s", pruned_dir)
     if reap_args.do_eval:
         evaluate_pruned(pruned_dir, parsed["EvalArgs"], reap_args.seed, extra.device)

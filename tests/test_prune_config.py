@@ -1,0 +1,124 @@
+"""PruneConfig: the prune stage's one set of defaults and checks, and every entry point taking them from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from reap_fast.cli import build_parser
+from reap_fast.config import ConfigError, PruneConfig, SelectionError, resolve
+from reap_fast.config.prune import DEFAULT_COMPRESSION_RATIO
+from reap_fast.pipeline import Pipeline, PipelineConfig, PipelineError, prune_config
+from reap_fast.prune import select_experts
+from reap_fast.prune.select import experts_to_prune
+from reap_fast.upstream.args import parse_args
+from reap_fast.upstream.main import prune_config as dropin_prune_config
+
+
+RATIO = "(--compression-ratio) is outside (0, 1): it is the fraction of experts removed"
+
+
+def test_budget_defaults_to_the_ratio_only_when_no_budget_is_given():
+    assert DEFAULT_COMPRESSION_RATIO == 0.5
+    assert PruneConfig().compression_ratio == 0.5 and PruneConfig().n_experts_to_prune is None
+    assert PruneConfig(n_experts_to_prune=3).compression_ratio is None
+    assert PruneConfig(compression_ratio=0.25).compression_ratio == 0.25
+    # E = 8: int(8 * 0.5) = 4, int(8 * 0.3) = int(2.4) = 2, int(8 * 0.99) = 7; a count is taken as given
+    assert [experts_to_prune(8, PruneConfig(compression_ratio=r)) for r in (0.5, 0.3, 0.99)] == [4, 2, 7]
+    assert experts_to_prune(8, PruneConfig(n_experts_to_prune=0)) == 0
+    assert experts_to_prune(8, PruneConfig(n_experts_to_prune=7)) == 7
+    with pytest.raises(SelectionError, match="n_experts_to_prune=8 is out of range: the model has 8 experts"):
+        experts_to_prune(8, PruneConfig(n_experts_to_prune=8))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"compression_ratio": 0.0}, f"compression_ratio=0.0 {RATIO}"),
+        ({"compression_ratio": 1.0}, f"compression_ratio=1.0 {RATIO}"),
+        ({"compression_ratio": -0.1}, f"compression_ratio=-0.1 {RATIO}"),
+        ({"compression_ratio": 0.5, "n_experts_to_prune": 2},
+         "give either compression_ratio (--compression-ratio) or n_experts_to_prune (--n-experts-to-prune), not both"),
+        ({"n_experts_to_prune": -1}, "n_experts_to_prune (--n-experts-to-prune) must be in [0, inf), got -1"),
+        ({"n_experts_to_prune": 2.0}, "n_experts_to_prune (--n-experts-to-prune) must be an integer, got 2.0"),
+        ({"n_experts_to_prune": True}, "n_experts_to_prune (--n-experts-to-prune) must be an integer, got True"),
+        ({"min_experts_per_layer": 0}, "min_experts_per_layer (--min-experts-per-layer) must be in [1, inf), got 0"),
+        ({"dtype": "int8"}, "dtype (--dtype) must be one of 'auto', 'bfloat16', 'float16', 'float32'; got 'int8'"),
+        ({"preserve_super_experts": True, "preserve_outliers": True},
+         "only one of preserve_super_experts or preserve_outliers can be set"),
+        ({"ratio": 0.5}, None),  # unknown field: resolve names the known ones
+    ],
+)
+def test_bad_settings_are_one_line_usage_errors(settings, message):
+    with pytest.raises(ConfigError) as caught:
+        resolve(PruneConfig, None, settings)
+    text = str(caught.value)
+    assert "\n" not in text and caught.value.exit_code == 2
+    if message is None:
+        assert text.startswith("unknown PruneConfig setting(s) ratio; known: compression_ratio, device, dtype")
+    else:
+        assert text == message
+        from_shared_checks = "must be in [" in message or "must be one of" in message  # config.checks: ConfigError
+        assert isinstance(caught.value, SelectionError) != from_shared_checks
+
+
+def test_edges_pass_and_the_config_is_frozen():
+    PruneConfig(compression_ratio=1e-9)
+    PruneConfig(compression_ratio=1 - 1e-9)
+    PruneConfig(min_experts_per_layer=1, preserve_outliers=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PruneConfig().method = "frequency"
+
+
+def test_native_cli_defaults_come_from_the_config():
+    parser = build_parser()
+    prune = parser.parse_args(["prune", "--model", "m", "--metrics", "o.pt", "--output", "out"])
+    run = parser.parse_args(["run", "--model", "m", "--dataset", "d", "--output", "out"])
+    defaults = PruneConfig.__dataclass_fields__
+    for args in (prune, run):
+        for name in ("method", "compression_ratio", "n_experts_to_prune", "seed", "min_experts_per_layer",
+                     "global_ranking", "preserve_super_experts", "device", "dtype"):
+            assert getattr(args, name) == defaults[name].default, name
+
+
+def test_select_experts_takes_a_config_or_its_fields():
+    metrics = {
+        layer: {"reap": torch.tensor(row), "expert_frequency": torch.ones(4), "total_tokens": torch.tensor(10)}
+        for layer, row in enumerate([[0.3, 0.1, 0.4, 0.2], [1.0, 3.0, 2.0, 0.5]])
+    }
+    # lowest two reap scores removed: layer 0 drops experts 1 and 3, layer 1 drops 3 and 0
+    expected = {0: [0, 2], 1: [1, 2]}
+    by_config = select_experts(metrics, config=PruneConfig(n_experts_to_prune=2))
+    by_keywords = select_experts(metrics, "reap", n_experts_to_prune=2)
+    by_ratio = select_experts(metrics, config=PruneConfig())  # the config's default ratio: int(4 * 0.5) = 2
+    for keep in (by_config, by_keywords, by_ratio):
+        assert {layer: kept.tolist() for layer, kept in keep.items()} == expected
+    # keywords on top of a config
+    keep = select_experts(metrics, config=PruneConfig(compression_ratio=0.25), method="frequency")
+    assert {layer: kept.tolist() for layer, kept in keep.items()} == {0: [0, 1, 2], 1: [0, 1, 2]}  # ties: highest index goes
+
+
+def test_pipeline_names_the_run_flag():
+    config = PipelineConfig(model="m", dataset="d", output="o")
+    assert config.compression_ratio == DEFAULT_COMPRESSION_RATIO
+    pruning = prune_config(config)
+    assert (pruning.compression_ratio, pruning.method, pruning.overwrite) == (0.5, "reap", True)
+    with pytest.raises(PipelineError) as caught:  # refused before the output folder is looked at
+        Pipeline(PipelineConfig(model="m", dataset="d", output="o", compression_ratio=1.5))
+    assert str(caught.value) == f"compression_ratio=1.5 {RATIO}"
+    with pytest.raises(PipelineError, match="--min-experts-per-layer"):
+        Pipeline(PipelineConfig(model="m", dataset="d", output="o", min_experts_per_layer=0))
+
+
+def test_dropin_keeps_upstream_rules_on_top_of_the_config():
+    argv = ["--model_name", "m", "--dataset_name", "d"]
+    parsed, _ = parse_args(argv)
+    assert dropin_prune_config(parsed) == PruneConfig(method="frequency", compression_ratio=0.5, overwrite=True)
+    parsed, _ = parse_args([*argv, "--n_experts_to_prune", "3", "--compression_ratio", "0.25"])
+    assert dropin_prune_config(parsed).n_experts_to_prune == 3  # the count wins, as upstream
+    assert dropin_prune_config(parsed).compression_ratio is None
+    parsed, _ = parse_args([*argv, "--compression_ratio", "1.5"])
+    with pytest.raises(SelectionError, match=r"outside \(0, 1\)"):
+        dropin_prune_config(parsed)
