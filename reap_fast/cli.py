@@ -52,6 +52,16 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between checkpoints")
 
 
+def observe_config(args: argparse.Namespace, **settings) -> ObserveConfig:
+    """The :class:`ObserveConfig` of the flags :func:`_add_observe_arguments` adds, plus ``settings``."""
+    return ObserveConfig(
+        samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
+        batch_size=args.batch_size, seed=args.seed, engine=args.engine, renormalize=args.renormalize_router_weights,
+        device=args.device, dtype=args.dtype, layerwise=args.layerwise, checkpoint_every=args.checkpoint_every,
+        **settings,
+    )  # fmt: skip
+
+
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     from .prune import METHOD_CHOICES
 
@@ -162,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_harness_arguments(evaluate, "")
     evaluate.add_argument("--seed", type=int, default=None, help="all of lm-eval's seeds (default: lm-eval's own)")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    evaluate.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     evaluate.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on the built-in tiny model")
@@ -176,12 +186,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     from .observe.distributed import is_main_process
 
     output = Path(args.output)
-    config = ObserveConfig(
-        samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
-        batch_size=args.batch_size, seed=args.seed, engine=args.engine, renormalize=args.renormalize_router_weights,
-        device=args.device, dtype=args.dtype, layerwise=args.layerwise, resume=args.resume,
-        checkpoint_dir=args.checkpoint_dir or f"{output}.partial", checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
+    config = observe_config(args, resume=args.resume, checkpoint_dir=args.checkpoint_dir or f"{output}.partial")
     with output_lock(output):
         clean_leftovers(output)
         check_output_file(output, {"model folder": args.model}, args.overwrite)

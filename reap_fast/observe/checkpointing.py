@@ -119,7 +119,7 @@ class ObservationCheckpointer:
     batch, and :meth:`clear` after success.
     """
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], every: float = 300.0) -> None:
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], every: float) -> None:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.every = float(every)
