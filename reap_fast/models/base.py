@@ -1,7 +1,10 @@
 """The adapter interface: what reap-fast needs to know about one MoE model family.
 
 An adapter names the config keys of a family (expert count, top-k), how the router turns hidden
-states into REAP's gate value g, and which router tensors are sliced when experts are removed.
+states into REAP's gate value g, which router tensors are sliced when experts are removed, how its
+checkpoints name their tensors for layer streaming (:class:`StreamingLayout`) and what the Triton
+kernels compute for its experts (:class:`KernelLayout`). Every part of reap-fast that depends on the
+family reads it from the family's one entry in ``families.py``.
 MoE blocks are found structurally: a module with an ``experts`` child holding fused 3-D expert weights
 (``down_proj`` of shape (E, ., .)) and a router child (``gate`` or ``router``).
 """
@@ -42,6 +45,50 @@ class MoELayer:
         return int(self.experts.down_proj.shape[0])
 
 
+# transformers' fused expert tensors and the per-expert checkpoint tensors they are stacked from, in order
+# (concatenated on dim 1): gate_up_proj (E, 2I, H) = [stack(gate_proj); stack(up_proj)], down_proj = stack(down_proj)
+FUSED_EXPERTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("gate_up_proj", ("gate_proj", "up_proj")),
+    ("down_proj", ("down_proj",)),
+)
+
+
+@dataclass(frozen=True)
+class StreamingLayout:
+    """How layer streaming (``observe/streaming/``) reads a family's safetensors checkpoint.
+
+    renames: (module tensor name suffix, checkpoint key suffix) where transformers renames at load time.
+    fused_experts: each fused experts tensor of the module and the per-expert tensors
+    (``...experts.<e>.<part>.weight``) it is built from, stacked over experts and concatenated on dim 1.
+    model_types: the model types of the family whose checkpoints stream (empty: all of them);
+    refusal: why the family's other model types do not (ends the error message).
+    """
+
+    renames: tuple[tuple[str, str], ...] = ()
+    fused_experts: tuple[tuple[str, tuple[str, ...]], ...] = FUSED_EXPERTS
+    model_types: tuple[str, ...] = ()
+    refusal: str = ""
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """What the Triton kernels compute for a family's experts (``observe/triton_engine.py``).
+
+    activation: the kernels' gated activation: ``"silu"`` (silu(gate) * up) or ``"gpt_oss_swiglu"``
+    (clamped swiglu with ``alpha`` and ``limit``).
+    gate_class: the experts class whose own ``_apply_gate`` computes ``activation``; None for
+    transformers' default gate (``act_fn(gate) * up``, the module's ``act_fn`` must be SiLU).
+    interleaved: the gate reads gate and up columns alternately (gate0, up0, gate1, ...) rather than
+    as [gate; up] halves.
+    constants: experts attributes handed to the kernels as floats, under the same names.
+    """
+
+    activation: Literal["silu", "gpt_oss_swiglu"] = "silu"
+    gate_class: str | None = None
+    interleaved: bool = False
+    constants: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class MoEAdapter:
     """Facts about one MoE family. See ``families.py`` for the registered ones.
@@ -60,6 +107,11 @@ class MoEAdapter:
     forward (see ``reap_fast/observe/input_scaled.py``).
     router_tensors: names under the router module (dotted for submodules, e.g. ERNIE's
     ``moe_statics.e_score_correction_bias`` of shape (1, E)); each is sliced on its expert dimension.
+    count keys (``num_experts_key``, ``extra_count_keys``: set to the new count), top-k keys
+    (``top_k_key``, ``extra_top_k_keys``: clamped to it) and ``expert_list_keys`` (lists whose every
+    entry upstream REAP sets to the new count, e.g. ERNIE's ``moe_capacity``) are what a pruned
+    ``config.json`` edits, as ``config.json`` spells them.
+    streaming: None when layer streaming is not checked exact for the family (it is refused).
     """
 
     family: str
@@ -74,10 +126,22 @@ class MoEAdapter:
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for group-limited routing
     notes: str = ""
     extra_count_keys: tuple[str, ...] = field(default_factory=tuple)  # other config keys holding E
+    extra_top_k_keys: tuple[str, ...] = ()  # other config keys holding k (clamped to the new count)
+    expert_list_keys: tuple[str, ...] = ()  # config lists whose every entry is set to the new count
     router_fp32: bool = False
     expert_input_scaled: bool = False
-    # (module tensor name suffix, checkpoint key suffix) where transformers renames at load time (layer streaming)
-    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    streaming: StreamingLayout | None = StreamingLayout()
+    kernel: KernelLayout = KernelLayout()
+
+    @property
+    def count_keys(self) -> tuple[str, ...]:
+        """The config keys holding the expert count E."""
+        return (self.num_experts_key, *self.extra_count_keys)
+
+    @property
+    def top_k_keys(self) -> tuple[str, ...]:
+        """The config keys holding the top-k."""
+        return (self.top_k_key, *self.extra_top_k_keys)
 
     def text_config(self, config):
         """The config that holds the MoE keys (nested text config for multimodal wrappers)."""

@@ -1,8 +1,13 @@
-"""Registered MoE families, and the lookup from a config's ``model_type`` to its adapter."""
+"""Registered MoE families, and the lookup from a config's ``model_type`` to its adapter.
+
+One entry per family holds everything reap-fast needs to know about it: routing and gate semantics,
+router tensors to slice, the ``config.json`` keys a pruned checkpoint edits, how layer streaming reads
+its checkpoints (``streaming``) and what the Triton kernels compute for its experts (``kernel``).
+"""
 
 from __future__ import annotations
 
-from .base import MoEAdapter, UnsupportedModelError
+from .base import KernelLayout, MoEAdapter, StreamingLayout, UnsupportedModelError
 
 ADAPTERS: tuple[MoEAdapter, ...] = (
     MoEAdapter(family="qwen3_moe", model_types=("qwen3_moe",), num_experts_key="num_experts"),
@@ -40,7 +45,11 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
         notes="sigmoid router; g is the model's own weight without routed_scaling_factor",
     ),
     MoEAdapter(
-        family="mixtral", model_types=("mixtral",), num_experts_key="num_local_experts", always_renormalizes=True
+        family="mixtral",
+        model_types=("mixtral",),
+        num_experts_key="num_local_experts",
+        always_renormalizes=True,
+        streaming=None,  # checkpoints name the MoE block block_sparse_moe and the experts w1/w2/w3
     ),
     MoEAdapter(family="olmoe", model_types=("olmoe",), num_experts_key="num_experts"),
     MoEAdapter(
@@ -50,6 +59,10 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
         renormalize_key=None,
         always_renormalizes=True,
         router_tensors=("weight", "bias"),
+        extra_top_k_keys=("experts_per_token",),
+        kernel=KernelLayout(
+            activation="gpt_oss_swiglu", gate_class="GptOssExperts", interleaved=True, constants=("alpha", "limit")
+        ),
         notes="softmax over the top-k logits equals renormalised full softmax; router bias sliced",
     ),
     MoEAdapter(
@@ -58,6 +71,10 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
         num_experts_key="num_local_experts",
         renormalize_key=None,  # the router never renormalises (sigmoid of each chosen logit)
         expert_input_scaled=True,
+        streaming=StreamingLayout(
+            model_types=("llama4_text",),
+            refusal="this multimodal llama4 checkpoint keeps its text layers under another prefix",
+        ),
         notes="sigmoid of the top-k logits scales the expert input; g = softmax over all logits and y = the "
         "expert on the unscaled input, as upstream REAP records them; shared expert untouched",
     ),
@@ -70,7 +87,10 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
         always_renormalizes=True,  # weights / max(top-k sum, moe_norm_min), no config flag
         router_tensors=("weight", "moe_statics.e_score_correction_bias"),
         router_fp32=True,
-        checkpoint_renames=(("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias"),),
+        expert_list_keys=("moe_capacity",),
+        streaming=StreamingLayout(
+            renames=(("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias"),)
+        ),
         notes="softmax router; moe_statics correction bias only selects experts; shared experts untouched",
     ),
     MoEAdapter(
@@ -99,10 +119,31 @@ def get_adapter(config) -> MoEAdapter:
     candidates = [getattr(config, "model_type", None)]
     if hasattr(config, "get_text_config"):
         candidates.append(getattr(config.get_text_config(), "model_type", None))
+    return adapter_for_model_types(candidates)
+
+
+def adapter_for_model_types(candidates: list[str | None]) -> MoEAdapter:
+    """The adapter of the first model type in ``candidates`` that has one (outer config first), or a clear error."""
     for model_type in candidates:
         if model_type in _BY_MODEL_TYPE:
             return _BY_MODEL_TYPE[model_type]
     raise UnsupportedModelError(
-        f"model type {candidates[0]!r} is not a supported MoE family; supported: {', '.join(supported_model_types())} "
-        "(see 'Adding a model family' in the README)"
+        f"model type {candidates[0] if candidates else None!r} is not a supported MoE family; supported: "
+        f"{', '.join(supported_model_types())} (see 'Adding a model family' in the README)"
     )
+
+
+def streaming_families() -> tuple[str, ...]:
+    """The families whose checkpoints layer streaming reads (its statistics are tested equal to in memory)."""
+    return tuple(adapter.family for adapter in ADAPTERS if adapter.streaming is not None)
+
+
+def kernel_layout(gate_class: str | None) -> KernelLayout | None:
+    """The kernel layout of experts whose ``_apply_gate`` comes from class ``gate_class``.
+
+    None for ``gate_class``: transformers' default gate. Returns None when no family names that class.
+    """
+    for adapter in ADAPTERS:
+        if adapter.kernel.gate_class == gate_class:
+            return adapter.kernel
+    return None

@@ -3,14 +3,14 @@
 Same signature and semantics as :func:`reap_fast.observe.reference.reference_experts_forward`; the
 kernels live in ``reap_kernels`` (folder ``kernels/``). The weights and the layout flags are read from
 the transformers experts module (``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``,
-``has_post_expert_norm`` and its ``_apply_gate``). Supported: gated experts with transformers' default
-gate (silu(gate) * up, concatenated [gate; up]: Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4-MoE, OLMoE, ...)
-and gpt-oss's clamped, interleaved swiglu with biases. Anything else raises ``EngineUnavailableError``.
-Forward only (no autograd).
+``has_post_expert_norm`` and its ``_apply_gate``); what the kernels compute for it is the
+:class:`~reap_fast.models.KernelLayout` of the family whose entry names the class of that ``_apply_gate``
+(transformers' default gate, silu(gate) * up on concatenated [gate; up], unless a family names its own).
+Anything the kernels cannot compute raises ``EngineUnavailableError``. Forward only (no autograd).
 
-gpt-oss stores gate and up columns interleaved (gate0, up0, gate1, ...). The first time the engine
-sees such a module it rewrites the weight and bias in place into the concatenated [gate | up] order
-(one expert at a time, so the extra memory is one expert's slice), so the kernels read contiguous
+A layout with interleaved gate and up columns (gate0, up0, gate1, ...; gpt-oss): the first time the
+engine sees such a module it rewrites the weight and bias in place into the concatenated [gate | up]
+order (one expert at a time, so the extra memory is one expert's slice), so the kernels read contiguous
 columns; :func:`restore_interleaved` puts the module back as it was (``Observer`` does so on exit).
 """
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import EngineUnavailableError
 from ..metrics import BatchStats, LayerAccumulator
+from ..models import kernel_layout
 
 DEINTERLEAVED = "_reap_deinterleaved"  # module attribute: (weakref to the rewritten weight, its version)
 
@@ -43,6 +44,15 @@ def _is_silu(act_fn: object) -> bool:
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ in ("SiLUActivation", "SiLU")
 
 
+def _gate_class(experts: nn.Module) -> str | None:
+    """The class that defines the module's ``_apply_gate`` (None: transformers' default gate; "": no gate method)."""
+    qualname = getattr(getattr(type(experts), "_apply_gate", None), "__qualname__", "")
+    # transformers installs its default gate (act_fn(gate) * up on [gate; up]) as `_default_apply_gate`
+    if qualname == "_default_apply_gate":
+        return None
+    return qualname.rpartition(".")[0]
+
+
 def experts_layout(experts: nn.Module):
     """The kernels' :class:`reap_kernels.ExpertsLayout` for a transformers experts module, or raise."""
     kernels = _import_kernels()
@@ -51,25 +61,21 @@ def experts_layout(experts: nn.Module):
         raise _unavailable(f"{name}: experts without a gate (up_proj + activation) are not supported by the triton engine")
     if getattr(experts, "has_post_expert_norm", False):
         raise _unavailable(f"{name}: a post-expert norm is not supported by the triton engine")
-    transposed = bool(getattr(experts, "is_transposed", False))
-    concatenated = bool(getattr(experts, "is_concatenated", True))
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    # transformers installs its default gate (silu(gate) * up on [gate; up]) as `_default_apply_gate`
-    if apply_gate is not None and apply_gate.__qualname__ == "_default_apply_gate":
-        if not concatenated:
-            raise _unavailable(f"{name}: the default gate needs the concatenated [gate; up] layout")
-        if not _is_silu(getattr(experts, "act_fn", None)):
-            act = type(getattr(experts, "act_fn", None)).__name__
-            raise _unavailable(f"{name}: activation {act} is not supported by the triton engine (silu only)")
-        return kernels.ExpertsLayout(transposed=transposed, interleaved=False, activation="silu")
-    if apply_gate is not None and apply_gate.__qualname__.startswith("GptOssExperts."):
-        if concatenated:
-            raise _unavailable(f"{name}: gpt-oss swiglu expects the interleaved gate/up layout")
-        return kernels.ExpertsLayout(
-            transposed=transposed, interleaved=True, activation="gpt_oss_swiglu",
-            alpha=float(experts.alpha), limit=float(experts.limit),
-        )
-    raise _unavailable(f"{name}: its custom _apply_gate is not supported by the triton engine")
+    layout = kernel_layout(_gate_class(experts))
+    if layout is None:
+        raise _unavailable(f"{name}: its custom _apply_gate is not supported by the triton engine")
+    if bool(getattr(experts, "is_concatenated", True)) == layout.interleaved:
+        expected = "interleaved gate/up" if layout.interleaved else "concatenated [gate; up]"
+        raise _unavailable(f"{name}: the {layout.activation} gate needs the {expected} layout")
+    if layout.gate_class is None and not _is_silu(getattr(experts, "act_fn", None)):
+        act = type(getattr(experts, "act_fn", None)).__name__
+        raise _unavailable(f"{name}: activation {act} is not supported by the triton engine (silu only)")
+    return kernels.ExpertsLayout(
+        transposed=bool(getattr(experts, "is_transposed", False)),
+        interleaved=layout.interleaved,
+        activation=layout.activation,
+        **{constant: float(getattr(experts, constant)) for constant in layout.constants},
+    )
 
 
 def _permute_gate_up(experts: nn.Module, to_concatenated: bool) -> None:

@@ -4,10 +4,12 @@ A pruned folder must load wherever its source loads (transformers 4.55 as pinned
 vLLM 0.10, and transformers 5.x), so nothing is re-serialised by the transformers version that happens
 to be installed:
 
-* ``config.json`` is the source's JSON with only the expert counts edited (``num_experts``,
-  ``num_local_experts``, ``n_routed_experts``, ``moe_num_experts``; ERNIE's ``moe_capacity`` as upstream
-  sets it; a top-k above the new count is clamped). Every other key, and the key spelling
-  (``torch_dtype``, ``rope_scaling``), stays as the source wrote it.
+* ``config.json`` is the source's JSON with only the expert counts edited: the keys the family's
+  adapter entry names, under any spelling transformers' config classes of the family alias them to
+  (Qwen3-MoE's ``num_experts`` is written ``num_local_experts`` by transformers 5): count keys set to
+  the new count, list keys set entry by entry as upstream does, a top-k above the new count clamped;
+  nested configs too. Every other key, and the key spelling (``torch_dtype``, ``rope_scaling``), stays
+  as the source wrote it.
 * tokenizer files, ``generation_config.json``, chat templates and any remote-code ``*.py`` are copied
   byte for byte.
 * weights keep the source's tensor names, dtypes and shard files: per-expert tensors
@@ -31,13 +33,16 @@ from typing import Any, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import CONFIG_MAPPING
+
+from ..models import ADAPTERS, MoEAdapter, UnsupportedModelError, adapter_for_model_types
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_k", "top_k")
+# the config keys the adapter entries name for the expert count
+COUNT_KEYS = tuple(dict.fromkeys(key for adapter in ADAPTERS for key in adapter.count_keys))
 # files of the source that are not copied: weights in other formats and the model card of the source
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _NOT_COPIED_NAMES = frozenset({"config.json", INDEX_NAME, "README.md", "pruned_experts.json", "reap_args.yaml"})
@@ -65,32 +70,67 @@ def source_checkpoint(path: str | Path | None) -> Path | None:
 
 
 def pruned_config(source: Mapping[str, Any], original_count: int, new_count: int) -> dict[str, Any]:
-    """The source ``config.json`` dict with its expert-count keys set to ``new_count`` (nested configs too)."""
+    """The source ``config.json`` dict with its family's expert-count keys set to ``new_count`` (nested configs too)."""
     config = json.loads(json.dumps(source))  # deep copy that keeps key order
-    edited = _edit_counts(config, original_count, new_count)
+    keys = _ConfigKeys.of(_config_adapter(config))
+    edited = _edit_counts(config, keys, original_count, new_count)
     if not edited:
         raise SourceLayoutError(
-            f"config.json names no expert count equal to {original_count} (looked for {', '.join(COUNT_KEYS)})"
+            f"config.json names no expert count equal to {original_count} (looked for {', '.join(keys.counts)})"
         )
     return config
 
 
-def _edit_counts(config: dict[str, Any], original_count: int, new_count: int) -> int:
+@dataclass(frozen=True)
+class _ConfigKeys:
+    """The ``config.json`` keys of one family that a pruned config edits, in every spelling."""
+
+    counts: tuple[str, ...]
+    top_k: tuple[str, ...]
+    lists: tuple[str, ...]
+
+    @classmethod
+    def of(cls, adapter: MoEAdapter) -> "_ConfigKeys":
+        return cls(_spellings(adapter, adapter.count_keys), _spellings(adapter, adapter.top_k_keys),
+                   _spellings(adapter, adapter.expert_list_keys))
+
+
+def _spellings(adapter: MoEAdapter, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """``keys`` and the names the family's transformers config classes alias them to (``attribute_map``)."""
+    names = list(keys)
+    for model_type in adapter.model_types:
+        attribute_map = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) if model_type in CONFIG_MAPPING else {}
+        names += [target for alias, target in attribute_map.items() if alias in keys]
+        names += [alias for alias, target in attribute_map.items() if target in keys]
+    return tuple(dict.fromkeys(names))
+
+
+def _config_adapter(config: Mapping[str, Any]) -> MoEAdapter:
+    """The family of a ``config.json`` dict: its ``model_type``, else a nested config's (multimodal wrappers)."""
+    nested = [value.get("model_type") for value in config.values() if isinstance(value, dict)]
+    try:
+        return adapter_for_model_types([config.get("model_type"), *nested])
+    except UnsupportedModelError as exc:
+        raise SourceLayoutError(f"config.json: {exc}") from None
+
+
+def _edit_counts(config: dict[str, Any], keys: _ConfigKeys, original_count: int, new_count: int) -> int:
     edited = 0
-    for key in COUNT_KEYS:
+    for key in keys.counts:
         if config.get(key) == original_count:
             config[key] = new_count
             edited += 1
-    if edited and isinstance(config.get("moe_capacity"), list):  # ERNIE-4.5 (upstream sets every entry)
-        config["moe_capacity"] = [new_count] * len(config["moe_capacity"])
     if edited:
-        for key in TOP_K_KEYS:
+        for key in keys.lists:
+            if isinstance(config.get(key), list):
+                config[key] = [new_count] * len(config[key])
+        for key in keys.top_k:
             value = config.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > new_count:
                 config[key] = new_count
     for value in config.values():
         if isinstance(value, dict):
-            edited += _edit_counts(value, original_count, new_count)
+            edited += _edit_counts(value, keys, original_count, new_count)
     return edited
 
 

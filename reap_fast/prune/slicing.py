@@ -155,7 +155,7 @@ def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven
             for module in (layer.block, layer.experts, layer.router):
                 _set_counts(module, old_count, new_count, top_k)
     new_count = max(counts.values())
-    for key in (adapter.num_experts_key, *adapter.extra_count_keys):
+    for key in adapter.count_keys:
         setattr(text_config, key, new_count)
     if top_k is not None and top_k > min(counts.values()):
         setattr(text_config, adapter.top_k_key, min(counts.values()))

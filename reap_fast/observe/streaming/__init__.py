@@ -42,8 +42,9 @@ top-k k, hidden size H, vocabulary V. It does not grow with the number of layers
 bf16, 231 x 2048 tokens: W_layer ≈ 1.25 GB, W_embed ≈ 0.62 GB, S_hidden ≈ 1.94 GB, so about 4 GB
 of accelerator memory plus activations, instead of 61 GB for the whole model.
 
-Supported families: those in ``STREAMING_FAMILIES`` (checked exact against the in-memory forward);
-others are refused with a clear message.
+Supported families: those whose adapter entry has a ``streaming`` layout (``STREAMING_FAMILIES``,
+checked exact against the in-memory forward); the layout says how the family's checkpoint names its
+tensors (renames, per-expert tensors to fuse). Others are refused with a clear message.
 
 Modules: ``memory`` (free memory, tier choice, the hidden-states buffer), ``reader`` (one layer's
 tensors from the safetensors shards, experts fused), ``placement`` (weights into the skeleton and out,

@@ -18,7 +18,6 @@ from transformers import AutoConfig
 
 from ...config import ObserveConfig
 from ...metrics import LayerAccumulator
-from ...models import get_adapter
 from ...models.loading import DTYPES
 from ..checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators
 from ..progress import TokenRate
@@ -54,10 +53,9 @@ def observe_streaming(
     """
     report = report if report is not None else StreamingReport()
     config = AutoConfig.from_pretrained(model_path)
-    streaming_supported(config)
+    layout = streaming_supported(config)
     settings = process_settings(settings, config)
     batch_size, device, dtype = settings.batch_size, torch.device(settings.device), DTYPES[settings.dtype]
-    renames = get_adapter(config).checkpoint_renames
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     reader = CheckpointTensors(model_path)
     model = build_skeleton(config, dtype)
@@ -70,7 +68,7 @@ def observe_streaming(
     hidden = int(text_config.hidden_size)
     store_bytes = count * length * hidden * element
     budget = memory_budget if memory_budget is not None else free_memory(device)
-    reserve = 2 * max(report.layer_bytes) + activation_bytes(text_config, batch_size, length, element) + GiB // 2
+    reserve = 2 * max(report.layer_bytes) + activation_bytes(config, batch_size, length, element) + GiB // 2
     tier = choose_hidden_tier(store_bytes, device, budget, reserve)
     report.tier, report.hidden_bytes, report.budget = tier, store_bytes, budget
     logger.info(
@@ -136,7 +134,7 @@ def observe_streaming(
                     layer = real_layers[index]
                     prefix = f"{layers_name}.{index}."
                     began = time.perf_counter()
-                    placed = materialize(layer, layer_tensors(reader, prefix, layer, renames), device)
+                    placed = materialize(layer, layer_tensors(reader, prefix, layer, layout), device)
                     _synchronize(device)
                     report.load_seconds += time.perf_counter() - began
                     report.add(placed)

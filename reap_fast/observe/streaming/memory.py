@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ...models import get_adapter
 from .errors import StreamingError
 
 GiB = 1024**3
@@ -71,13 +72,18 @@ def choose_hidden_tier(nbytes: int, device: torch.device | str, budget: MemoryBu
     return "disk"
 
 
-def activation_bytes(text_config, batch: int, length: int, element: int) -> int:
-    """A_batch: the activation bytes of one batch of ``batch`` x ``length`` tokens through one layer (see the package docstring)."""
+def activation_bytes(config, batch: int, length: int, element: int) -> int:
+    """A_batch: the activation bytes of one batch of ``batch`` x ``length`` tokens through one layer (see the package docstring).
+
+    The expert count and top-k are read under the keys the family's adapter entry names.
+    """
+    adapter = get_adapter(config)
+    text_config = adapter.text_config(config)
     hidden = int(text_config.hidden_size)
     heads = int(getattr(text_config, "num_attention_heads", 1))
     head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
-    top_k = int(getattr(text_config, "num_experts_per_tok", 1) or 1)
-    experts = int(getattr(text_config, "num_experts", None) or getattr(text_config, "n_routed_experts", None) or 1)
+    top_k = int(getattr(text_config, adapter.top_k_key, 1) or 1)
+    experts = int(getattr(text_config, adapter.num_experts_key, 1) or 1)
     tokens = batch * length
     return tokens * ((6 + 3 * top_k) * hidden + 2 * heads * head_dim) * element + tokens * experts * 4
 

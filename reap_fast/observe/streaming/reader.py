@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ...models import StreamingLayout
 from .errors import StreamingError
 
 
@@ -59,13 +60,16 @@ def _persistent_names(module: nn.Module) -> list[str]:
     return list(module.state_dict(keep_vars=True).keys())
 
 
-def _expert_sources(name: str, num_experts: int, available: set[str]) -> tuple[str, list[list[str]]] | None:
+def _expert_sources(
+    name: str, num_experts: int, available: set[str], layout: StreamingLayout
+) -> tuple[str, list[list[str]]] | None:
     """How transformers builds a fused experts tensor from per-expert checkpoint tensors.
 
-    ``experts.gate_up_proj`` (E, 2I, H) = concat over dim 1 of stack(gate_proj) and stack(up_proj);
-    ``experts.down_proj`` (E, H, I) = stack(down_proj). Returns (kind, [source key lists]) or None.
+    By the family's ``layout.fused_experts``, e.g. ``experts.gate_up_proj`` (E, 2I, H) = concat over
+    dim 1 of stack(gate_proj) and stack(up_proj); ``experts.down_proj`` (E, H, I) = stack(down_proj).
+    Returns (kind, [source key lists]) or None.
     """
-    for fused, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+    for fused, parts in layout.fused_experts:
         if name.endswith(f"experts.{fused}"):
             base = name[: -len(fused)]
             sources = [[f"{base}{e}.{part}.weight" for e in range(num_experts)] for part in parts]
@@ -85,23 +89,24 @@ def _renamed(name: str, renames: tuple[tuple[str, str], ...], available: set[str
 
 
 def layer_tensors(
-    reader: CheckpointTensors, prefix: str, module: nn.Module, renames: tuple[tuple[str, str], ...] = ()
+    reader: CheckpointTensors, prefix: str, module: nn.Module, layout: StreamingLayout = StreamingLayout()
 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of ``module`` (keys under ``prefix``), fused experts stacked, shapes checked.
 
-    ``renames`` are the family's (module name suffix, checkpoint name suffix) pairs (the adapter's
-    ``checkpoint_renames``). Every tensor under ``prefix`` must be used and every parameter found, so a
-    checkpoint layout that needs other conversions (transposed or quantised experts) stops with a clear error.
+    ``layout`` is the family's (its adapter's ``streaming``): renamed tensors and the per-expert tensors
+    each fused experts tensor is built from. Every tensor under ``prefix`` must be used and every parameter
+    found, so a checkpoint layout that needs other conversions (transposed or quantised experts) stops
+    with a clear error.
     """
     available = reader.names_under(prefix)
     shapes = {name: tuple(value.shape) for name, value in module.state_dict(keep_vars=True).items()}
     plan: dict[str, tuple[str, list[list[str]]]] = {}
     for name in _persistent_names(module):
-        source = name if name in available else _renamed(name, renames, available)
+        source = name if name in available else _renamed(name, layout.renames, available)
         if source is not None:
             plan[name] = ("copy", [[source]])
             continue
-        sources = _expert_sources(name, shapes[name][0], available) if len(shapes[name]) == 3 else None
+        sources = _expert_sources(name, shapes[name][0], available, layout) if len(shapes[name]) == 3 else None
         if sources is None:
             raise StreamingError(
                 f"layer streaming cannot find {prefix}{name} in the checkpoint (nor per-expert tensors to fuse); "

@@ -1,7 +1,8 @@
 """The model without weights: built on the meta device, its decoder layers found, unloaded layers stood in for.
 
-Also which families streaming accepts (:func:`streaming_supported`) and the observer whose accumulators
-live on the compute device while the skeleton's parameters are on ``meta``.
+Also which families streaming accepts (:func:`streaming_supported`: those whose adapter entry has a
+``streaming`` layout) and the observer whose accumulators live on the compute device while the
+skeleton's parameters are on ``meta``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ...metrics import LayerAccumulator
-from ...models import UnsupportedModelError, get_adapter
+from ...models import StreamingLayout, UnsupportedModelError, get_adapter, streaming_families
 from ..session import Observer
 from .errors import StreamingError
 
-# Families whose streamed statistics are tested equal to the in-memory forward (tests/test_streaming.py).
-# Mixtral is not: its checkpoints name the MoE block ``block_sparse_moe`` and the experts w1/w2/w3.
-STREAMING_FAMILIES = (
-    "qwen3_moe", "qwen3_5_moe", "qwen3_next", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss",
-    "llama4", "ernie4_5_moe", "deepseek_v2",
-)
+# Families whose streamed statistics are tested equal to the in-memory forward (tests/test_streaming.py):
+# those with a ``streaming`` layout in their adapter entry (reap_fast/models/families.py).
+STREAMING_FAMILIES = streaming_families()
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -54,20 +52,24 @@ def parameter_name(model: nn.Module, tensor: torch.Tensor) -> str:
     raise StreamingError("cannot find the embedding matrix among the model's parameters")
 
 
-def streaming_supported(config) -> None:
-    """Raise a clear error when ``config``'s family is not one streaming is checked exact on."""
-    family = get_adapter(config).family
-    if getattr(config, "model_type", None) == "llama4":
+def streaming_supported(config) -> StreamingLayout:
+    """The family's streaming layout, or a clear error when streaming is not checked exact on ``config``."""
+    adapter = get_adapter(config)
+    layout = adapter.streaming
+    if layout is None:
         raise UnsupportedModelError(
-            "layer streaming (--layerwise) reads text-only Llama-4 checkpoints (model_type llama4_text); this multimodal "
-            "llama4 checkpoint keeps its text layers under another prefix: observe it without --layerwise"
+            f"layer streaming (--layerwise) supports {', '.join(STREAMING_FAMILIES)}; {adapter.family} is not checked "
+            "exact against the in-memory forward yet: observe it without --layerwise (device_map offload works for "
+            "models slightly bigger than one GPU)"
         )
-    if family not in STREAMING_FAMILIES:
+    model_type = getattr(config, "model_type", None)
+    if layout.model_types and model_type not in layout.model_types:
         raise UnsupportedModelError(
-            f"layer streaming (--layerwise) supports {', '.join(STREAMING_FAMILIES)}; {family} is not checked exact "
-            "against the in-memory forward yet: observe it without --layerwise (device_map offload works for models "
-            "slightly bigger than one GPU)"
+            f"layer streaming (--layerwise) reads {adapter.family} checkpoints of model_type "
+            f"{' or '.join(layout.model_types)} only; {layout.refusal or f'not {model_type}'}: observe it without "
+            "--layerwise"
         )
+    return layout
 
 
 class PassThrough(nn.Module):
