@@ -45,6 +45,10 @@ def test_entry_point_refuses_settings_before_reading_the_model(tmp_path):
         observe_checkpoint(missing, "data.jsonl", batch=4)
     with pytest.raises(ConfigError, match="batch size"):
         observe_checkpoint(missing, "data.jsonl", None, ObserveConfig(batch_size=2), batch_size=0)
+    with pytest.raises(ConfigError, match="output must be a file path"):
+        observe_checkpoint(missing, "data.jsonl", 64)  # the old third positional, samples_per_category
+    with pytest.raises(ConfigError, match="expected a ObserveConfig"):
+        observe_checkpoint(missing, "data.jsonl", None, {"batch_size": 2})
 
 
 def test_process_settings_resolve_auto_and_are_idempotent():

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..config import ObserveConfig, resolve
+from ..config import ConfigError, ObserveConfig, resolve
 from ..data import CalibrationSet, build_calibration_set
 from ..identity import attach_identity, model_identity
 from ..metrics import LayerMetrics, save_metrics
@@ -55,6 +55,8 @@ def observe_checkpoint(
       after success. With several processes each rank uses ``checkpoint_dir/rank<r>-of-<n>``.
     """
     config = resolve(ObserveConfig, config, overrides)
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise ConfigError(f"output must be a file path or None, got {output!r} (settings go in the ObserveConfig)")
     model_config = load_config(model_path)
     check_model_folder(model_path, need_tokenizer=True)
     if config.layerwise:
