@@ -238,20 +238,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.eval and not args.eval_dataset:
         raise PipelineError("--eval needs --eval-dataset: held-out text that calibration did not see")
-    budget = _prune_config(args)  # validated; the default ratio filled in
-    config = PipelineConfig(
-        model=args.model, dataset=args.dataset, output=args.output,
-        compression_ratio=budget.compression_ratio, n_experts_to_prune=budget.n_experts_to_prune, method=args.method,
-        samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
-        batch_size=args.batch_size, seed=args.seed, renormalize=args.renormalize_router_weights,
-        global_ranking=args.global_ranking, min_experts_per_layer=args.min_experts_per_layer,
-        preserve_super_experts=args.preserve_super_experts, engine=args.engine, device=args.device, dtype=args.dtype,
-        layerwise=args.layerwise,
-        checkpoint_every=args.checkpoint_every,
-        quantize=args.quantize, quant_iters=args.iters, quant_nsamples=args.nsamples, quant_seqlen=args.seqlen,
-        quant_batch_size=args.quant_batch_size, eval_dataset=args.eval_dataset, eval_samples=args.eval_samples,
-        eval_max_length=args.eval_max_length, overwrite=args.overwrite, lm_eval=_harness_settings(args, args.eval_tasks),
-    )
+    quantize = None
+    if args.quantize:
+        quantize = QuantConfig(iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                               batch_size=args.quant_batch_size, device=args.device, seed=args.seed)
+    evaluate = None
+    if args.eval_dataset or args.eval_tasks:
+        evaluate = EvalConfig(dataset=args.eval_dataset, samples=args.eval_samples, max_length=args.eval_max_length,
+                              harness=_harness_settings(args, args.eval_tasks))
+    config = PipelineConfig(args.model, args.dataset, args.output, observe_config(args), _prune_config(args),
+                            quantize, evaluate, overwrite=args.overwrite)
     summary = Pipeline(config).run()
     print(format_summary(summary))
     return 0

@@ -70,15 +70,17 @@ def generate_with_quantized(model_dir: Path, prompt: str = PROMPT) -> str:
 def run_demo(folder: Path, steps: int = 300) -> dict:
     """Train, observe, prune, quantize, evaluate, reload and generate; print what happened."""
     from .metrics import format_expert_table, load_metrics
+    from .config import EvalConfig, ObserveConfig, PruneConfig, QuantConfig
     from .pipeline import Pipeline, PipelineConfig, format_summary
 
     folder.mkdir(parents=True, exist_ok=True)
     model_dir, calibration, heldout = prepare_demo_inputs(folder, steps)
     config = PipelineConfig(
-        model=str(model_dir), dataset=calibration, output=str(folder / "run"), compression_ratio=0.5,
-        model_max_length=512, batch_size=4, device="cpu", dtype="float32", quantize="w4a16", quant_iters=20,
-        quant_nsamples=16, quant_seqlen=256, quant_batch_size=4, eval_dataset=heldout, eval_samples=12,
-        eval_max_length=256,
+        str(model_dir), calibration, str(folder / "run"),
+        observe=ObserveConfig(model_max_length=512, batch_size=4, device="cpu", dtype="float32"),
+        prune=PruneConfig(compression_ratio=0.5, device="cpu", dtype="float32"),
+        quantize=QuantConfig(iters=20, nsamples=16, seqlen=256, batch_size=4, device="cpu"),
+        evaluate=EvalConfig(dataset=heldout, samples=12, max_length=256),
     )
     pipeline = Pipeline(config)
     summary = pipeline.run()

@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ObserveConfig, PruneConfig, QuantConfig
-from .config.evaluate import EvalConfig, HarnessSettings
-from .config.prune import DEFAULT_COMPRESSION_RATIO
+from .config import ConfigError, EvalConfig, ObserveConfig, PruneConfig, QuantConfig, resolve
 from .errors import ReapFastError
 from .evaluate.comparison import Comparison, ModelEntry, format_table, run_comparison
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
@@ -53,115 +51,206 @@ class PipelineError(ReapFastError, ValueError):
     """A pipeline setting or state that prevents the run (one-line message)."""
 
 
-@dataclass
+QUANT_SCHEMES = ("w4a16",)
+# The flat names of a run's settings (PipelineConfig's keywords before the stage configs, and the keys of the
+# "settings" that pipeline.json records) -> (stage, field). seed, device and dtype go to several stages.
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    "samples_per_category": ("observe", "samples_per_category"),
+    "model_max_length": ("observe", "model_max_length"),
+    "batch_size": ("observe", "batch_size"),
+    "renormalize": ("observe", "renormalize"),
+    "engine": ("observe", "engine"),
+    "layerwise": ("observe", "layerwise"),
+    "checkpoint_every": ("observe", "checkpoint_every"),
+    "progress": ("observe", "progress"),
+    "compression_ratio": ("prune", "compression_ratio"),
+    "n_experts_to_prune": ("prune", "n_experts_to_prune"),
+    "method": ("prune", "method"),
+    "global_ranking": ("prune", "global_ranking"),
+    "min_experts_per_layer": ("prune", "min_experts_per_layer"),
+    "preserve_super_experts": ("prune", "preserve_super_experts"),
+    "quant_iters": ("quantize", "iters"),
+    "quant_nsamples": ("quantize", "nsamples"),
+    "quant_seqlen": ("quantize", "seqlen"),
+    "quant_batch_size": ("quantize", "batch_size"),
+    "eval_dataset": ("evaluate", "dataset"),
+    "eval_samples": ("evaluate", "samples"),
+    "eval_max_length": ("evaluate", "max_length"),
+    "lm_eval": ("evaluate", "harness"),
+}
+SHARED_NAMES = {"seed": ("observe", "prune", "quantize"), "device": ("observe", "prune", "quantize"),
+                "dtype": ("observe", "prune")}
+# Settings that change where or how fast a result is computed, not the result (or, lm_eval, that its own
+# stage checks): left out of the fingerprint, so a run resumes with other values.
+VOLATILE = {"engine", "device", "layerwise", "checkpoint_every", "progress", "distributed", "checkpoint_dir",
+            "resume", "overwrite", "harness"}
+STAGE_CONFIGS = {"observe": ObserveConfig, "prune": PruneConfig, "quantize": QuantConfig, "evaluate": EvalConfig}
+
+
+@dataclass(frozen=True, init=False)
 class PipelineConfig:
-    """Settings of one ``reap-fast run`` (the part that defines its results is fingerprinted)."""
+    """Settings of one ``reap-fast run``: the model, the calibration spec, the output folder and each stage's
+    config (``quantize`` / ``evaluate`` None: no such stage). ``overwrite`` starts over in an output holding
+    another run; ``observe.progress`` also shows the run's stage bar."""
 
     model: str
     dataset: str
     output: str
-    compression_ratio: float | None = DEFAULT_COMPRESSION_RATIO  # PruneConfig's when no budget is given
-    n_experts_to_prune: int | None = PruneConfig.n_experts_to_prune
-    method: str = PruneConfig.method
-    samples_per_category: int | None = ObserveConfig.samples_per_category
-    model_max_length: int = ObserveConfig.model_max_length
-    batch_size: int = ObserveConfig.batch_size
-    seed: int = 42
-    renormalize: bool = ObserveConfig.renormalize
-    global_ranking: bool = PruneConfig.global_ranking
-    min_experts_per_layer: int | None = PruneConfig.min_experts_per_layer
-    preserve_super_experts: bool = PruneConfig.preserve_super_experts
-    engine: str = ObserveConfig.engine
-    device: str = ObserveConfig.device
-    dtype: str = ObserveConfig.dtype
-    layerwise: bool = ObserveConfig.layerwise
-    checkpoint_every: float = ObserveConfig.checkpoint_every  # observation checkpoints: a rerun resumes from them
-    quantize: str | None = None  # None or "w4a16"
-    quant_iters: int = QuantConfig.iters
-    quant_nsamples: int = QuantConfig.nsamples
-    quant_seqlen: int = QuantConfig.seqlen
-    quant_batch_size: int = QuantConfig.batch_size
-    eval_dataset: str | None = None
-    eval_samples: int = EvalConfig.samples
-    eval_max_length: int = EvalConfig.max_length
-    lm_eval: HarnessSettings | None = None  # lm-evaluation-harness tasks (--eval-tasks)
-    overwrite: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    observe: ObserveConfig
+    prune: PruneConfig
+    quantize: QuantConfig | None
+    evaluate: EvalConfig | None
+    overwrite: bool
+
+    def __init__(
+        self,
+        model: str,
+        dataset: str,
+        output: str,
+        observe: ObserveConfig | None = None,
+        prune: PruneConfig | None = None,
+        quantize: QuantConfig | str | None = None,
+        evaluate: EvalConfig | None = None,
+        **settings: Any,
+    ) -> None:
+        """``settings``: ``overwrite``, and the flat names of :data:`FLAT_NAMES` / :data:`SHARED_NAMES` (the
+        keywords of earlier versions, e.g. ``compression_ratio=0.25, quant_iters=0, eval_dataset=...``) applied
+        on top of the stage configs; ``quantize="w4a16"`` is the default :class:`QuantConfig`. A bad flat
+        setting is a :class:`PipelineError` with the stage config's message."""
+        overwrite = bool(settings.pop("overwrite", False))
+        if isinstance(quantize, str):
+            if quantize not in QUANT_SCHEMES:
+                raise PipelineError(f"--quantize supports only {', '.join(QUANT_SCHEMES)}, got {quantize!r}")
+            quantize = QuantConfig()
+        stages = _apply_flat_settings({"observe": observe, "prune": prune, "quantize": quantize, "evaluate": evaluate},
+                                      settings)
+        for name, value in (("model", model), ("dataset", dataset), ("output", output), ("overwrite", overwrite),
+                            *stages.items()):
+            object.__setattr__(self, name, value)
+
+    @property
+    def progress(self) -> bool:
+        """Whether progress bars are shown (the observation's setting)."""
+        return self.observe.progress
+
+    def __getattr__(self, name: str) -> Any:
+        """The flat names of earlier versions, read from the stage configs (``config.compression_ratio``)."""
+        if name in FLAT_NAMES:
+            stage, field_name = FLAT_NAMES[name]
+        elif name in SHARED_NAMES:
+            stage, field_name = SHARED_NAMES[name][0], name
+        else:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        config = self.__dict__.get(stage) or STAGE_CONFIGS[stage]()  # an absent stage: its defaults
+        return getattr(config, field_name)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that determine the outputs (resuming with different ones is refused)."""
-        settings = asdict(self)
-        # lm_eval is checked by its own stage (lm_eval.json holds its settings): adding or changing
-        # --eval-tasks on a finished run only runs that stage.
-        for volatile in ("output", "overwrite", "progress", "engine", "device", "layerwise", "checkpoint_every", "extra",
-                         "lm_eval"):
-            settings.pop(volatile)
-        return settings
+        """The settings that determine the outputs (resuming with different ones is refused).
 
-    def evaluation(self) -> EvalConfig:
-        """The evaluation stage's settings (validated)."""
-        return EvalConfig(self.eval_dataset, self.eval_samples, self.eval_max_length, harness=self.lm_eval)
+        The keys are the flat names (:data:`FLAT_NAMES`, plus ``model``, ``dataset``, ``seed``, ``dtype`` and
+        ``quantize``), as earlier versions recorded them, so their run folders resume; a stage that is off
+        contributes its config's defaults. Any other setting that determines a result (``quantize.bits``,
+        ``prune.seed`` when it is not the observation's, ...) is added as ``stage.field`` only when it differs
+        from what the flat names imply, which keeps earlier fingerprints unchanged.
+        """
+        stages = {"observe": self.observe, "prune": self.prune, "quantize": self.quantize or QuantConfig(),
+                  "evaluate": self.evaluate or EvalConfig()}
+        settings: dict[str, Any] = {"model": self.model, "dataset": self.dataset, "seed": self.observe.seed,
+                                    "dtype": self.observe.dtype, "quantize": QUANT_SCHEMES[0] if self.quantize else None}
+        for flat, (stage, name) in FLAT_NAMES.items():
+            if name not in VOLATILE:
+                settings[flat] = getattr(stages[stage], name)
+        implied = {("prune", "seed"): self.observe.seed, ("quantize", "seed"): self.observe.seed,
+                   ("prune", "dtype"): self.observe.dtype}
+        named = {*FLAT_NAMES.values(), ("observe", "seed"), ("observe", "dtype")}
+        for stage, config in stages.items():
+            if getattr(self, stage) is None:
+                continue  # an absent stage: its defaults stand in for its flat names only
+            for field_ in fields(config):
+                key = (stage, field_.name)
+                if key in named or field_.name in VOLATILE:
+                    continue
+                value = getattr(config, field_.name)
+                if value != implied.get(key, field_.default):
+                    settings[f"{stage}.{field_.name}"] = value
+        return settings
 
     def stages(self) -> list[str]:
         chosen = ["observe", "prune"]
         if self.quantize:
             chosen.append("quantize")
-        if self.eval_dataset:
+        if self.evaluate and self.evaluate.dataset:
             chosen.append("eval")
-        if self.lm_eval:
+        if self.evaluate and self.evaluate.harness:
             chosen.append("lm_eval")
         return chosen
 
 
-def validate(config: PipelineConfig) -> None:
-    """Cheap checks before any model is loaded."""
-    if config.quantize not in (None, "w4a16"):
-        raise PipelineError(f"--quantize supports only w4a16, got {config.quantize!r}")
-    try:
-        prune_config(config)
-        observe_config(config)
-        if config.quantize:
-            quant_config(config)
-        config.evaluation()
-    except ConfigError as exc:
-        raise PipelineError(str(exc)) from None
-
-
-def prune_config(config: PipelineConfig) -> PruneConfig:
-    """The prune stage's settings of a run (the pruned folder is rewritten when the stage reruns)."""
-    return PruneConfig(
-        method=config.method, compression_ratio=config.compression_ratio,
-        n_experts_to_prune=config.n_experts_to_prune, seed=config.seed, global_ranking=config.global_ranking,
-        min_experts_per_layer=config.min_experts_per_layer, preserve_super_experts=config.preserve_super_experts,
-        device=config.device, dtype=config.dtype, overwrite=True,
-    )  # fmt: skip
+def _apply_flat_settings(stages: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The stage configs with the flat ``settings`` applied (see :class:`PipelineConfig`); a stage that is off
+    ignores its flat settings, except that ``eval_dataset`` / ``lm_eval`` turn evaluation on."""
+    unknown = sorted(set(settings) - set(FLAT_NAMES) - set(SHARED_NAMES))
+    if unknown:
+        raise PipelineError(f"unknown PipelineConfig setting(s) {', '.join(unknown)}")
+    overrides: dict[str, dict[str, Any]] = {stage: {} for stage in STAGE_CONFIGS}
+    for flat, value in settings.items():
+        targets = [(stage, flat) for stage in SHARED_NAMES[flat]] if flat in SHARED_NAMES else [FLAT_NAMES[flat]]
+        for stage, name in targets:
+            overrides[stage][name] = value
+    if overrides["prune"].get("n_experts_to_prune") is not None:
+        overrides["prune"].setdefault("compression_ratio", None)  # a count replaces the default ratio
+    evaluation = overrides["evaluate"]
+    if stages["evaluate"] is None and (evaluation.get("dataset") or evaluation.get("harness")):
+        stages["evaluate"] = EvalConfig()
+    built = {}
+    for stage, config_type in STAGE_CONFIGS.items():
+        if stages[stage] is None and stage in ("quantize", "evaluate"):
+            built[stage] = None
+            continue
+        try:
+            built[stage] = resolve(config_type, stages[stage], overrides[stage])
+        except ConfigError as error:  # its message names the setting (and its flag, where it has one)
+            raise PipelineError(str(error)) from None
+    return built
 
 
 def observe_config(config: PipelineConfig) -> ObserveConfig:
-    """The observation stage's settings of a run (its checkpoints in OUTPUT/observation.partial, resumed)."""
-    return ObserveConfig(
-        samples_per_category=config.samples_per_category, model_max_length=config.model_max_length,
-        batch_size=config.batch_size, seed=config.seed, engine=config.engine, renormalize=config.renormalize,
-        device=config.device, dtype=config.dtype, layerwise=config.layerwise, progress=config.progress,
-        checkpoint_dir=str(Path(config.output) / "observation.partial"), checkpoint_every=config.checkpoint_every,
-        resume=True,
-    )  # fmt: skip
+    """The observation settings of a run: its checkpoints in OUTPUT/observation.partial, resumed."""
+    return replace(config.observe, checkpoint_dir=str(Path(config.output) / "observation.partial"), resume=True)
+
+
+def prune_config(config: PipelineConfig) -> PruneConfig:
+    """The prune settings of a run: the pruned folder is rewritten when the stage reruns."""
+    return replace(config.prune, overwrite=True)
 
 
 def quant_config(config: PipelineConfig) -> QuantConfig:
-    """The quantize stage's settings of a run (it replaces an earlier, interrupted OUTPUT/w4a16)."""
-    return QuantConfig(
-        iters=config.quant_iters, nsamples=config.quant_nsamples, seqlen=config.quant_seqlen,
-        batch_size=config.quant_batch_size, device=config.device, seed=config.seed, overwrite=True,
-    )
+    """The quantize settings of a run: an earlier, interrupted OUTPUT/w4a16 is replaced."""
+    if config.quantize is None:
+        raise PipelineError("this run has no quantize stage")
+    return replace(config.quantize, overwrite=True)
+
+
+# The flat names that only matter while their stage runs (with "stage.field" keys of that stage).
+STAGE_SWITCHES = {"quantize": ("quantize", "quant_"), "evaluate": ("eval_dataset", "eval_")}
+
+
+def changed_settings(recorded: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """The fingerprint keys whose values differ; the settings of a stage that is off in both runs do not count
+    (``--iters`` without ``--quantize`` changes no output)."""
+    ignored = set()
+    for stage, (switch, prefix) in STAGE_SWITCHES.items():
+        if recorded.get(switch) is None and fresh.get(switch) is None:
+            ignored |= {key for key in {*recorded, *fresh} if key.startswith((prefix, f"{stage}.")) and key != switch}
+    return sorted(key for key in {*recorded, *fresh} - ignored if recorded.get(key) != fresh.get(key))
 
 
 class Pipeline:
     """Runs the stages of a :class:`PipelineConfig` with resume by checksummed outputs."""
 
     def __init__(self, config: PipelineConfig) -> None:
-        validate(config)
+        if not isinstance(config, PipelineConfig):  # its stage configs validated themselves
+            raise PipelineError(f"expected a PipelineConfig, got {type(config).__name__}")
         self.config = config
         self.root = Path(config.output)
         self.state_path = self.root / "pipeline.json"
@@ -198,11 +287,9 @@ class Pipeline:
         if not self.state_path.is_file():
             return fresh
         state = json.loads(self.state_path.read_text())
-        if state.get("settings") != fresh["settings"]:
+        changed = changed_settings(state.get("settings", {}), fresh["settings"])
+        if changed:
             if not self.config.overwrite:
-                changed = sorted(
-                    key for key in fresh["settings"] if state.get("settings", {}).get(key) != fresh["settings"][key]
-                )
                 raise PipelineError(
                     f"{self.root} holds a run with other settings ({', '.join(changed)}); "
                     "use another --output or pass --overwrite"
@@ -221,7 +308,8 @@ class Pipeline:
                 return False
         if stage == "lm_eval":
             recorded = json.loads(self.lm_eval_file.read_text()).get("settings")
-            return self.config.lm_eval is not None and recorded == self.config.lm_eval.fingerprint()
+            harness = self.config.evaluate.harness if self.config.evaluate else None
+            return harness is not None and recorded == harness.fingerprint()
         return True
 
     def _record(self, stage: str, outputs: list[Path], seconds: float) -> None:
@@ -251,7 +339,7 @@ class Pipeline:
         c = self.config
         config = load_config(c.model)
         check_model_folder(c.model, need_tokenizer=True)
-        check_prune_budget(config, prune_config(c))
+        check_prune_budget(config, c.prune)
         weights = weights_bytes(c.model)
         check_output_location(self.root, weights + (weights // 2 if c.quantize else 0))
         if c.quantize:
@@ -259,14 +347,15 @@ class Pipeline:
 
             auto_round_version()
             check_group_size(config, quant_config(c).group_size)
-        if c.eval_dataset:
+        evaluation = c.evaluate or EvalConfig()
+        if evaluation.dataset:
             from .data import check_dataset_spec
 
-            check_dataset_spec(c.eval_dataset)
-        if c.lm_eval and not self.is_done("lm_eval"):
+            check_dataset_spec(evaluation.dataset)
+        if evaluation.harness and not self.is_done("lm_eval"):
             from .evaluate.harness import check_tasks
 
-            check_tasks(c.lm_eval)
+            check_tasks(evaluation.harness)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
@@ -335,9 +424,9 @@ class Pipeline:
         from .evaluate.heldout import perplexity_in_child
 
         c = self.config
-        evaluation = c.evaluation()
+        evaluation = c.evaluate
         tokenizer = AutoTokenizer.from_pretrained(self.pruned)
-        texts = calibration_texts(evaluation.dataset, tokenizer, evaluation.samples, seed=c.seed)
+        texts = calibration_texts(evaluation.dataset, tokenizer, evaluation.samples, seed=c.observe.seed)
         texts_file = atomic_write_json(texts, self.root / "eval_texts.json")
         models = {"original": c.model, "pruned": str(self.pruned)}
         if c.quantize:
@@ -356,7 +445,7 @@ class Pipeline:
                   ModelEntry("pruned", str(self.pruned), stages["prune"]["outputs"])]
         if self.config.quantize:
             models.append(ModelEntry("w4a16", str(self.quantized), stages["quantize"]["outputs"]))
-        comparison = Comparison(models, self.config.lm_eval, cache_dir=self.root / "lm_eval")
+        comparison = Comparison(models, self.config.evaluate.harness, cache_dir=self.root / "lm_eval")
         run_comparison(comparison, self.lm_eval_file)
         return [self.lm_eval_file]
 
@@ -377,7 +466,7 @@ class Pipeline:
             report["eval"] = json.loads(self.eval_file.read_text())
         if picture_path(self.pruned).is_file():
             report["picture"] = str(picture_path(self.pruned))
-        if self.config.lm_eval and self.lm_eval_file.is_file():
+        if "lm_eval" in self.config.stages() and self.lm_eval_file.is_file():
             report["lm_eval"] = json.loads(self.lm_eval_file.read_text())
         return report
 
