@@ -75,13 +75,7 @@ def observe_checkpoint(
 
     checkpointer, resume_state = None, None
     if settings.checkpoint_dir is not None:
-        directory = Path(settings.checkpoint_dir)
-        if world > 1:
-            directory = directory / f"rank{rank}-of-{world}"
-        fingerprint = run_fingerprint(model_path, label, settings, calibration, rank, world)
-        checkpointer = ObservationCheckpointer(directory, fingerprint, settings.checkpoint_every)
-        resume_state = checkpointer.start(settings.resume)
-
+        checkpointer, resume_state = _checkpointer(model_path, label, settings, calibration, rank, world)
     with checkpointer if checkpointer is not None else nullcontext():
         if settings.layerwise:
             from .streaming import observe_streaming
@@ -100,6 +94,16 @@ def observe_checkpoint(
     if output is not None and is_main_process():
         save_metrics(attach_identity(metrics, model_identity(model_config, model_path)), output)
     return metrics
+
+
+def _checkpointer(model_path: str, label: str, settings: ObserveConfig, calibration, rank: int, world: int):
+    """(this process's checkpointer, the state to resume from or None); refuses another run's checkpoint."""
+    directory = Path(settings.checkpoint_dir)
+    if world > 1:
+        directory = directory / f"rank{rank}-of-{world}"
+    fingerprint = run_fingerprint(model_path, label, settings, calibration, rank, world)
+    checkpointer = ObservationCheckpointer(directory, fingerprint, settings.checkpoint_every)
+    return checkpointer, checkpointer.start(settings.resume)
 
 
 def _calibration_set(model_path: str, dataset: str | CalibrationSet, settings: ObserveConfig):
