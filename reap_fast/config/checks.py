@@ -10,6 +10,8 @@ from ..errors import UsageError
 
 Config = TypeVar("Config")
 
+DEFAULT_SEED = 42  # upstream ReapArgs.seed; every stage that draws random numbers (calibration sampling, "random" pruning, AutoRound)
+
 
 class ConfigError(UsageError):
     """A setting outside what its stage can run with (one line, exit 2)."""

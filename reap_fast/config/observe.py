@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import ConfigError, check_choice, check_range
+from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
 
 DEFAULT_MODEL_MAX_LENGTH = 2048  # tokens per packed sequence; upstream ObserverArgs.model_max_length
 ENGINE_CHOICES = ("auto", "reference", "triton")  # auto: triton on a GPU, reference on the CPU
@@ -34,7 +34,7 @@ class ObserveConfig:
     samples_per_category: int | None = None
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH
     batch_size: int = 1
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     engine: str = "auto"
     renormalize: bool | str = True
     device: str = "auto"

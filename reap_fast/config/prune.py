@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import ConfigError, check_choice, check_range
+from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
 from .observe import DTYPE_CHOICES
 
 DEFAULT_METHOD = "reap"
@@ -28,7 +28,7 @@ class PruneConfig:
     method: str = DEFAULT_METHOD  # score name (reap_fast.prune.scores); any per-expert key of the observation
     compression_ratio: float | None = None
     n_experts_to_prune: int | None = None
-    seed: int = 42  # seeds the "random" method
+    seed: int = DEFAULT_SEED  # seeds the "random" method
     global_ranking: bool = False  # rank layer-normalised scores across layers
     min_experts_per_layer: int | None = None  # refuse a budget that leaves fewer per layer
     preserve_super_experts: bool = False  # never remove super experts (not in the last quarter of layers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import ConfigError, check_choice, check_range
+from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
 
 BITS_CHOICES = (2, 3, 4, 8)  # what auto-round's integer weight schemes take
 
@@ -34,7 +34,7 @@ class QuantConfig:
     seqlen: int = 512
     batch_size: int = 8
     device: str = "auto"
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     min_samples: int = 1
     overwrite: bool = False
 

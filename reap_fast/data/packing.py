@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from ..config.checks import DEFAULT_SEED
 from ..config.observe import DEFAULT_MODEL_MAX_LENGTH
 from .calibration_set import CalibrationSet
 from .documents import iter_documents
@@ -40,7 +41,6 @@ from .spec import CalibrationDataError, CategorySpec, parse_dataset_spec
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES_PER_CATEGORY = 1024  # upstream ObserverArgs.batches_per_category
-DEFAULT_SEED = 42  # upstream ReapArgs.seed
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -33,6 +33,7 @@ import logging
 
 import torch
 
+from ..config.checks import DEFAULT_SEED
 from ..config.prune import DEFAULT_METHOD
 from ..errors import ReapFastError, UsageError
 from ..metrics import LayerMetrics
@@ -99,7 +100,7 @@ def stack_key(metrics: dict[int, LayerMetrics], key: str, layers: list[int] | No
     return torch.stack([metrics[layer][key].detach().to("cpu", torch.float64).reshape(-1) for layer in layers])
 
 
-def layer_scores(metrics: dict[int, LayerMetrics], method: str = DEFAULT_METHOD, seed: int = 42) -> torch.Tensor:
+def layer_scores(metrics: dict[int, LayerMetrics], method: str = DEFAULT_METHOD, seed: int = DEFAULT_SEED) -> torch.Tensor:
     """The (layers, E) float64 score tensor of ``method``; rows follow :func:`sorted_layers`.
 
     NaN scores (e.g. a hand-edited file) count as the lowest possible score, with a warning.

@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
+from ..config.checks import DEFAULT_SEED
 from ..config.observe import ENGINE_CHOICES
+from ..data import DEFAULT_SAMPLES_PER_CATEGORY
 from ..errors import ReapFastError
 
 _METHOD_HELP = "Method to use for pruning experts (lowest scores are removed)."
 
 @dataclass
 class ReapArgs:
-    seed: int = field(default=42, metadata={"help": "Random seed for reproducibility."})
+    seed: int = field(default=DEFAULT_SEED, metadata={"help": "Random seed for reproducibility."})
     debug: bool = field(default=False, metadata={"help": "Enable debug mode for more verbose output."})
     profile: bool = field(default=True, metadata={"help": "Ignored by reap-fast (upstream profiling pass)."})
     run_observer_only: bool = field(default=False, metadata={"help": "Only run the observer and save its data."})
@@ -55,7 +57,8 @@ class DatasetArgs:
 @dataclass
 class ObserverArgs:
     batches_per_category: int = field(
-        default=1024, metadata={"help": "Calibration batches (of --batch_size packed sequences) per category."}
+        default=DEFAULT_SAMPLES_PER_CATEGORY,
+        metadata={"help": "Calibration batches (of --batch_size packed sequences) per category."},
     )
     split_by_category: bool = field(default=False, metadata={"help": "Not supported by reap-fast (an error)."})
     select_only_categories: list[str] | str | None = field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..observe.session import RENORMALIZE_ALWAYS
+from ..config.observe import RENORMALIZE_ALWAYS
 
 # Score keys upstream's prune() sets to +inf for super experts (``prune.py``); other methods ignore
 # --perserve_super_experts / --perserve_outliers. reap-fast's names for the same keys.
