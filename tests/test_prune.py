@@ -372,6 +372,50 @@ def test_pruned_family_loads_generates_and_matches(family, ratio, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_router_tensor_in_the_checkpoints_own_spelling_is_sliced(tmp_path, caplog):
+    """ERNIE-4.5 checkpoints on the Hub keep the correction bias at ``mlp.moe_statics.*`` (transformers moves
+    it under ``mlp.gate`` at load time): the writer slices it there, keeps that spelling, and the pruned
+    folder loads to the same logits as the source with the removed experts unroutable (written from the
+    source's own files, without falling back to loading the weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = build_model(tiny_family_config("ernie4_5_moe", num_experts=E, top_k=2), seed=3)
+    layers = [layer.layer_index for layer in find_moe_layers(model)]
+    removed = {layer: _removed_for(pos) for pos, layer in enumerate(layers)}
+    make_unroutable(model, removed)
+    with torch.no_grad():
+        for layer in find_moe_layers(model):  # a bias that differs per expert, so a wrong slice shows;
+            bias = torch.linspace(0.0, 0.07, E)  # the removed experts' stays out of every top-k
+            bias[removed[layer.layer_index]] = -1.0
+            router_tensor(layer.router, "moe_statics.e_score_correction_bias").copy_(bias[None])
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11]])
+    with torch.no_grad():
+        reference = model(ids).logits
+    source = save_checkpoint(model, byte_tokenizer(), tmp_path / "orig")
+    hub_names = {}  # transformers saves the Hub spelling back (its load-time rename is undone on save)
+    for shard in sorted(source.glob("*.safetensors")):
+        hub_names.update({name: t for name, t in load_file(shard).items() if ".mlp.moe_statics." in name})
+    assert len(hub_names) == len(layers)
+    save_metrics(metrics_removing(removed), tmp_path / "obs.pt")
+
+    with caplog.at_level(logging.WARNING):
+        out = prune_checkpoint(source, tmp_path / "obs.pt", tmp_path / "pruned", compression_ratio=0.5)
+    assert "save_pretrained" not in caplog.text  # written from the source's own files, no weight loaded
+    written = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            written.update({name: handle.get_tensor(name) for name in handle.keys() if name in hub_names})
+    assert sorted(written) == sorted(hub_names)
+    for name, original in hub_names.items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        kept = [e for e in range(E) if e not in removed[layer]]
+        torch.testing.assert_close(written[name], original[:, kept], rtol=0, atol=0)
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_prune_to_top_k_keeps_config_consistent():
     model = build_model(tiny_family_config("mixtral", num_experts=E, top_k=2), seed=0)
     keep = {layer.layer_index: torch.tensor([3, 6]) for layer in find_moe_layers(model)}

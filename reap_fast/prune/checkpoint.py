@@ -50,7 +50,26 @@ _NOT_COPIED_NAMES = frozenset({"config.json", INDEX_NAME, "README.md", "pruned_e
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"^(?P<head>.*\.experts)\.(?P<expert>\d+)\.(?P<tail>.+)$")
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.[^.]+$")
-_ROUTER = re.compile(r"(?:^|\.)(gate|router|moe_statics)\.(weight|bias|e_score_correction_bias)$")
+
+
+def _router_pattern() -> re.Pattern[str]:
+    """Router tensors indexed by expert, from the adapter entries: each family's ``router_tensors`` under its
+    ``gate``/``router`` module, and the checkpoint spellings its streaming layout renames them to."""
+    tails = {name for adapter in ADAPTERS for name in adapter.router_tensors}
+    renamed = {
+        on_disk
+        for adapter in ADAPTERS
+        if adapter.streaming is not None
+        for module_name, on_disk in adapter.streaming.renames
+        if any(module_name.endswith(tail) for tail in tails)
+    }
+    under_router = "|".join(map(re.escape, sorted(tails)))
+    alternatives = [rf"(?:^|\.)(?:gate|router)\.(?:{under_router})$"]
+    alternatives += [rf"(?:^|\.){re.escape(name)}$" for name in sorted(renamed)]
+    return re.compile("|".join(alternatives))
+
+
+_ROUTER = _router_pattern()
 
 
 class SourceLayoutError(ValueError):
