@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from reap_fast.config import ConfigError, check_choice, check_range, resolve
+from reap_fast.config import ConfigError, check_choice, check_integer, check_range, resolve
 from reap_fast.errors import ReapFastError
 
 
@@ -53,3 +53,15 @@ def test_overrides_apply_on_top_of_a_given_config_and_are_validated():
         resolve(_Example, base, {"count": -1})
     with pytest.raises(ConfigError, match="expected a _Example"):
         resolve(_Example, object(), {})
+
+
+@pytest.mark.parametrize("value", [1.0, "3", True])
+def test_check_integer_refuses_what_is_not_an_int(value):
+    with pytest.raises(ConfigError) as caught:
+        check_integer("steps", value)
+    assert str(caught.value) == f"steps must be an integer, got {value!r}"
+
+
+def test_check_integer_passes_ints_and_none():
+    check_integer("steps", 0)
+    check_integer("steps", None)

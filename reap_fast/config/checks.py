@@ -40,6 +40,12 @@ def check_range(
         raise error(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_integer(name: str, value: Any, error: type[ConfigError] = ConfigError) -> None:
+    """Refuse ``value`` that is not an int (a bool is not one) with ``error``; None passes."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise error(f"{name} must be an integer, got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any], error: type[ConfigError] = ConfigError) -> None:
     """Refuse ``value`` that is not one of ``choices`` with ``error``."""
     allowed = tuple(choices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
+from .checks import ConfigError, DEFAULT_SEED, check_choice, check_integer, check_range
 from .observe import DTYPE_CHOICES
 
 DEFAULT_METHOD = "reap"
@@ -50,8 +50,7 @@ class PruneConfig:
             raise SelectionError(
                 f"compression_ratio={ratio} (--compression-ratio) is outside (0, 1): it is the fraction of experts removed"
             )
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
-            raise SelectionError(f"n_experts_to_prune (--n-experts-to-prune) must be an integer, got {count!r}")
+        check_integer("n_experts_to_prune (--n-experts-to-prune)", count, SelectionError)
         check_range("n_experts_to_prune (--n-experts-to-prune)", count, 0)
         check_range("min_experts_per_layer (--min-experts-per-layer)", self.min_experts_per_layer, 1)
         check_choice("dtype (--dtype)", self.dtype, DTYPE_CHOICES)

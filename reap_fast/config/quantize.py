@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
+from .checks import ConfigError, DEFAULT_SEED, check_choice, check_integer, check_range
 
 BITS_CHOICES = (2, 3, 4, 8)  # what auto-round's integer weight schemes take
 
@@ -40,9 +40,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for name in ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "seed", "min_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            check_integer(name, getattr(self, name))
         check_choice("bits", self.bits, BITS_CHOICES)
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size must be positive or -1, got {self.group_size}")
