@@ -1,4 +1,4 @@
-"""Tune the MoE kernels' block sizes for one layer shape on this GPU; writes a ``kernels/configs`` file.
+"""Tune the MoE kernels' block sizes for one layer shape on this GPU; writes a ``reap_kernels/configs`` file.
 
     python bench/tune.py --out tuned.json [--tokens 256 2048 8192] [--shape E k H I] [--dtype bf16]
                          [--budget-s 120] [--quick]
@@ -26,7 +26,7 @@ current and the best config are timed once more at the end of each T and the fas
 keeps its best so far, so a fast T leaves its time to the next. The output file is rewritten
 (atomically) after every T, in the format ``reap_kernels.config`` reads, plus informational keys
 (device, versions, per entry the median ms of the current and the best config). To use it, copy it
-to ``kernels/configs/<device_file_name(torch.cuda.get_device_name())>``.
+to ``reap_kernels/configs/<device_file_name(torch.cuda.get_device_name())>``.
 
 ``--quick`` sweeps a tiny grid and times with ``time.perf_counter``. Without CUDA only ``--quick`` on a
 tiny shape runs (under ``TRITON_INTERPRET=1``, for tests): the timings then say nothing about speed.
@@ -291,7 +291,7 @@ def environment() -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write (kernels/configs format)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write (reap_kernels/configs format)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 8192], help="token counts T")
     parser.add_argument("--shape", type=int, nargs=4, metavar=("E", "k", "H", "I"), default=[128, 8, 2048, 768],
                         help="experts, top-k, hidden size, expert intermediate size (default: Qwen3-30B-A3B)")

@@ -1,6 +1,6 @@
 """Compile checks for sm_80, sm_86, sm_89 and sm_90 without a GPU (see reap_kernels/compile_check.py).
 
-Every shipped config (kernels/configs/) is compiled through ``fused_moe`` for each target it is used
+Every shipped config (reap_kernels/configs/) is compiled through ``fused_moe`` for each target it is used
 on, at the Qwen3-30B-A3B, Qwen3.5-35B-A3B and gpt-oss-20b layer shapes, and must compile with no
 register spill and within the target's shared memory per block. A fixed sample of the tuner's space
 (TUNER_SAMPLE per target) must compile (spills or too much shared memory there are findings the
@@ -45,7 +45,7 @@ def compile_reports(tmp_path_factory) -> list[dict]:
 
 
 def test_every_shipped_config_compiles_without_spills_on_every_target(compile_reports):
-    config_dir = Path(__file__).resolve().parents[1] / "kernels" / "configs"
+    config_dir = Path(__file__).resolve().parents[1] / "reap_kernels" / "configs"
     shipped = [r for r in compile_reports if r["source"] not in ("tuner space",) and not r["source"].startswith("oversized")]
     for arch in TARGETS:
         files = {r["source"].split("#")[0] for r in shipped if r["arch"] == arch}

@@ -93,7 +93,7 @@ def test_full_grid_fits_the_tokens_per_expert_and_stays_small():
     assert tune.fitting_block_m(tune.FULL_GRID.block_m, 256 * 8 / 128) == [16, 32]
     assert tune.fitting_block_m(tune.FULL_GRID.block_m, 8192 * 8 / 128) == [32, 64, 128]
     assert tune.fitting_block_m(tune.FULL_GRID.block_m, 1.0) == [16]
-    base = MoEConfig.from_dict(json.loads((ROOT / "kernels" / "configs" / "default.json").read_text())["entries"][-1]["config"])
+    base = MoEConfig.from_dict(json.loads((ROOT / "reap_kernels" / "configs" / "default.json").read_text())["entries"][-1]["config"])
     stages = tune.stages(tune.FULL_GRID, 2048 * 8 / 128)
     names = [name for name, _ in stages]
     assert names[0] == "block_m" and names[-1] == "combine" and len(names) == 6

@@ -4,7 +4,7 @@ Usage: ``python tools/mutants.py [--list] [--only NAME ...] [--keep]`` (``make m
 
 The working tree (tracked and untracked, not ignored files) is copied into a temporary folder; every
 mutant replaces one exact snippet of one file there, runs its test subset with the copy first on
-``PYTHONPATH`` (``reap_kernels`` is linked to the copy's ``kernels/``), and restores the file. A mutant
+``PYTHONPATH``, and restores the file. A mutant
 is *caught* when its tests fail (pytest exit status 1). The union of the subsets is run once unmutated
 first (one pytest process): it must pass. Exit status 0 only when every mutant is caught; a snippet that is not found (the code
 moved) is an error naming the mutant, so the list is kept in step with the code.
@@ -133,7 +133,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "valid = torch.ones_like(token_mask.reshape(-1)[order // top_k])", GATES + ("-k", "masked")),
     Mutant("Observer counts padding", SESSION,
            "stats_mask = attention_mask.bool()", "stats_mask = None", ("tests/test_reference.py", "-k", "padding")),
-    Mutant("Triton kernels ignore the token mask", ("kernels/moe.py",),
+    Mutant("Triton kernels ignore the token mask", ("reap_kernels/moe.py",),
            "mask = None if token_mask is None else token_mask.reshape(-1)", "mask = None",
            ("tests/test_kernels.py", "-k", "masked")),
     # --- statistics ----------------------------------------------------------------------------------------
@@ -212,13 +212,10 @@ def copy_tree(destination: Path) -> None:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    links = destination / ".mutant_path"
-    links.mkdir()
-    (links / "reap_kernels").symlink_to(destination / "kernels", target_is_directory=True)
 
 
 def environment(copy: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), str(copy / ".mutant_path")]),
+    env = dict(os.environ, PYTHONPATH=str(copy),
                PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONPYCACHEPREFIX", None)
     return env

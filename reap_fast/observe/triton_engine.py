@@ -1,7 +1,7 @@
 """The Triton engine: the routed MoE forward and the REAP statistics in fused Triton kernels.
 
 Same signature and semantics as :func:`reap_fast.observe.reference.reference_experts_forward`; the
-kernels live in ``reap_kernels`` (folder ``kernels/``). The weights and the layout flags are read from
+kernels live in ``reap_kernels`` (folder ``reap_kernels/``). The weights and the layout flags are read from
 the transformers experts module (``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``,
 ``has_post_expert_norm`` and its ``_apply_gate``); what the kernels compute for it is the
 :class:`~reap_fast.models.KernelLayout` of the family whose entry names the class of that ``_apply_gate``

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(TARGETS), choices=sorted(SHARED_LIMIT))
     parser.add_argument("--tuner", type=int, default=0, metavar="N",
                         help="also check N configs of the tuner's space (a fixed sample per target; -1: all of it)")
-    parser.add_argument("--extra", type=Path, help="a config file (kernels/configs format) to check on every --arch")
+    parser.add_argument("--extra", type=Path, help="a config file (reap_kernels/configs format) to check on every --arch")
     parser.add_argument("--json", type=Path, help="also write the reports as JSON")
     args = parser.parse_args(argv)
     if _interpreted():

@@ -1,6 +1,6 @@
 """Block sizes of the MoE kernels: a small table of JSON files, looked up by shape and device.
 
-Files live in ``kernels/configs/``: ``default.json`` (any device), one file per compute capability
+Files live in ``reap_kernels/configs/``: ``default.json`` (any device), one file per compute capability
 (``sm_80.json`` A100, ``sm_86.json`` RTX A6000 / 3090, ``sm_89.json`` RTX 4090 / L40, ``sm_90.json``
 H100: untuned starting points, see README.md there) and one file per device named after
 ``torch.cuda.get_device_name()`` with spaces replaced by underscores, e.g.
