@@ -9,7 +9,8 @@ chunks of BLOCK_H columns and
   transformers' ``(y * w).view(T, k, H).sum(1).to(dtype)`` up to the summation order;
 * when ``STATS`` (constexpr) is set, keeps per slot the fp32 sum of squares and the maximum of y over
   all H columns and stores ``pair_norm[t*k + slot] = ||y||`` and ``pair_max[t*k + slot] = max_j y_j``.
-  ``expert_stats.py`` reduces these per expert.
+  ``expert_stats.py`` reduces these per expert. A row holding a NaN has the maximum NaN, as
+  ``torch.amax`` gives (``tl.max`` alone would drop it).
 
 With ``STATS`` off the kernel is the plain MoE combine (no statistics code is compiled).
 """
@@ -51,6 +52,7 @@ def _combine_kernel(
 
     sum_sq = tl.zeros((K_PAD,), dtype=tl.float32)
     row_max = tl.full((K_PAD,), float("-inf"), dtype=tl.float32)
+    row_nan = tl.zeros((K_PAD,), dtype=tl.int32)  # tl.max drops NaN; torch's amax returns it
     for h_start in range(0, hidden_size, BLOCK_H):
         offs_h = h_start + tl.arange(0, BLOCK_H)
         h_ok = offs_h < hidden_size
@@ -63,10 +65,11 @@ def _combine_kernel(
         if STATS:
             sum_sq += tl.sum(y * y, axis=1)
             row_max = tl.maximum(row_max, tl.max(tl.where(tile_ok, y, float("-inf")), axis=1))
+            row_nan |= tl.max((y != y).to(tl.int32), axis=1)
 
     if STATS:
         tl.store(pair_norm_ptr + rows, tl.sqrt(sum_sq), mask=slot_ok)
-        tl.store(pair_max_ptr + rows, row_max, mask=slot_ok)
+        tl.store(pair_max_ptr + rows, tl.where(row_nan != 0, float("nan"), row_max), mask=slot_ok)
 
 
 def combine(

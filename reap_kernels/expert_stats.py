@@ -9,7 +9,8 @@ in token order), so program e walks exactly those rows, drops the pairs of maske
 * ``ean_sum[e]``          sum ||y||          (fp64)
 * ``weighted_ean_sum[e]`` sum g * ||y||      (fp64)
 * ``gate_sum[e]``         sum g              (fp64)
-* ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted)
+* ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted; NaN when
+                          a counted row holds a NaN, as torch's ``amax`` / ``maximum`` propagate it)
 
 One more program (number E) counts the counted tokens (``tokens``, () int64). With ``ACCUMULATE``
 the kernel adds its results into running totals instead (``max_activation``: the maximum), e.g. the
@@ -44,7 +45,7 @@ def _expert_stats_kernel(
     pair_norm_ptr,  # (S,) fp32: ||y[p]||
     pair_max_ptr,  # (S,) fp32: max_j y[p, j]
     gates_ptr,  # (S,) fp32: REAP gate g of each pair (row-major (T, k))
-    mask_ptr,  # (T,) bool: True = token counted (read only when HAS_MASK)
+    mask_ptr,  # (T,) bool, any stride: True = token counted (read only when HAS_MASK)
     tokens_ptr,  # () int64 out: counted tokens
     count_ptr,  # (E,) int64 out
     ean_ptr,  # (E,) fp64 out
@@ -55,6 +56,7 @@ def _expert_stats_kernel(
     num_tokens,
     num_experts,
     top_k,
+    stride_mask,
     HAS_MASK: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_ptr) instead of overwriting them
     PAIRWISE: tl.constexpr,
@@ -66,7 +68,7 @@ def _expert_stats_kernel(
             tokens = tl.zeros((BLOCK,), dtype=tl.int64)
             for first in range(0, num_tokens, BLOCK):
                 offs = first + tl.arange(0, BLOCK)
-                tokens += tl.load(mask_ptr + offs, mask=offs < num_tokens, other=0).to(tl.int64)
+                tokens += tl.load(mask_ptr + offs.to(tl.int64) * stride_mask, mask=offs < num_tokens, other=0).to(tl.int64)
             _update(tokens_ptr, tl.sum(tokens, axis=0), ACCUMULATE)
         else:
             _update(tokens_ptr, tl.sum(tl.zeros((BLOCK,), dtype=tl.int64), axis=0) + num_tokens, ACCUMULATE)
@@ -78,28 +80,34 @@ def _expert_stats_kernel(
     weighted_ean = tl.zeros((BLOCK,), dtype=tl.float64)
     gate_sum = tl.zeros((BLOCK,), dtype=tl.float64)
     row_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    has_nan = tl.zeros((BLOCK,), dtype=tl.int32)  # tl.maximum drops NaN; torch's amax / maximum keep it
     for row in range(0, num_rows, BLOCK):
         offs = row + tl.arange(0, BLOCK)
         counted = offs < num_rows
         pair = tl.load(sorted_pair_ids_ptr + start + offs, mask=counted, other=0).to(tl.int64)
         if HAS_MASK:
-            counted = counted & (tl.load(mask_ptr + pair // top_k, mask=counted, other=0) != 0)
+            counted = counted & (tl.load(mask_ptr + (pair // top_k) * stride_mask, mask=counted, other=0) != 0)
         norm = tl.load(pair_norm_ptr + pair, mask=counted, other=0.0).to(tl.float64)
         gate = tl.load(gates_ptr + pair, mask=counted, other=0.0).to(tl.float64)
         count += counted.to(tl.int64)
         ean += norm
         weighted_ean += gate * norm
         gate_sum += gate
-        row_max = tl.maximum(row_max, tl.load(pair_max_ptr + pair, mask=counted, other=float("-inf")))
+        pair_max = tl.load(pair_max_ptr + pair, mask=counted, other=float("-inf"))
+        row_max = tl.maximum(row_max, pair_max)
+        has_nan |= (pair_max != pair_max).to(tl.int32)
     expert_count = tl.sum(count, axis=0)
     _update(count_ptr + expert, expert_count, ACCUMULATE)
     _update(ean_ptr + expert, tl.sum(ean, axis=0), ACCUMULATE)
     _update(weighted_ean_ptr + expert, tl.sum(weighted_ean, axis=0), ACCUMULATE)
     _update(gate_sum_ptr + expert, tl.sum(gate_sum, axis=0), ACCUMULATE)
     expert_max = tl.max(row_max, axis=0)
+    expert_nan = tl.max(has_nan, axis=0) != 0
     if ACCUMULATE:
-        expert_max = tl.maximum(expert_max, tl.load(max_ptr + expert))
-    tl.store(max_ptr + expert, expert_max)
+        running = tl.load(max_ptr + expert)
+        expert_max = tl.maximum(expert_max, running)
+        expert_nan = expert_nan | (running != running)
+    tl.store(max_ptr + expert, tl.where(expert_nan, float("nan"), expert_max))
     if PAIRWISE:  # row e and column e each get count[e]: element (i, j) gains count[i] + count[j]
         for first in range(0, num_experts, BLOCK):
             other = first + tl.arange(0, BLOCK)
@@ -157,7 +165,7 @@ def expert_statistics(
 ) -> dict[str, torch.Tensor]:
     """Reduce the per-pair norms and maxima into per-expert statistics (see the module docstring).
 
-    ``gates`` is (T, k) fp32 and ``token_mask`` (T,) bool or None; the pair buffers are (T*k,) fp32.
+    ``gates`` is (T, k) fp32 and ``token_mask`` (T,) bool (any stride) or None; the pair buffers are (T*k,) fp32.
     Without ``accumulators`` the statistics of this call are returned in new tensors; with them (as
     checked by :func:`check_accumulators`) they are added in, and ``accumulators`` is returned.
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
@@ -184,6 +192,7 @@ def expert_statistics(
         gates.shape[0],
         num_experts,
         top_k,
+        token_mask.stride(0) if token_mask is not None else 0,
         HAS_MASK=token_mask is not None,
         ACCUMULATE=accumulators is not None,
         PAIRWISE=pairwise is not None,
