@@ -12,6 +12,9 @@ chunks of BLOCK_H columns and
   ``expert_stats.py`` reduces these per expert. A row holding a NaN has the maximum NaN, as
   ``torch.amax`` gives (``tl.max`` alone would drop it).
 
+With ``GATE_FROM_LOGITS`` (``router_gate.py``) the program also computes the REAP gate of each of the
+token's pairs from the router logits and stores it (``gates``, (T*k,) fp32) for ``expert_stats.py``.
+
 With ``STATS`` off the kernel is the plain MoE combine (no statistics code is compiled).
 """
 
@@ -31,17 +34,28 @@ def _combine_kernel(
     out_ptr,  # (T, H) dtype of hidden_states: layer output
     pair_norm_ptr,  # (T*k,) fp32 out: ||y|| of each row (written only when STATS)
     pair_max_ptr,  # (T*k,) fp32 out: max_j y_j of each row (written only when STATS)
+    logits_ptr,  # (T, E) float: router logits (read only when GATE_FROM_LOGITS)
+    index_ptr,  # (T, k) integer: top_k_index (read only when GATE_FROM_LOGITS)
+    gates_ptr,  # (T*k,) fp32 out: REAP gate of each pair (written only when GATE_FROM_LOGITS)
     hidden_size,
     top_k,
+    num_experts,
     stride_ys,
     stride_yh,
     stride_wt,
     stride_wk,
     stride_ot,
     stride_oh,
+    stride_lt,
+    stride_le,
+    stride_it,
+    stride_ik,
     PROD_DTYPE: tl.constexpr,  # dtype of PyTorch's y * w product
     STATS: tl.constexpr,
+    GATE_FROM_LOGITS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
     K_PAD: tl.constexpr,  # next power of two >= k
+    E_PAD: tl.constexpr,  # next power of two >= E
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -49,6 +63,18 @@ def _combine_kernel(
     slot_ok = slots < top_k
     weight = tl.load(w_ptr + token * stride_wt + slots * stride_wk, mask=slot_ok, other=0.0).to(tl.float32)
     rows = token * top_k + slots
+    if GATE_FROM_LOGITS:  # router_gate.py: softmax over E in fp32, gathered at the token's experts
+        experts = tl.arange(0, E_PAD)
+        logit_row = tl.load(logits_ptr + token * stride_lt + experts * stride_le, mask=experts < num_experts,
+                            other=float("-inf")).to(tl.float32)
+        row_max = tl.max(logit_row, axis=0)
+        denominator = tl.sum(tl.exp(logit_row - row_max), axis=0)
+        chosen = tl.load(index_ptr + token * stride_it + slots * stride_ik, mask=slot_ok, other=0).to(tl.int64)
+        picked = tl.load(logits_ptr + token * stride_lt + chosen * stride_le, mask=slot_ok, other=float("-inf"))
+        gate = tl.exp(picked.to(tl.float32) - row_max) / denominator
+        if RENORMALIZE:
+            gate = tl.maximum(gate / tl.sum(gate, axis=0), 1.1920928955078125e-07)  # clamp(min=fp32 eps)
+        tl.store(gates_ptr + rows, gate, mask=slot_ok)
 
     sum_sq = tl.zeros((K_PAD,), dtype=tl.float32)
     row_max = tl.full((K_PAD,), float("-inf"), dtype=tl.float32)
@@ -78,46 +104,45 @@ def combine(
     out_dtype: torch.dtype,
     *,
     with_stats: bool,
+    router: tuple | None,  # (RouterGate, top_k_index): compute the REAP gates from the router logits
     block_h: int,
     num_warps: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Weighted sum of each token's k rows of ``y`` (T*k, H) -> (T, H) in ``out_dtype``.
 
-    Returns ``(out, pair_norm, pair_max)``; the two (T*k,) fp32 row measurements only when
-    ``with_stats``, else None. Inputs are validated by ``reap_kernels.moe.fused_moe``.
+    Returns ``(out, pair_norm, pair_max, gates)``: the two (T*k,) fp32 row measurements only when
+    ``with_stats``, the (T*k,) fp32 gates only with ``router``, else None. Inputs are validated by
+    ``reap_kernels.moe.fused_moe``.
     """
     num_tokens, top_k = top_k_weights.shape
     hidden_size = y.shape[1]
-    out = torch.empty(num_tokens, hidden_size, dtype=out_dtype, device=y.device)
-    pair_norm = pair_max = None
+    device = y.device
+    out = torch.empty(num_tokens, hidden_size, dtype=out_dtype, device=device)
+    pair_norm = pair_max = gates = None
     if with_stats:
-        pair_norm = torch.empty(num_tokens * top_k, dtype=torch.float32, device=y.device)
-        pair_max = torch.empty(num_tokens * top_k, dtype=torch.float32, device=y.device)
+        pair_norm = torch.empty(num_tokens * top_k, dtype=torch.float32, device=device)
+        pair_max = torch.empty(num_tokens * top_k, dtype=torch.float32, device=device)
+    if router is not None:
+        gates = torch.empty(num_tokens * top_k, dtype=torch.float32, device=device)
     if num_tokens == 0:
-        return out, pair_norm, pair_max
+        return out, pair_norm, pair_max, gates
     prod_dtype = torch.promote_types(y.dtype, top_k_weights.dtype)
-    if prod_dtype not in _TL_DTYPES:
-        raise ValueError(f"routing weights of dtype {top_k_weights.dtype} are not supported")
-    k_pad = triton.next_power_of_2(top_k)
-    block_h = min(block_h, triton.next_power_of_2(hidden_size))
+    logits, index = (router[0].logits, router[1]) if router is not None else (out, top_k_weights)  # unread without
     _combine_kernel[(num_tokens,)](
-        y,
-        top_k_weights,
-        out,
+        y, top_k_weights, out,
         pair_norm if with_stats else out,  # never written without statistics
         pair_max if with_stats else out,
-        hidden_size,
-        top_k,
-        stride_ys=y.stride(0),
-        stride_yh=y.stride(1),
-        stride_wt=top_k_weights.stride(0),
-        stride_wk=top_k_weights.stride(1),
-        stride_ot=out.stride(0),
-        stride_oh=out.stride(1),
+        logits, index, gates if router is not None else out,
+        hidden_size, top_k, logits.shape[1],
+        y.stride(0), y.stride(1), top_k_weights.stride(0), top_k_weights.stride(1), out.stride(0), out.stride(1),
+        logits.stride(0), logits.stride(1), index.stride(0), index.stride(1),
         PROD_DTYPE=_TL_DTYPES[prod_dtype],
         STATS=with_stats,
-        K_PAD=k_pad,
-        BLOCK_H=block_h,
+        GATE_FROM_LOGITS=router is not None,
+        RENORMALIZE=router is not None and router[0].renormalize,
+        K_PAD=triton.next_power_of_2(top_k),
+        E_PAD=triton.next_power_of_2(logits.shape[1]) if router is not None else 1,
+        BLOCK_H=min(block_h, triton.next_power_of_2(hidden_size)),
         num_warps=num_warps,
     )
-    return out, pair_norm, pair_max
+    return out, pair_norm, pair_max, gates

@@ -12,7 +12,8 @@ in token order), so program e walks exactly those rows, drops the pairs of maske
 * ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted; NaN when
                           a counted row holds a NaN, as torch's ``amax`` / ``maximum`` propagate it)
 
-One more program (number E) counts the counted tokens (``tokens``, () int64). With ``ACCUMULATE``
+Every program also counts the counted tokens of a 1/E slice of T into ``tokens`` (() int64, by an
+integer atomic add; without ``accumulators`` it starts from a zeroed tensor). With ``ACCUMULATE``
 the kernel adds its results into running totals instead (``max_activation``: the maximum), e.g. the
 accumulators of a layer, and adds ``count[i] + count[j]`` into the (E, E) ``pairwise`` co-occurrence
 totals, so one launch does the whole statistics update of a MoE call.
@@ -44,9 +45,9 @@ def _expert_stats_kernel(
     counts_ptr,  # (E,) int32: routed pairs of each expert
     pair_norm_ptr,  # (S,) fp32: ||y[p]||
     pair_max_ptr,  # (S,) fp32: max_j y[p, j]
-    gates_ptr,  # (S,) fp32: REAP gate g of each pair (row-major (T, k))
+    gates_ptr,  # fp32: REAP gate g of each pair, (T, k) or (T*k,) read through stride_gt, stride_gk
     mask_ptr,  # (T,) bool, any stride: True = token counted (read only when HAS_MASK)
-    tokens_ptr,  # () int64 out: counted tokens
+    tokens_ptr,  # () int64 in/out: counted tokens are added (atomically)
     count_ptr,  # (E,) int64 out
     ean_ptr,  # (E,) fp64 out
     weighted_ean_ptr,  # (E,) fp64 out
@@ -57,22 +58,27 @@ def _expert_stats_kernel(
     num_experts,
     top_k,
     stride_mask,
+    stride_gt,
+    stride_gk,
     HAS_MASK: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_ptr) instead of overwriting them
     PAIRWISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0)
-    if expert == num_experts:  # the token counter
+    # the token counter, split over the programs: each adds the counted tokens of its slice of T
+    # (int64 atomics: integer sums do not depend on their order)
+    per_program = tl.cdiv(num_tokens, num_experts)
+    slice_end = tl.minimum((expert + 1) * per_program, num_tokens)
+    tokens = tl.zeros((BLOCK,), dtype=tl.int64)
+    for first in range(expert * per_program, slice_end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
         if HAS_MASK:
-            tokens = tl.zeros((BLOCK,), dtype=tl.int64)
-            for first in range(0, num_tokens, BLOCK):
-                offs = first + tl.arange(0, BLOCK)
-                tokens += tl.load(mask_ptr + offs.to(tl.int64) * stride_mask, mask=offs < num_tokens, other=0).to(tl.int64)
-            _update(tokens_ptr, tl.sum(tokens, axis=0), ACCUMULATE)
+            tokens += tl.load(mask_ptr + offs.to(tl.int64) * stride_mask, mask=offs < slice_end, other=0).to(tl.int64)
         else:
-            _update(tokens_ptr, tl.sum(tl.zeros((BLOCK,), dtype=tl.int64), axis=0) + num_tokens, ACCUMULATE)
-        return
+            tokens += (offs < slice_end).to(tl.int64)
+    tl.atomic_add(tokens_ptr, tl.sum(tokens, axis=0))
+
     start = tl.load(expert_start_ptr + expert)
     num_rows = tl.load(counts_ptr + expert)  # < T*k
     count = tl.zeros((BLOCK,), dtype=tl.int64)
@@ -88,7 +94,8 @@ def _expert_stats_kernel(
         if HAS_MASK:
             counted = counted & (tl.load(mask_ptr + (pair // top_k) * stride_mask, mask=counted, other=0) != 0)
         norm = tl.load(pair_norm_ptr + pair, mask=counted, other=0.0).to(tl.float64)
-        gate = tl.load(gates_ptr + pair, mask=counted, other=0.0).to(tl.float64)
+        gate_ptrs = gates_ptr + (pair // top_k) * stride_gt + (pair % top_k) * stride_gk
+        gate = tl.load(gate_ptrs, mask=counted, other=0.0).to(tl.float64)
         count += counted.to(tl.int64)
         ean += norm
         weighted_ean += gate * norm
@@ -127,13 +134,14 @@ STATISTICS_DTYPES = {
 
 
 def statistics_buffers(num_experts: int, device: torch.device, *, filled: bool) -> dict[str, torch.Tensor]:
-    """The per-call statistics tensors ((E,) each, plus () ``tokens``); ``filled``: the values of no
-    counted pair (0, max -inf), else uninitialised."""
+    """The per-call statistics tensors ((E,) each, plus () ``tokens``, always zeroed); ``filled``: the values
+    of no counted pair (0, max -inf), else uninitialised."""
     stats = {name: torch.empty(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
-    stats["tokens"] = torch.empty((), dtype=torch.int64, device=device)
+    stats["tokens"] = torch.zeros((), dtype=torch.int64, device=device)  # the kernel adds into it
     if filled:
         for name, tensor in stats.items():
-            tensor.fill_(float("-inf") if name == "max_activation" else 0)
+            if name != "tokens":
+                tensor.fill_(float("-inf") if name == "max_activation" else 0)
     return stats
 
 
@@ -165,16 +173,18 @@ def expert_statistics(
 ) -> dict[str, torch.Tensor]:
     """Reduce the per-pair norms and maxima into per-expert statistics (see the module docstring).
 
-    ``gates`` is (T, k) fp32 and ``token_mask`` (T,) bool (any stride) or None; the pair buffers are (T*k,) fp32.
+    ``gates`` is (T, k) or (T*k,) float and ``token_mask`` (T,) bool (any stride) or None; the pair buffers
+    are (T*k,) fp32.
     Without ``accumulators`` the statistics of this call are returned in new tensors; with them (as
     checked by :func:`check_accumulators`) they are added in, and ``accumulators`` is returned.
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
     num_experts = alignment.counts.numel()
-    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pair_norm.device, filled=False)
+    device = pair_norm.device
+    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, device, filled=False)
     pairwise = stats.get("pairwise")
-    gates = gates.to(torch.float32).contiguous()
-    _expert_stats_kernel[(num_experts + 1,)](
+    gates = gates.to(torch.float32)  # no copy for fp32 gates: read through the strides of a (T, k) or (T*k,) tensor
+    _expert_stats_kernel[(num_experts,)](
         alignment.sorted_pair_ids,
         alignment.expert_start,
         alignment.counts,
@@ -189,10 +199,11 @@ def expert_statistics(
         stats["gate_sum"],
         stats["max_activation"],
         pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
-        gates.shape[0],
+        pair_norm.numel() // top_k,
         num_experts,
         top_k,
         token_mask.stride(0) if token_mask is not None else 0,
+        *((gates.stride(0), gates.stride(1)) if gates.dim() == 2 else (top_k, gates.stride(0))),
         HAS_MASK=token_mask is not None,
         ACCUMULATE=accumulators is not None,
         PAIRWISE=pairwise is not None,

@@ -27,6 +27,7 @@ from .config import INTERPRET, MoEConfig
 from .down_proj import down_projection
 from .expert_stats import expert_statistics, statistics_buffers
 from .gate_up import gate_up_activation
+from .router_gate import RouterGate
 from .registered import ACCUMULATOR_NAMES, STATS_NAMES, config_to_ints, fused_moe_op, layout_to_str
 from .validate import SUPPORTED_DTYPES, UnsupportedInputError, plan_call  # noqa: F401 (re-exported)
 
@@ -57,7 +58,7 @@ def fused_moe(
     layout: ExpertsLayout = ExpertsLayout(),
     b_gate_up: torch.Tensor | None = None,  # (E, 2I)
     b_down: torch.Tensor | None = None,  # (E, H)
-    gates: torch.Tensor | None = None,  # (T, k) float: REAP g; statistics are computed when given
+    gates: torch.Tensor | RouterGate | None = None,  # (T, k) float REAP g, or the router logits; statistics when given
     token_mask: torch.Tensor | None = None,  # (T,) bool: tokens counted in the statistics (None: all)
     config: MoEConfig | None = None,
     accumulators: dict[str, torch.Tensor] | None = None,  # running totals the statistics are added into
@@ -70,9 +71,12 @@ def fused_moe(
     reproducible: no float atomics, a summation order fixed by the routing. With ``accumulators``
     (tensors of those names, dtypes and shapes, optionally ``pairwise`` (E, E) int64) the statistics
     kernel adds this call's statistics into them (maximum for ``max_activation``; ``pairwise[i, j]``
-    gains ``count[i] + count[j]``) and ``stats`` is ``accumulators``.
+    gains ``count[i] + count[j]``) and ``stats`` is ``accumulators``. ``gates`` may be a
+    :class:`~reap_kernels.router_gate.RouterGate` (the router's logits): the combine kernel then computes
+    REAP's g itself (no router GEMM, softmax or gather outside the kernels).
 
-    Launches: 2 (alignment) + gate_up + down + combine (+ 1 statistics kernel); no host synchronisation.
+    Launches: alignment + gate_up + down + combine (+ statistics kernel, + a zero fill of ``tokens``
+    without ``accumulators``); no host synchronisation.
     Every launch runs on the device of ``hidden_states`` (not the current CUDA device), with the block
     sizes looked up for that device's name.
     """
@@ -85,7 +89,11 @@ def fused_moe(
 
 def _call_registered(hidden_states, weights, routing, layout, config, accumulators):
     totals = [] if accumulators is None else [accumulators[name] for name in ACCUMULATOR_NAMES if name in accumulators]
-    out, *stats = fused_moe_op(hidden_states, list(weights), list(routing), totals, layout_to_str(layout), config_to_ints(config))
+    top_k_index, top_k_weights, gates, token_mask = routing
+    source = gates.source() if isinstance(gates, RouterGate) else 0
+    routing = [top_k_index, top_k_weights, gates.logits if source else gates, token_mask]
+    out, *stats = fused_moe_op(hidden_states, list(weights), routing, totals, layout_to_str(layout),
+                               config_to_ints(config), source)
     if routing[2] is None:
         return out, None
     return out, accumulators if accumulators is not None else dict(zip(STATS_NAMES, stats))
@@ -124,12 +132,15 @@ def run_fused_moe(
             intermediate, w_down, b_down, alignment.sorted_pair_ids, alignment.block_expert, alignment.max_blocks,
             transposed=layout.transposed, gemm=config.down, block_m=config.block_m, upcast=upcast,
         )
-        out, pair_norm, pair_max = combine(
-            y, top_k_weights, dtype, with_stats=gates is not None,
+        router = (gates, top_k_index) if isinstance(gates, RouterGate) else None
+        out, pair_norm, pair_max, router_gates = combine(
+            y, top_k_weights, dtype, with_stats=gates is not None, router=router,
             block_h=config.combine_block_h, num_warps=config.combine_num_warps,
         )
         if gates is None:
             return out, None
+        if router is not None:
+            gates = router_gates
         mask = None if token_mask is None else token_mask if token_mask.dim() == 1 else token_mask.reshape(-1)
         stats = expert_statistics(alignment, pair_norm, pair_max, gates, mask, top_k, accumulators)
         return out, stats

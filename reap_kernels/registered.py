@@ -19,6 +19,7 @@ import torch
 
 from .config import GemmConfig, MoEConfig
 from .expert_stats import STATISTICS_DTYPES
+from .router_gate import RouterGate
 
 ACCUMULATOR_NAMES = ("tokens", *STATISTICS_DTYPES, "pairwise")  # "pairwise" is optional (last)
 STATS_NAMES = ("tokens", *STATISTICS_DTYPES)
@@ -60,6 +61,7 @@ def fused_moe_op(
     accumulators: list[torch.Tensor],  # empty: no running totals
     layout: str,
     config: Optional[list[int]],
+    gate_source: int,  # routing[2] is: 0 the gates, 1 router logits (softmax), 2 router logits (renormalised)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The routed MoE forward; returns ``out`` and the statistics in :data:`STATS_NAMES` order (empty
     tensors without gates, and when the statistics went into ``accumulators``: the compiler's
@@ -67,8 +69,11 @@ def fused_moe_op(
     from .moe import run_fused_moe
 
     totals = dict(zip(ACCUMULATOR_NAMES, accumulators)) if accumulators else None
-    out, stats = run_fused_moe(hidden_states, tuple(weights), tuple(routing), layout_from_str(layout),
-                               config_from_ints(config), totals)
+    top_k_index, top_k_weights, gates, token_mask = routing
+    if gates is not None:
+        gates = RouterGate.from_source(gates, gate_source)
+    out, stats = run_fused_moe(hidden_states, tuple(weights), (top_k_index, top_k_weights, gates, token_mask),
+                               layout_from_str(layout), config_from_ints(config), totals)
     if stats is None or accumulators:
         return out, *_empty_stats(hidden_states)
     return out, *(stats[name] for name in STATS_NAMES)
@@ -79,7 +84,7 @@ def _empty_stats(like: torch.Tensor) -> list[torch.Tensor]:
 
 
 @fused_moe_op.register_fake
-def _(hidden_states, weights, routing, accumulators, layout, config):
+def _(hidden_states, weights, routing, accumulators, layout, config, gate_source):
     num_tokens, hidden_size = hidden_states.shape
     out = hidden_states.new_empty(num_tokens, hidden_size)
     if routing[2] is None or accumulators:

@@ -19,6 +19,7 @@ import torch
 from .config import MoEConfig, get_config
 from .expert_stats import check_accumulators
 from .gate_up import ACTIVATIONS
+from .router_gate import RouterGate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PLANS = 4096  # distinct input signatures kept; the dict starts afresh beyond
@@ -50,8 +51,8 @@ def _check_dtype(condition: bool, template: str, *args: object) -> None:
         raise UnsupportedInputError(template.format(*args))
 
 
-def _signature(tensor: torch.Tensor | None) -> tuple | None:
-    return None if tensor is None else (tensor.shape, tensor.dtype, tensor.device)
+def _signature(tensor: torch.Tensor | RouterGate | None) -> tuple | None:
+    return None if tensor is None else (type(tensor), tensor.shape, tensor.dtype, tensor.device)
 
 
 def _accumulator_signature(accumulators: dict[str, torch.Tensor] | None) -> tuple | None:
@@ -114,7 +115,7 @@ def _validate(tensors: dict[str, torch.Tensor | None], layout, config: MoEConfig
             _check(bias.device == device, "{} must be on {}", name, device)
             _check_dtype(bias.dtype == dtype, "{} dtype {} differs from hidden_states dtype {}", name, bias.dtype, dtype)
     top_k = _check_routing(tensors, num_tokens, device)
-    _check_statistics(tensors, num_tokens, top_k, device)
+    _check_statistics(tensors, (num_tokens, top_k, num_experts), device)
     if accumulators is not None:
         _check(tensors["gates"] is not None, "accumulators are only used with statistics (pass gates)")
         check_accumulators(accumulators, num_experts, device)
@@ -139,9 +140,17 @@ def _check_routing(tensors: dict[str, torch.Tensor | None], num_tokens: int, dev
     return top_k
 
 
-def _check_statistics(tensors: dict[str, torch.Tensor | None], num_tokens: int, top_k: int, device: torch.device) -> None:
+def _check_statistics(tensors: dict, sizes: tuple[int, int, int], device: torch.device) -> None:
+    """Check gates (a (T, k) tensor or a RouterGate of (T, E) logits) and token_mask; ``sizes`` is (T, k, E)."""
+    num_tokens, top_k, num_experts = sizes
     gates, token_mask = tensors["gates"], tensors["token_mask"]
-    if gates is not None:
+    if isinstance(gates, RouterGate):
+        logits = gates.logits
+        _check(logits.dim() == 2 and logits.shape[0] == num_tokens and logits.shape[1] == num_experts,
+               "router logits shape {}, expected {}", tuple(logits.shape), (num_tokens, num_experts))
+        _check(logits.device == device, "router logits must be on {}, got {}", device, logits.device)
+        _check_dtype(logits.dtype in SUPPORTED_DTYPES, "router logits dtype {} is not supported (fp16, bf16, fp32)", logits.dtype)
+    elif gates is not None:
         _check(tuple(gates.shape) == (num_tokens, top_k), "gates shape {}, expected {}", tuple(gates.shape), (num_tokens, top_k))
         _check(gates.device == device, "gates must be on {}, got {}", device, gates.device)
         _check_dtype(gates.is_floating_point(), "gates must be a float tensor, got {}", gates.dtype)

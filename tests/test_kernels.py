@@ -419,6 +419,28 @@ def test_unsupported_dtypes_make_the_engine_unavailable(case):
         reap_kernels.fused_moe(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), index, weights)
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renormalized", "softmax"])
+def test_router_gate_from_logits_matches_the_pytorch_gate(renormalize, logits_dtype):
+    """RouterGate: the combine kernel's g from (strided) router logits equals the adapters' PyTorch gate
+    (softmax in fp32, gather, renormalise, clamp) to a few fp32 ulps: exp and the E-long sum round differently."""
+    experts, x, index, weights, _ = _small_layer()
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(8)).t().to(DEVICE, logits_dtype)  # strided
+    index = torch.softmax(logits.float(), -1).topk(2, -1).indices
+    gates = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, index)
+    if renormalize:
+        gates = (gates / gates.sum(-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).eps)
+    w_gu, w_d = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    mask = torch.arange(16, device=DEVICE) % 4 != 2
+    expected = reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=gates, token_mask=mask)[1]
+    ours = reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=reap_kernels.RouterGate(logits, renormalize),
+                                  token_mask=mask)[1]
+    for key in ("count", "tokens", "ean_sum", "max_activation"):  # no gate in these: the same bits
+        assert torch.equal(ours[key], expected[key]), key
+    for key in ("weighted_ean_sum", "gate_sum"):
+        torch.testing.assert_close(ours[key], expected[key], rtol=4e-7, atol=0, msg=key)
+
+
 def test_engine_unavailable(monkeypatch):
     experts = qwen3_experts(4, 2, 32, 16, torch.float32)
     index, weights, _, generator = routing(5, 4, 2, "random")

@@ -17,6 +17,7 @@ from reap_fast.observe.session import Observer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SILU = "0,0,silu,1.702,7.0"
+GATES_GIVEN = 0
 
 
 def op_inputs(num_tokens=16, num_experts=4, top_k=2, hidden=32, inter=16):
@@ -36,13 +37,17 @@ def accumulators(num_experts: int) -> list[torch.Tensor]:
         return totals + [torch.zeros(num_experts, num_experts, dtype=torch.int64)]
 
 
-@pytest.mark.parametrize("mode", ["plain", "statistics", "accumulate"])
+@pytest.mark.parametrize("mode", ["plain", "statistics", "accumulate", "router-logits"])
 def test_opcheck(mode):
     """Schema, fake implementation, autograd registration and AOT dispatch (with the accumulators mutated)."""
     x, w_gate_up, w_down, index, weights, mask = op_inputs()
-    routing = [index, weights, None, None] if mode == "plain" else [index, weights, weights.clone(), mask]
-    totals = accumulators(4) if mode == "accumulate" else []
-    result = torch.library.opcheck(fused_moe_op, (x, [w_gate_up, w_down, None, None], routing, totals, SILU, None))
+    routing, source = [index, weights, weights.clone(), mask], GATES_GIVEN
+    if mode == "plain":
+        routing = [index, weights, None, None]
+    if mode == "router-logits":  # the REAP gate from (T, E) router logits, renormalised (gate_source 2)
+        routing[2], source = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE), 2
+    totals = accumulators(4) if mode in ("accumulate", "router-logits") else []
+    result = torch.library.opcheck(fused_moe_op, (x, [w_gate_up, w_down, None, None], routing, totals, SILU, None, source))
     assert set(result.values()) == {"SUCCESS"}, result
 
 

@@ -148,7 +148,8 @@ def triton_experts_forward(
 ) -> tuple[torch.Tensor, BatchStats | None]:
     """Routed MoE forward of ``experts`` for (T, H) ``hidden_states``; statistics when ``gates`` is given.
 
-    ``gates`` (T, k) fp32 is REAP's g per routed pair; ``token_mask`` (T,) bool marks the tokens counted
+    ``gates`` (T, k) fp32 is REAP's g per routed pair (or a ``reap_kernels.RouterGate`` from
+    :func:`router_gate`: the kernels compute g from the router's logits); ``token_mask`` (T,) bool marks the tokens counted
     in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` (fp64 sums,
     int64 counts, bitwise reproducible) or None. With ``accumulator`` (on the layer's device) the
     statistics kernel adds into it directly and None is returned in place of the statistics.
@@ -175,7 +176,7 @@ def triton_experts_forward(
         out, stats = kernels.fused_moe(
             hidden_states.detach(), w_gate_up, w_down, top_k_index, top_k_weights.detach(), layout,
             b_gate_up=b_gate_up, b_down=b_down,
-            gates=None if gates is None else gates.detach().to(torch.float32),
+            gates=gates if gates is None or isinstance(gates, kernels.RouterGate) else gates.detach().to(torch.float32),
             token_mask=token_mask if gates is not None else None,
             accumulators=_accumulator_tensors(accumulator) if accumulate else None,
         )
@@ -191,3 +192,13 @@ def triton_experts_forward(
         gate_sum=stats["gate_sum"],
         max_activation=stats["max_activation"],
     )
+
+
+def router_gate(logits: torch.Tensor, renormalize: bool):
+    """REAP's gate as the kernels compute it from the router's (T, E) ``logits`` (softmax, gathered at the
+    top k, renormalised when asked): pass it as ``gates`` instead of a (T, k) tensor. ``Observer`` does
+    so for softmax-gate families, with the logits the model's router returned (no second router GEMM)."""
+    return _import_kernels().RouterGate(logits.detach(), renormalize)
+
+
+triton_experts_forward.router_gate = router_gate  # the engines that take router logits say so (session.py)
