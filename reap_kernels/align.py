@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sizes import next_power_of_2
+
 CHUNK = 1024  # pairs per step (one sort); fewer when S is smaller
 ALIGN_NUM_WARPS = 8
 BLOCKS_PER_STEP = 32  # block_expert entries computed per loop step
@@ -56,15 +58,44 @@ BLOCKS_PER_STEP = 32  # block_expert entries computed per loop step
 
 @dataclass
 class Alignment:
-    """The padded, expert-sorted row order of one MoE call (all tensors on the device)."""
+    """The padded, expert-sorted row order of one MoE call, in one int32 device tensor ``buffer``:
 
-    sorted_pair_ids: torch.Tensor  # (max_blocks * BLOCK_M,) int32, pair id t*k+slot, or S for padding
-    block_expert: torch.Tensor  # (max_blocks,) int32, expert of each block, or E for an empty block
-    counts: torch.Tensor  # (E,) int32, routed pairs per expert (all tokens, masked ones included)
-    expert_start: torch.Tensor  # (E,) int32, first row of each expert in sorted_pair_ids
+    ``[sorted_pair_ids (max_blocks * BLOCK_M) | block_expert (max_blocks) | counts (E) | expert_start (E)]``
+
+    (one allocation; the kernels find each part from ``max_blocks``, ``BLOCK_M`` and E).
+    """
+
+    buffer: torch.Tensor  # int32, see above
     max_blocks: int  # host-side upper bound on the number of non-empty blocks (grid size)
     block_m: int
     num_pairs: int  # S = T * k
+    num_experts: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.max_blocks * self.block_m
+
+    @property
+    def sorted_pair_ids(self) -> torch.Tensor:
+        """(max_blocks * BLOCK_M,) pair id t*k+slot of each row, or S for padding."""
+        return self.buffer[: self.num_rows]
+
+    @property
+    def block_expert(self) -> torch.Tensor:
+        """(max_blocks,) expert of each block, or E for an empty block."""
+        return self.buffer[self.num_rows : self.num_rows + self.max_blocks]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(E,) routed pairs per expert (all tokens, masked ones included)."""
+        start = self.num_rows + self.max_blocks
+        return self.buffer[start : start + self.num_experts]
+
+    @property
+    def expert_start(self) -> torch.Tensor:
+        """(E,) first row of each expert in sorted_pair_ids."""
+        start = self.num_rows + self.max_blocks + self.num_experts
+        return self.buffer[start : start + self.num_experts]
 
 
 def max_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -93,10 +124,7 @@ def _histogram(expert, counted, E_BINS: tl.constexpr):
 @triton.jit(debug=True)  # keeps the device assertion on expert ids in every build (costs one compare)
 def _align_kernel(
     index_ptr,  # (T, k) any integer dtype: top_k_index
-    sorted_pair_ids_ptr,  # (rows,) int32 out
-    block_expert_ptr,  # (max_blocks,) int32 out
-    counts_ptr,  # (E,) int32 out
-    expert_start_ptr,  # (E,) int32 out
+    sorted_pair_ids_ptr,  # int32 out: the Alignment buffer (sorted_pair_ids, block_expert, counts, expert_start)
     num_pairs,  # S
     top_k,
     num_experts,
@@ -112,6 +140,9 @@ def _align_kernel(
     bin_ok = bins < num_experts
     offs = tl.arange(0, CHUNK)
     num_rows = max_blocks * BLOCK_M
+    block_expert_ptr = sorted_pair_ids_ptr + num_rows
+    counts_ptr = block_expert_ptr + max_blocks
+    expert_start_ptr = counts_ptr + num_experts
     for row in range(0, num_rows, CHUNK):  # padding everywhere; the real rows are overwritten below
         tl.store(sorted_pair_ids_ptr + row + offs, tl.zeros((CHUNK,), dtype=tl.int32) + num_pairs, mask=row + offs < num_rows)
 
@@ -138,8 +169,8 @@ def _align_kernel(
         placed = sorted_expert < E_BINS
         hist = _histogram(expert, counted, E_BINS)
         base = next_row - (tl.cumsum(hist, axis=0) - hist)  # row of sorted position 0 for each expert
-        row = tl.gather(base, tl.where(placed, sorted_expert, 0), 0) + offs
-        tl.store(sorted_pair_ids_ptr + row, first + key % CHUNK, mask=placed)
+        dest = tl.gather(base, tl.where(placed, sorted_expert, 0), 0) + offs
+        tl.store(sorted_pair_ids_ptr + dest, first + key % CHUNK, mask=placed)
         next_row += hist
 
     # 3. block b belongs to the number of experts whose padded segment ends at or before row b * BLOCK_M
@@ -161,11 +192,8 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     device = top_k_index.device
     num_pairs = top_k_index.numel()
     max_blocks = max_blocks_bound(num_pairs, num_experts, block_m)
-    sorted_pair_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    expert_start = torch.empty(num_experts, dtype=torch.int32, device=device)
-    alignment = Alignment(sorted_pair_ids, block_expert, counts, expert_start, max_blocks, block_m, num_pairs)
+    buffer = torch.empty(max_blocks * (block_m + 1) + 2 * num_experts, dtype=torch.int32, device=device)
+    alignment = Alignment(buffer, max_blocks, block_m, num_pairs, num_experts)
     if device.type == "cpu" and num_pairs:
         # The interpreter skips device assertions: check on the host here, in numpy (CPU tensors only;
         # no torch op, so the launch counts of the GPU path are the same).
@@ -173,13 +201,12 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
         if ids.min() < 0 or ids.max() >= num_experts:
             raise ValueError(f"top_k_index holds expert ids outside [0, {num_experts})")
     if num_pairs == 0:
-        counts.zero_()
-        expert_start.zero_()
+        buffer.zero_()
         return alignment
-    e_bins = triton.next_power_of_2(num_experts)
-    chunk = min(CHUNK, max(16, triton.next_power_of_2(num_pairs)))  # small calls sort small steps
+    e_bins = next_power_of_2(num_experts)
+    chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
     _align_kernel[(1,)](
-        top_k_index, sorted_pair_ids, block_expert, counts, expert_start, num_pairs, top_k_index.shape[1], num_experts,
+        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts,
         max_blocks, top_k_index.stride(0), top_k_index.stride(1),
         BLOCK_M=block_m, E_BINS=e_bins, CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP, num_warps=ALIGN_NUM_WARPS,
     )

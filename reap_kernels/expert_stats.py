@@ -40,12 +40,9 @@ def _update(ptr, value, ACCUMULATE: tl.constexpr):
 
 @triton.jit
 def _expert_stats_kernel(
-    sorted_pair_ids_ptr,  # (rows,) int32: pair ids grouped by expert (alignment)
-    expert_start_ptr,  # (E,) int32: first row of each expert in sorted_pair_ids
-    counts_ptr,  # (E,) int32: routed pairs of each expert
-    pair_norm_ptr,  # (S,) fp32: ||y[p]||
-    pair_max_ptr,  # (S,) fp32: max_j y[p, j]
-    gates_ptr,  # fp32: REAP gate g of each pair, (T, k) or (T*k,) read through stride_gt, stride_gk
+    sorted_pair_ids_ptr,  # int32 Alignment buffer: pair ids grouped by expert, ..., counts (E), expert_start (E)
+    pairs_ptr,  # (2 or 3, S) fp32: ||y[p]||, max_j y[p, j] (and g when GATES_IN_PAIRS), from combine
+    gates_ptr,  # float: REAP gate g of each pair (T, k), read through stride_gt, stride_gk (unless GATES_IN_PAIRS)
     mask_ptr,  # (T,) bool, any stride: True = token counted (read only when HAS_MASK)
     tokens_ptr,  # () int64 in/out: counted tokens are added (atomically)
     count_ptr,  # (E,) int64 out
@@ -54,6 +51,7 @@ def _expert_stats_kernel(
     gate_sum_ptr,  # (E,) fp64 out
     max_ptr,  # (E,) fp32 out
     pairwise_ptr,  # (E, E) int64 in/out (only with PAIRWISE)
+    counts_offset,  # where counts start in the Alignment buffer (expert_start follows)
     num_tokens,
     num_experts,
     top_k,
@@ -61,6 +59,7 @@ def _expert_stats_kernel(
     stride_gt,
     stride_gk,
     HAS_MASK: tl.constexpr,
+    GATES_IN_PAIRS: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_ptr) instead of overwriting them
     PAIRWISE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -79,8 +78,11 @@ def _expert_stats_kernel(
             tokens += (offs < slice_end).to(tl.int64)
     tl.atomic_add(tokens_ptr, tl.sum(tokens, axis=0))
 
-    start = tl.load(expert_start_ptr + expert)
-    num_rows = tl.load(counts_ptr + expert)  # < T*k
+    num_pairs = num_tokens * top_k
+    if GATES_IN_PAIRS:
+        gates_ptr = pairs_ptr + 2 * num_pairs
+    num_rows = tl.load(sorted_pair_ids_ptr + counts_offset + expert)  # counts[e] < T*k
+    start = tl.load(sorted_pair_ids_ptr + counts_offset + num_experts + expert)  # expert_start[e]
     count = tl.zeros((BLOCK,), dtype=tl.int64)
     ean = tl.zeros((BLOCK,), dtype=tl.float64)
     weighted_ean = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -93,14 +95,14 @@ def _expert_stats_kernel(
         pair = tl.load(sorted_pair_ids_ptr + start + offs, mask=counted, other=0).to(tl.int64)
         if HAS_MASK:
             counted = counted & (tl.load(mask_ptr + (pair // top_k) * stride_mask, mask=counted, other=0) != 0)
-        norm = tl.load(pair_norm_ptr + pair, mask=counted, other=0.0).to(tl.float64)
+        norm = tl.load(pairs_ptr + pair, mask=counted, other=0.0).to(tl.float64)
         gate_ptrs = gates_ptr + (pair // top_k) * stride_gt + (pair % top_k) * stride_gk
         gate = tl.load(gate_ptrs, mask=counted, other=0.0).to(tl.float64)
         count += counted.to(tl.int64)
         ean += norm
         weighted_ean += gate * norm
         gate_sum += gate
-        pair_max = tl.load(pair_max_ptr + pair, mask=counted, other=float("-inf"))
+        pair_max = tl.load(pairs_ptr + num_pairs + pair, mask=counted, other=float("-inf"))
         row_max = tl.maximum(row_max, pair_max)
         has_nan |= (pair_max != pair_max).to(tl.int32)
     expert_count = tl.sum(count, axis=0)
@@ -163,9 +165,8 @@ def check_accumulators(accumulators: dict[str, torch.Tensor], num_experts: int, 
 
 def expert_statistics(
     alignment,  # reap_kernels.align.Alignment
-    pair_norm: torch.Tensor,
-    pair_max: torch.Tensor,
-    gates: torch.Tensor,
+    pairs: torch.Tensor,
+    gates: torch.Tensor | None,
     token_mask: torch.Tensor | None,
     top_k: int,
     accumulators: dict[str, torch.Tensor] | None = None,
@@ -173,38 +174,26 @@ def expert_statistics(
 ) -> dict[str, torch.Tensor]:
     """Reduce the per-pair norms and maxima into per-expert statistics (see the module docstring).
 
-    ``gates`` is (T, k) or (T*k,) float and ``token_mask`` (T,) bool (any stride) or None; the pair buffers
-    are (T*k,) fp32.
+    ``pairs`` is combine's fp32 buffer: ||y|| at [0, S), max(y) at [S, 2S) and, when ``gates`` is None,
+    the gates at [2S, 3S); else ``gates`` is (T, k) float. ``token_mask`` is (T,) bool (any stride) or None.
     Without ``accumulators`` the statistics of this call are returned in new tensors; with them (as
     checked by :func:`check_accumulators`) they are added in, and ``accumulators`` is returned.
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
-    num_experts = alignment.counts.numel()
-    device = pair_norm.device
-    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, device, filled=False)
+    num_experts = alignment.num_experts
+    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pairs.device, filled=False)
     pairwise = stats.get("pairwise")
-    gates = gates.to(torch.float32)  # no copy for fp32 gates: read through the strides of a (T, k) or (T*k,) tensor
+    gate_strides = (top_k, 1) if gates is None else (gates.stride(0), gates.stride(1))
     _expert_stats_kernel[(num_experts,)](
-        alignment.sorted_pair_ids,
-        alignment.expert_start,
-        alignment.counts,
-        pair_norm,
-        pair_max,
-        gates,
-        token_mask if token_mask is not None else pair_norm,  # never read without a mask
-        stats["tokens"],
-        stats["count"],
-        stats["ean_sum"],
-        stats["weighted_ean_sum"],
-        stats["gate_sum"],
+        alignment.buffer, pairs, gates if gates is not None else pairs,
+        token_mask if token_mask is not None else pairs,  # never read without a mask
+        stats["tokens"], stats["count"], stats["ean_sum"], stats["weighted_ean_sum"], stats["gate_sum"],
         stats["max_activation"],
         pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
-        pair_norm.numel() // top_k,
-        num_experts,
-        top_k,
-        token_mask.stride(0) if token_mask is not None else 0,
-        *((gates.stride(0), gates.stride(1)) if gates.dim() == 2 else (top_k, gates.stride(0))),
+        alignment.num_rows + alignment.max_blocks, alignment.num_pairs // top_k, num_experts, top_k,
+        token_mask.stride(0) if token_mask is not None else 0, *gate_strides,
         HAS_MASK=token_mask is not None,
+        GATES_IN_PAIRS=gates is None,
         ACCUMULATE=accumulators is not None,
         PAIRWISE=pairwise is not None,
         BLOCK=block,

@@ -122,27 +122,16 @@ def run_fused_moe(
     with device_guard(device):
         upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
         alignment = align_by_expert(top_k_index, num_experts, config.block_m)
-        intermediate = gate_up_activation(
-            hidden_states, w_gate_up, b_gate_up, alignment.sorted_pair_ids, alignment.block_expert,
-            alignment.max_blocks, top_k, transposed=layout.transposed, interleaved=layout.interleaved,
-            activation=layout.activation, alpha=layout.alpha, limit=layout.limit, gemm=config.gate_up,
-            block_m=config.block_m, upcast=upcast,
-        )
-        y = down_projection(
-            intermediate, w_down, b_down, alignment.sorted_pair_ids, alignment.block_expert, alignment.max_blocks,
-            transposed=layout.transposed, gemm=config.down, block_m=config.block_m, upcast=upcast,
-        )
+        num_pairs = alignment.num_pairs
+        workspace = torch.empty(num_pairs * (plan.inter_size + hidden_size), dtype=dtype, device=device)  # h | y
+        gate_up_activation(hidden_states, w_gate_up, b_gate_up, alignment, workspace, layout, config.gate_up, upcast)
+        down_projection(workspace, w_down, b_down, alignment, layout.transposed, config.down, upcast)
         router = (gates, top_k_index) if isinstance(gates, RouterGate) else None
-        out, pair_norm, pair_max, router_gates = combine(
-            y, top_k_weights, dtype, with_stats=gates is not None, router=router,
-            block_h=config.combine_block_h, num_warps=config.combine_num_warps,
-        )
+        out, pairs = combine(workspace, num_pairs * plan.inter_size, top_k_weights, gates is not None, router, config)
         if gates is None:
             return out, None
-        if router is not None:
-            gates = router_gates
         mask = None if token_mask is None else token_mask if token_mask.dim() == 1 else token_mask.reshape(-1)
-        stats = expert_statistics(alignment, pair_norm, pair_max, gates, mask, top_k, accumulators)
+        stats = expert_statistics(alignment, pairs, None if router is not None else gates, mask, top_k, accumulators)
         return out, stats
 
 

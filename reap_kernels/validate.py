@@ -56,12 +56,15 @@ def _signature(tensor: torch.Tensor | RouterGate | None) -> tuple | None:
 
 
 def _accumulator_signature(accumulators: dict[str, torch.Tensor] | None) -> tuple | None:
+    """The accumulator tensors by identity: the plan cache keeps them referenced (an id is never reused),
+    and accumulators are created once per layer and updated in place."""
     if accumulators is None:
         return None
-    return tuple((name, tensor.shape, tensor.dtype, tensor.device, tensor.is_contiguous()) for name, tensor in accumulators.items())
+    return tuple(accumulators), tuple(map(id, accumulators.values()))
 
 
 _plans: dict[tuple, Plan] = {}
+_kept: dict[tuple, tuple | None] = {}  # the accumulator tensors of each key, so their ids stay theirs
 
 
 TENSOR_NAMES = ("w_gate_up", "w_down", "b_gate_up", "b_down", "top_k_index", "top_k_weights", "gates", "token_mask")
@@ -74,15 +77,25 @@ def plan_call(hidden_states: torch.Tensor, weights: tuple, routing: tuple, layou
     ``weights`` is (w_gate_up, w_down, b_gate_up, b_down), ``routing`` (top_k_index, top_k_weights, gates,
     token_mask), None where absent.
     """
-    key = (layout, config, _accumulator_signature(accumulators), _signature(hidden_states),
-           *map(_signature, weights), *map(_signature, routing))
+    w_gate_up, w_down, b_gate_up, b_down = weights
+    top_k_index, top_k_weights, gates, token_mask = routing
+    key = (  # flat: one tuple, no per-tensor tuples for the tensors every call has
+        layout, config, _accumulator_signature(accumulators),
+        hidden_states.shape, hidden_states.dtype, hidden_states.device,
+        w_gate_up.shape, w_gate_up.dtype, w_gate_up.device, w_down.shape, w_down.dtype, w_down.device,
+        top_k_index.shape, top_k_index.dtype, top_k_index.device,
+        top_k_weights.shape, top_k_weights.dtype, top_k_weights.device,
+        _signature(b_gate_up), _signature(b_down), _signature(gates), _signature(token_mask),
+    )
     plan = _plans.get(key)
     if plan is None:
         tensors = dict(zip(TENSOR_NAMES, (*weights, *routing)), hidden_states=hidden_states)
         plan = _validate(tensors, layout, config, accumulators)
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
+            _kept.clear()
         _plans[key] = plan
+        _kept[key] = None if accumulators is None else tuple(accumulators.values())
     return plan
 
 

@@ -280,7 +280,8 @@ def test_expert_statistics_reduce_pairs_exactly(masked):
     gates = torch.rand(num_tokens, top_k, generator=generator)
     mask = torch.rand(num_tokens, generator=generator) > 0.25 if masked else torch.ones(num_tokens, dtype=torch.bool)
     alignment = reap_kernels.align_by_expert(index.to(DEVICE), num_experts, block_m=16)
-    args = (alignment, pair_norm.to(DEVICE), pair_max.to(DEVICE), gates.to(DEVICE), mask.to(DEVICE) if masked else None, top_k)
+    pairs = torch.cat([pair_norm, pair_max]).to(DEVICE)  # combine's buffer: norms, then maxima
+    args = (alignment, pairs, gates.to(DEVICE), mask.to(DEVICE) if masked else None, top_k)
     with torch.device(DEVICE):
         stats = expert_statistics(*args, block=128)
     counted = mask.repeat_interleave(top_k)
