@@ -6,6 +6,10 @@ Variants (all on the same routed inputs, statistics mask with ~10 % padding):
                        into an (E, T, H) fp32 buffer, then a Python loop over experts with host syncs)
     hf_fastest         transformers' fastest experts implementation, no observation (grouped_mm where
                        available, else batched_mm, else the module's eager loop)
+    hf_eager           the experts module's own eager per-expert loop (transformers' default forward)
+    grouped_mm         transformers' grouped_mm experts function (skipped where it does not run)
+    batched_mm         transformers' batched_mm, only where its (T*k, 2I, H) weight gather fits in half
+                       the free GPU memory (~77 GB at T=2048 for this shape: skipped on an 80 GB card)
     reference_stats    reap_fast's reference engine with statistics
     triton_stats       reap_fast's Triton engine with statistics
     triton_plain       the Triton engine without statistics (a plain fused MoE forward)
@@ -15,6 +19,10 @@ CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (numpy, very sl
 shape (E=8, k=2, H=64, I=32, T=64, fp32) is timed, to check that the suite runs, never for speed.
 With REAP_BENCH_REAL_SHAPE=1 on a CPU, the real layer shape at T=256 in fp32 is timed for the
 PyTorch variants only (upstream hook, transformers, reference engine): ratios, not GPU figures.
+
+Each result's ``extra_info`` carries the achieved GB/s and TFLOP/s of the routed work and its fraction of
+the device's roofline (``bench/roofline.py``). Not here yet: upstream's own observer.py (it needs
+transformers 4.55's MoE block outputs) and Liger-Kernel's fused MoE.
 
 Run: ``pytest bench/test_moe_layer.py --benchmark-json=bench/results/moe_layer.json``. Without
 pytest-benchmark: ``python bench/test_moe_layer.py --json out.json`` (a simple timer, same variants).
@@ -37,6 +45,8 @@ if not torch.cuda.is_available():
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
+from roofline import throughput
+
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.triton_engine import triton_experts_forward
 from reap_fast.lab.tiny import tiny_qwen3_moe_config
@@ -55,7 +65,8 @@ else:
     ROUNDS = {}
     DEFAULT_ROUNDS = 2
 DEVICE = "cuda" if CUDA else "cpu"
-VARIANTS = ["upstream_hook", "hf_fastest", "reference_stats", "triton_stats", "triton_plain"]
+VARIANTS = ["upstream_hook", "hf_fastest", "hf_eager", "grouped_mm", "batched_mm", "reference_stats", "triton_stats",
+            "triton_plain"]
 if not CUDA and os.environ.get("REAP_BENCH_REAL_SHAPE") == "1":
     # The real layer shape on the CPU, PyTorch variants only (interpreted Triton says nothing about speed):
     # measures what routed-only observation saves over upstream's all-experts hook, as a ratio.
@@ -63,7 +74,7 @@ if not CUDA and os.environ.get("REAP_BENCH_REAL_SHAPE") == "1":
     TOKENS = [256]
     ROUNDS = {"upstream_hook": 2}
     DEFAULT_ROUNDS = 3
-    VARIANTS = [variant for variant in VARIANTS if not variant.startswith("triton")]
+    VARIANTS = [variant for variant in VARIANTS if not variant.startswith("triton") and not variant.endswith("_mm")]
 
 
 @lru_cache(maxsize=None)
@@ -141,11 +152,33 @@ def upstream_hook(experts, x, index, weights, mask, router_logits, hf_name):
     return out, (num_tokens, frequency.cpu(), ean_sum.cpu(), weighted.cpu(), gate_sum.cpu(), max_act)
 
 
+def unavailable(variant: str, experts, inputs_: tuple) -> str | None:
+    """Why a transformers variant cannot run here (None: it can)."""
+    x, index, weights = inputs_[:3]
+    if variant == "batched_mm" and CUDA:
+        gather = x.shape[0] * SHAPE["k"] * 3 * SHAPE["H"] * SHAPE["I"] * x.element_size()
+        free = torch.cuda.mem_get_info()[0]
+        if gather > free / 2:
+            return f"batched_mm would gather {gather / 1e9:.0f} GB of weights; {free / 1e9:.0f} GB free"
+    if variant in ("grouped_mm", "batched_mm"):
+        try:
+            ALL_EXPERTS_FUNCTIONS[variant](experts, x[:4], index[:4], weights[:4])
+        except Exception as error:  # not available on this device / torch version
+            return f"{variant} does not run here: {type(error).__name__}: {str(error)[:100]}"
+    return None
+
+
 def make_call(variant: str, num_tokens: int):
     experts = layer()
     x, index, weights, gates, mask, logits = inputs(num_tokens)
     hf_name = hf_fastest_name(experts, x, index, weights)
+    reason = unavailable(variant, experts, (x, index, weights))
+    if reason is not None:
+        pytest.skip(reason)
     calls = {
+        "hf_eager": lambda: hf_forward("eager", experts, x, index, weights),
+        "grouped_mm": lambda: hf_forward("grouped_mm", experts, x, index, weights),
+        "batched_mm": lambda: hf_forward("batched_mm", experts, x, index, weights),
         "upstream_hook": lambda: upstream_hook(experts, x, index, weights, mask, logits, hf_name),
         "hf_fastest": lambda: hf_forward(hf_name, experts, x, index, weights),
         "reference_stats": lambda: reference_experts_forward(experts, x, index, weights, gates, mask),
@@ -174,6 +207,8 @@ def test_moe_layer(benchmark, variant, num_tokens):
     benchmark.group = f"moe_layer T={num_tokens}"
     run()  # warm-up: Triton compilation, cuBLAS heuristics
     benchmark.pedantic(run, rounds=ROUNDS.get(variant, DEFAULT_ROUNDS), iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(throughput(SHAPE, num_tokens, torch.finfo(DTYPE).bits // 8, benchmark.stats.stats.median,
+                                           info["device"]))
 
 
 def main(argv: list[str]) -> int:

@@ -11,22 +11,26 @@ if one exists, else ``default.json``), one stage at a time, each stage starting 
     block_m     16, 32, 64, 128 where they fit the mean number of pairs per expert (T * k / E)
     gate_up     block_n x block_k x num_warps  (64, 128, 256) x (32, 64, 128) x (4, 8)
     down        the same for the down projection
-    gate_up     group_m x num_stages  (1, 8) x (2, 3, 4, 5)
+    gate_up     group_m x num_stages  (1, 4, 8, 16) x (2, 3, 4, 5)
     down        the same
     combine     block_h x num_warps  (512, 1024) x (4, 8)
 
-(``reap_kernels.config.TUNING_AXES``.) That is at most ~60 candidates per T, one new GEMM kernel to
+(``reap_kernels.config.TUNING_AXES``.) That is at most ~75 candidates per T, one new GEMM kernel to
 compile each. On CUDA every candidate first goes through ``reap_kernels.compile_check`` for this
 device's compute capability: one that spills registers or needs more shared memory than a block may
 have is skipped before it is timed ("unfit"). A candidate that fails to launch is skipped, and so is
-one whose output or statistics differ from the current config's beyond the dtype's tolerance. Timing: ``triton.testing.do_bench`` (median). The
-current and the best config are timed once more at the end of each T and the faster one is kept.
+one whose output or statistics differ from the current config's beyond the dtype's tolerance. Timing:
+``triton.testing.do_bench_cudagraph`` (median of CUDA-graph replays: the kernels' time without launch
+overhead). The current and the best config are timed once more at the end of each T and the faster one
+is kept. Default token counts: the buckets 256, 512, ..., 16384.
 
 ``--budget-s`` bounds the whole run: T number i (of n) stops sweeping at start + budget * i / n and
 keeps its best so far, so a fast T leaves its time to the next. The output file is rewritten
 (atomically) after every T, in the format ``reap_kernels.config`` reads, plus informational keys
-(device, versions, per entry the median ms of the current and the best config). To use it, copy it
-to ``reap_kernels/configs/<device_file_name(torch.cuda.get_device_name())>``.
+(device, versions, per entry the median ms of the current and the best config). ``--merge-into FILE``
+also merges the entries into a config file after every T (same shape and T replaced, others kept):
+``bench/gpu_check.sh`` merges into ``reap_kernels/configs/<device_file_name(torch.cuda.get_device_name())>``.
+The budget is printed at the start and per T.
 
 ``--quick`` sweeps a tiny grid and times with ``time.perf_counter``. Without CUDA only ``--quick`` on a
 tiny shape runs (under ``TRITON_INTERPRET=1``, for tests): the timings then say nothing about speed.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -64,7 +69,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # land on a neighbouring 16-bit value (fp32 tiles use IEEE dots: only the summation order differs).
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-20}
 CPU_MAX_DIM, CPU_MAX_TOKENS = 256, 512  # largest H, I and T the interpreter sweeps in reasonable time
-BENCH_WARMUP_MS, BENCH_REP_MS = 10, 40
+BENCH_REP_MS = 40
+TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 QUICK_REPEATS = 2
 
 
@@ -190,9 +196,10 @@ def same_result(result: tuple[torch.Tensor, dict], reference: tuple[torch.Tensor
 
 
 def measure_ms(fn: Callable[[], object], quick: bool) -> float:
-    """Median time of ``fn()`` in ms: ``do_bench`` on CUDA, else a few ``perf_counter`` calls."""
+    """Median time of ``fn()`` in ms: replayed from a CUDA graph on CUDA (no launch or Python overhead in
+    the number, as observation would run at scale), else a few ``perf_counter`` calls."""
     if CUDA and not quick:
-        return float(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median"))
+        return float(triton.testing.do_bench_cudagraph(fn, rep=BENCH_REP_MS, return_mode="median"))
     times = []
     for _ in range(QUICK_REPEATS):
         start = time.perf_counter()
@@ -292,11 +299,14 @@ def environment() -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write (reap_kernels/configs format)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 8192], help="token counts T")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKEN_BUCKETS), help="token counts T")
     parser.add_argument("--shape", type=int, nargs=4, metavar=("E", "k", "H", "I"), default=[128, 8, 2048, 768],
                         help="experts, top-k, hidden size, expert intermediate size (default: Qwen3-30B-A3B)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--budget-s", type=float, default=120.0, help="seconds for the whole run")
+    parser.add_argument("--merge-into", type=Path, metavar="FILE",
+                        help="also merge the entries into this config file (same shape and T replaced), e.g. "
+                             "reap_kernels/configs/<device file name>")
     parser.add_argument("--quick", action="store_true", help="tiny grid, perf_counter timing (CPU tests)")
     return parser.parse_args(argv)
 
@@ -321,14 +331,33 @@ def main(argv: list[str] | None = None) -> int:
         "entries": [],
     }
     tokens = sorted(set(args.tokens))
+    print(f"budget {args.budget_s:.0f} s for T = {', '.join(map(str, tokens))}: T number i of {len(tokens)} stops "
+          f"sweeping at {args.budget_s / len(tokens):.0f} s x i", flush=True)
     for i, num_tokens in enumerate(tokens):
         layer = Layer(tuple(args.shape), num_tokens, dtype)
         deadline = start + args.budget_s * (i + 1) / len(tokens)
+        print(f"T={num_tokens}: {deadline - time.monotonic():.0f} s of the budget left for it", flush=True)
         data["entries"].append(tune_tokens(layer, grid, deadline, args.quick))
+        del layer
         data["elapsed_s"] = round(time.monotonic() - start, 1)
         atomic_write_json(data, args.out)
-    print(f"wrote {args.out} ({len(data['entries'])} entries) in {data['elapsed_s']} s")
+        if args.merge_into is not None:
+            merge_entries(args.merge_into, data)
+    print(f"wrote {args.out} ({len(data['entries'])} entries) in {data['elapsed_s']} s "
+          f"(budget {args.budget_s:.0f} s)")
     return 0
+
+
+def merge_entries(path: Path, tuned: dict) -> None:
+    """Merge ``tuned``'s entries into the config file at ``path`` (created if absent): an entry with the same
+    ``match`` and ``T`` is replaced, the others kept; the file's ``arch`` and device are the tuned ones."""
+    existing = json.loads(path.read_text()) if path.is_file() else {"entries": []}
+    new_keys = {(json.dumps(entry["match"], sort_keys=True), entry["T"]) for entry in tuned["entries"]}
+    kept = [entry for entry in existing.get("entries", [])
+            if (json.dumps(entry.get("match", {}), sort_keys=True), entry["T"]) not in new_keys]
+    merged = {**existing, **{key: value for key, value in tuned.items() if key != "entries"}}
+    merged["entries"] = sorted(kept + tuned["entries"], key=lambda entry: (json.dumps(entry.get("match", {}), sort_keys=True), entry["T"]))
+    atomic_write_json(merged, path)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ TUNING_AXES = {
     "block_k": (32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (2, 3, 4, 5),
-    "group_m": (1, 8),
+    "group_m": (1, 4, 8, 16),
     "combine_block_h": (512, 1024),
     "combine_num_warps": (4, 8),
 }

@@ -49,6 +49,7 @@ def _down_proj_kernel(
     stride_yh,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: unmasked loads
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -69,13 +70,19 @@ def _down_proj_kernel(
     col_ok = offs_n < hidden_size
     offs_k = tl.arange(0, BLOCK_K)
 
-    h_ptrs = h_ptr + pair64[:, None] * stride_hs + offs_k[None, :] * stride_hi
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    # padding rows read row 0 and columns past H column 0: loaded, never stored, so no masks on those
+    h_ptrs = h_ptr + tl.where(row_ok, pair64, 0)[:, None] * stride_hs + offs_k[None, :] * stride_hi
+    w_cols = tl.where(col_ok, offs_n, 0)
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, inter_size, BLOCK_K):
-        k_ok = offs_k < inter_size - k_start
-        a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:  # I % BLOCK_K == 0: unmasked loads
+            a = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < inter_size - k_start
+            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -118,5 +125,6 @@ def down_projection(
         workspace, weight, bias if bias is not None else weight, workspace, alignment.buffer, num_pairs * inter_size,
         num_pairs, num_experts, inter_size, hidden_size, alignment.max_blocks,
         inter_size, 1, weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1,
+        EVEN_K=inter_size % gemm.block_k == 0,
         **_constants(bias is not None, workspace.dtype, upcast, gemm, alignment.block_m),
     )

@@ -72,6 +72,7 @@ def _gate_up_kernel(
     INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,  # convert tiles to fp32 before tl.dot (interpreter, fp32 inputs)
+    EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: unmasked loads
     DOT_PRECISION: tl.constexpr,  # "ieee" keeps fp32 GEMMs exact (no tf32)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -87,45 +88,49 @@ def _gate_up_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ids_ptr + offs_m)
     row_ok = pair < num_pairs
-    token = (pair // top_k).to(tl.int64)
+    token = tl.where(row_ok, pair // top_k, 0).to(tl.int64)  # padding rows read token 0, never stored
 
+    # one [BLOCK_K, 2 * BLOCK_N] weight tile per step: column 2j is gate column n_j, 2j + 1 up column n_j, so
+    # a single load and a single dot cover both, and the accumulator splits into gate and up in registers
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < inter_size
+    pair_n = pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N) // 2
+    is_up = tl.arange(0, 2 * BLOCK_N) % 2
     if INTERLEAVED:
-        gate_col = 2 * offs_n
-        up_col = 2 * offs_n + 1
+        w_col = 2 * pair_n + is_up
     else:
-        gate_col = offs_n
-        up_col = offs_n + inter_size
+        w_col = pair_n + is_up * inter_size
+    w_col = tl.where(pair_n < inter_size, w_col, 0)  # columns past I read column 0, never stored
     offs_k = tl.arange(0, BLOCK_K)
 
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
-    wg_ptrs = w_base + offs_k[:, None] * stride_wk + gate_col[None, :] * stride_wn
-    wu_ptrs = w_base + offs_k[:, None] * stride_wk + up_col[None, :] * stride_wn
+    w_ptrs = w_base + offs_k[:, None] * stride_wk + w_col[None, :] * stride_wn
 
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k_start in range(0, hidden_size, BLOCK_K):
-        k_ok = offs_k < hidden_size - k_start
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:  # H % BLOCK_K == 0: no masks at all
+            a = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < hidden_size - k_start
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-            wg = wg.to(tl.float32)
-            wu = wu.to(tl.float32)
-        acc_gate = tl.dot(a, wg, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PRECISION)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xh
-        wg_ptrs += BLOCK_K * stride_wk
-        wu_ptrs += BLOCK_K * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
+    acc_gate, acc_up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
 
     io_dtype = out_ptr.dtype.element_ty
     gate = acc_gate.to(io_dtype).to(tl.float32)  # F.linear's output is in the input dtype
     up = acc_up.to(io_dtype).to(tl.float32)
     if HAS_BIAS:
         b_base = b_ptr + expert.to(tl.int64) * stride_be
+        gate_col = 2 * offs_n if INTERLEAVED else offs_n
+        up_col = gate_col + 1 if INTERLEAVED else offs_n + inter_size
         gate_bias = tl.load(b_base + gate_col * stride_bn, mask=col_ok, other=0.0).to(tl.float32)
         up_bias = tl.load(b_base + up_col * stride_bn, mask=col_ok, other=0.0).to(tl.float32)
         gate = (gate + gate_bias[None, :]).to(io_dtype).to(tl.float32)
@@ -182,6 +187,7 @@ def gate_up_activation(
         alignment.max_blocks, layout.alpha, layout.limit,
         hidden_states.stride(0), hidden_states.stride(1), weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn,
         inter_size, 1,
+        EVEN_K=hidden_size % gemm.block_k == 0,
         **_constants(layout.activation, layout.interleaved, bias is not None, hidden_states.dtype, upcast, gemm,
                      alignment.block_m),
     )

@@ -59,6 +59,13 @@ def test_every_shipped_config_compiles_without_spills_on_every_target(compile_re
         for kernel in report["kernels"]:
             assert 0 < kernel["registers"] <= 255 and kernel["spill_bytes"] == 0
             assert kernel["shared_bytes"] <= SHARED_LIMIT[report["arch"]]
+    for arch in TARGETS:  # the large-T entries run gate_up as 2 x 128-wide tiles (one [BK, 256] weight tile)
+        wide = [r for r in shipped if r["arch"] == arch and r["config"]["gate_up"]["block_n"] == 128]
+        assert wide and all(r["ok"] for r in wide), f"sm_{arch}: no 2x128 gate_up tile compiled"
+    for report in shipped:
+        if report["arch"] == 90 and report["config"]["gate_up"]["block_n"] == 128:
+            gate_up = [k for k in report["kernels"] if k["kernel"] == "_gate_up_kernel"]
+            assert all(k["registers"] < 200 for k in gate_up), f"sm_90 gate_up registers: {gate_up}"
 
 
 def test_tuner_sample_compiles_and_oversized_config_is_caught(compile_reports):
