@@ -64,7 +64,7 @@ class LayerShape:
         return {"E": self.num_experts, "H": self.hidden, "I": self.inter, "k": self.top_k}
 
 
-GPT_OSS_LAYOUT = ExpertsLayout(transposed=True, interleaved=False, activation="gpt_oss_swiglu")  # de-interleaved by the engine
+GPT_OSS_LAYOUT = ExpertsLayout(transposed=True, interleaved=True, activation="gpt_oss_swiglu")  # as the engine reads it
 SHAPES = (
     LayerShape("Qwen3-30B-A3B", 128, 8, 2048, 768),
     LayerShape("Qwen3.5-35B-A3B", 256, 8, 2048, 512),

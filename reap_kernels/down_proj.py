@@ -49,7 +49,8 @@ def _down_proj_kernel(
     stride_yh,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
-    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: unmasked loads
+    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: no K masks
+    EVEN_N: tl.constexpr,  # H % BLOCK_N == 0: no column masks
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -70,19 +71,21 @@ def _down_proj_kernel(
     col_ok = offs_n < hidden_size
     offs_k = tl.arange(0, BLOCK_K)
 
-    # padding rows read row 0 and columns past H column 0: loaded, never stored, so no masks on those
+    # padding rows read row 0 (loaded, never stored): no row masks
     h_ptrs = h_ptr + tl.where(row_ok, pair64, 0)[:, None] * stride_hs + offs_k[None, :] * stride_hi
-    w_cols = tl.where(col_ok, offs_n, 0)
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, inter_size, BLOCK_K):
-        if EVEN_K:  # I % BLOCK_K == 0: unmasked loads
+        if EVEN_K:  # I % BLOCK_K == 0: no K masks
             a = tl.load(h_ptrs)
-            w = tl.load(w_ptrs)
+            if EVEN_N:  # H % BLOCK_N == 0: no masks at all
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k_ok = offs_k < inter_size - k_start
             a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -126,5 +129,6 @@ def down_projection(
         num_pairs, num_experts, inter_size, hidden_size, alignment.max_blocks,
         inter_size, 1, weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1,
         EVEN_K=inter_size % gemm.block_k == 0,
+        EVEN_N=hidden_size % gemm.block_n == 0,
         **_constants(bias is not None, workspace.dtype, upcast, gemm, alignment.block_m),
     )

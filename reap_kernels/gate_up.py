@@ -72,7 +72,8 @@ def _gate_up_kernel(
     INTERLEAVED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,  # convert tiles to fp32 before tl.dot (interpreter, fp32 inputs)
-    EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: unmasked loads
+    EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no K masks
+    EVEN_N: tl.constexpr,  # I % BLOCK_N == 0: no column masks
     DOT_PRECISION: tl.constexpr,  # "ieee" keeps fp32 GEMMs exact (no tf32)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -96,11 +97,11 @@ def _gate_up_kernel(
     col_ok = offs_n < inter_size
     pair_n = pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N) // 2
     is_up = tl.arange(0, 2 * BLOCK_N) % 2
-    if INTERLEAVED:
-        w_col = 2 * pair_n + is_up
+    if INTERLEAVED:  # the tile is 2 * BLOCK_N contiguous columns (written so the compiler sees it)
+        w_col = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
     else:
         w_col = pair_n + is_up * inter_size
-    w_col = tl.where(pair_n < inter_size, w_col, 0)  # columns past I read column 0, never stored
+    w_col_ok = pair_n < inter_size
     offs_k = tl.arange(0, BLOCK_K)
 
     w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -109,13 +110,16 @@ def _gate_up_kernel(
 
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k_start in range(0, hidden_size, BLOCK_K):
-        if EVEN_K:  # H % BLOCK_K == 0: no masks at all
+        if EVEN_K:  # H % BLOCK_K == 0: no K masks
             a = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
+            if EVEN_N:  # I % BLOCK_N == 0: no masks at all
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=w_col_ok[None, :], other=0.0)
         else:
             k_ok = offs_k < hidden_size - k_start
             a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & w_col_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -188,6 +192,7 @@ def gate_up_activation(
         hidden_states.stride(0), hidden_states.stride(1), weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn,
         inter_size, 1,
         EVEN_K=hidden_size % gemm.block_k == 0,
+        EVEN_N=inter_size % gemm.block_n == 0,
         **_constants(layout.activation, layout.interleaved, bias is not None, hidden_states.dtype, upcast, gemm,
                      alignment.block_m),
     )

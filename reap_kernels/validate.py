@@ -12,6 +12,7 @@ an engine that can fall back to PyTorch should; ``ValueError`` for inputs that a
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -56,15 +57,14 @@ def _signature(tensor: torch.Tensor | RouterGate | None) -> tuple | None:
 
 
 def _accumulator_signature(accumulators: dict[str, torch.Tensor] | None) -> tuple | None:
-    """The accumulator tensors by identity: the plan cache keeps them referenced (an id is never reused),
-    and accumulators are created once per layer and updated in place."""
+    """The accumulator tensors by identity (they are created once per layer and updated in place); a key
+    is dropped when one of its tensors is freed, before its id can be reused (``weakref.finalize``)."""
     if accumulators is None:
         return None
     return tuple(accumulators), tuple(map(id, accumulators.values()))
 
 
 _plans: dict[tuple, Plan] = {}
-_kept: dict[tuple, tuple | None] = {}  # the accumulator tensors of each key, so their ids stay theirs
 
 
 TENSOR_NAMES = ("w_gate_up", "w_down", "b_gate_up", "b_down", "top_k_index", "top_k_weights", "gates", "token_mask")
@@ -93,9 +93,9 @@ def plan_call(hidden_states: torch.Tensor, weights: tuple, routing: tuple, layou
         plan = _validate(tensors, layout, config, accumulators)
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
-            _kept.clear()
         _plans[key] = plan
-        _kept[key] = None if accumulators is None else tuple(accumulators.values())
+        for tensor in (accumulators or {}).values():
+            weakref.finalize(tensor, _plans.pop, key, None)
     return plan
 
 

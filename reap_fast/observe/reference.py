@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import BatchStats, LayerAccumulator
-from .triton_engine import restore_interleaved
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -90,7 +89,6 @@ def reference_experts_forward(
     in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` or None;
     with ``accumulator`` the statistics are added into it and None is returned in their place.
     """
-    restore_interleaved(experts)  # a gpt-oss module the Triton engine rewrote goes back to its own layout
     num_tokens, top_k = top_k_index.shape
     num_experts = int(experts.down_proj.shape[0])
     expert_ids = top_k_index.reshape(-1)

@@ -24,7 +24,6 @@ from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
-from .triton_engine import restore_interleaved
 
 
 class LayerProbe:
@@ -127,7 +126,6 @@ class Observer:
                 object.__delattr__(layer.experts, "_reap_probe")
             if "forward" in layer.block.__dict__:
                 object.__delattr__(layer.block, "forward")
-            restore_interleaved(layer.experts)  # gpt-oss gate/up columns the Triton engine rewrote, if any
         if self._previous_implementation is not None:
             self.model.set_experts_implementation(self._previous_implementation)
         self._token_mask = None

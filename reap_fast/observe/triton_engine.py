@@ -9,15 +9,12 @@ the transformers experts module (``is_transposed``, ``is_concatenated``, ``has_b
 Anything the kernels cannot compute (the layouts above, dtypes: mixed, or other than fp16/bf16/fp32) raises
 ``EngineUnavailableError`` with the reason, before any launch. Forward only (no autograd).
 
-A layout with interleaved gate and up columns (gate0, up0, gate1, ...; gpt-oss): the first time the
-engine sees such a module it rewrites the weight and bias in place into the concatenated [gate | up]
-order (one expert at a time, so the extra memory is one expert's slice), so the kernels read contiguous
-columns; :func:`restore_interleaved` puts the module back as it was (``Observer`` does so on exit).
+A layout with interleaved gate and up columns (gate0, up0, gate1, ...; gpt-oss) is read as it is: the
+gate_up kernel's weight tile interleaves gate and up columns itself, so for gpt-oss's transposed weights
+an interleaved pair of columns is contiguous in memory. The module's weights are never rewritten.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import nn
@@ -25,8 +22,6 @@ from torch import nn
 from ..errors import EngineUnavailableError
 from ..metrics import BatchStats, LayerAccumulator
 from ..models import kernel_layout
-
-DEINTERLEAVED = "_reap_deinterleaved"  # module attribute: (weakref to the rewritten weight, its version)
 
 
 def _unavailable(message: str) -> Exception:
@@ -80,50 +75,6 @@ def experts_layout(experts: nn.Module):
     )
 
 
-def _permute_gate_up(experts: nn.Module, to_concatenated: bool) -> None:
-    """Reorder gate_up_proj's last dimension (and its bias) in place, one expert at a time."""
-    tensors = [experts.gate_up_proj]
-    if getattr(experts, "has_bias", False):
-        tensors.append(experts.gate_up_proj_bias)
-    with torch.no_grad():
-        for tensor in tensors:
-            half = tensor.shape[-1] // 2
-            for expert in range(tensor.shape[0]):
-                rows = tensor[expert]
-                if to_concatenated:  # (gate0, up0, gate1, up1, ...) -> (gate..., up...)
-                    rows.copy_(torch.cat([rows[..., 0::2], rows[..., 1::2]], dim=-1))
-                else:
-                    rows.copy_(torch.stack([rows[..., :half], rows[..., half:]], dim=-1).flatten(-2))
-
-
-def _is_deinterleaved(experts: nn.Module) -> bool:
-    marker = experts.__dict__.get(DEINTERLEAVED)
-    if marker is None:
-        return False
-    weight = experts.gate_up_proj
-    return marker[0]() is weight and marker[1] == weight._version
-
-
-def deinterleave_once(experts: nn.Module) -> None:
-    """Rewrite a gpt-oss module's interleaved gate/up columns as [gate | up], unless already done.
-
-    The marker remembers the rewritten tensor and its version counter: new weights (a streamed layer
-    loaded again, ``copy_`` into the parameter) are rewritten again.
-    """
-    if _is_deinterleaved(experts):
-        return
-    _permute_gate_up(experts, to_concatenated=True)
-    weight = experts.gate_up_proj
-    object.__setattr__(experts, DEINTERLEAVED, (weakref.ref(weight), weight._version))
-
-
-def restore_interleaved(experts: nn.Module) -> None:
-    """Undo :func:`deinterleave_once` (no-op for a module the engine did not rewrite)."""
-    if _is_deinterleaved(experts):
-        _permute_gate_up(experts, to_concatenated=False)
-    experts.__dict__.pop(DEINTERLEAVED, None)
-
-
 def _accumulator_tensors(accumulator: LayerAccumulator) -> dict[str, torch.Tensor]:
     """The layer's running totals under the names ``reap_kernels.fused_moe`` adds into."""
     return {
@@ -160,10 +111,6 @@ def triton_experts_forward(
             "the triton engine needs a CUDA device (or TRITON_INTERPRET=1 set before reap_kernels is imported)"
         )
     layout = experts_layout(experts)
-    if layout.interleaved:
-        deinterleave_once(experts)
-        layout = kernels.ExpertsLayout(transposed=layout.transposed, interleaved=False, activation=layout.activation,
-                                       alpha=layout.alpha, limit=layout.limit)
     has_bias = bool(getattr(experts, "has_bias", False))
     w_gate_up = experts.gate_up_proj.detach()
     w_down = experts.down_proj.detach()
