@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,13 +37,24 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the kernels are decorated
 
 
+class CachedHash:
+    """For frozen dataclasses used as cache keys on every call: the field hash is computed once."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 @dataclass(frozen=True)
-class GemmConfig:
+class GemmConfig(CachedHash):
     block_n: int
     block_k: int
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    __hash__ = CachedHash.__hash__
 
     def launch_options(self, block_m: int) -> dict[str, int]:
         """The tile constexprs and launch options a grouped GEMM kernel takes (one cached dict per tile)."""
@@ -57,7 +68,7 @@ def _launch_options(gemm: GemmConfig, block_m: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(CachedHash):
     """Tile sizes of one MoE call; ``block_m`` is shared by the alignment and both GEMMs."""
 
     block_m: int
@@ -65,6 +76,7 @@ class MoEConfig:
     down: GemmConfig
     combine_block_h: int = 512
     combine_num_warps: int = 4
+    __hash__ = CachedHash.__hash__
 
     @classmethod
     def from_dict(cls, data: dict) -> "MoEConfig":

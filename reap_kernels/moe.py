@@ -23,7 +23,7 @@ import torch
 
 from .align import align_by_expert
 from .combine import combine
-from .config import INTERPRET, MoEConfig
+from .config import INTERPRET, CachedHash, MoEConfig
 from .down_proj import down_projection
 from .expert_stats import expert_statistics, statistics_buffers
 from .gate_up import gate_up_activation
@@ -34,7 +34,7 @@ from .validate import SUPPORTED_DTYPES, UnsupportedInputError, plan_call  # noqa
 
 
 @dataclass(frozen=True)
-class ExpertsLayout:
+class ExpertsLayout(CachedHash):
     """How the expert weights are stored and which gated activation they use.
 
     transposed:  gate_up (E, H, 2I) and down (E, I, H) instead of (E, 2I, H) and (E, H, I)
@@ -47,6 +47,7 @@ class ExpertsLayout:
     activation: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+    __hash__ = CachedHash.__hash__
 
 
 def fused_moe(

@@ -1,8 +1,10 @@
 """Observation of a loaded model: the model's own forward computes the REAP statistics.
 
 ``Observer`` switches the model's experts implementation to a reap-fast engine and gives every MoE
-experts module a probe (its layer's accumulator and gate function). There are no forward hooks: the
-experts function receives the routed tokens, computes the layer output and the statistics together.
+experts module a probe (its layer's accumulator and gate function). The experts function receives the
+routed tokens and computes the layer output and the statistics together. The one forward hook: with an
+engine that computes REAP's gate from router logits (Triton), a softmax-gate router's hook hands the
+logits it returned to its layer's probe, so the gate costs no second router GEMM.
 The token mask (padding and packing separators excluded) is handed to the probes for each forward
 call by the observer that runs it, never through a module-level global. Families whose experts have no
 experts interface because the routing weight scales the expert input (Llama-4) get their MoE block's
