@@ -207,7 +207,7 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
     _align_kernel[(1,)](
         top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts,
-        max_blocks, top_k_index.stride(0), top_k_index.stride(1),
+        max_blocks, *top_k_index.stride(),
         BLOCK_M=block_m, E_BINS=e_bins, CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP, num_warps=ALIGN_NUM_WARPS,
     )
     return alignment

@@ -144,8 +144,7 @@ def combine(
     _combine_kernel[(num_tokens,)](
         workspace, top_k_weights, out, pairs if with_stats else out, logits, index, y_offset,
         hidden_size, top_k, logits.shape[1],
-        hidden_size, 1, top_k_weights.stride(0), top_k_weights.stride(1), out.stride(0), out.stride(1),
-        logits.stride(0), logits.stride(1), index.stride(0), index.stride(1),
+        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(),
         **_constants((workspace.dtype, top_k_weights.dtype), (top_k, logits.shape[1], hidden_size), with_stats,
                      None if router is None else router[0].renormalize, config),
     )

@@ -121,13 +121,14 @@ def down_projection(
     num_experts = weight.shape[0]
     hidden_size, inter_size = (weight.shape[2], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[2])
     num_pairs = alignment.num_pairs
-    stride_wn, stride_wk = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
-    stride_be, stride_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    stride_we, stride_1, stride_2 = weight.stride()
+    stride_wn, stride_wk = (stride_2, stride_1) if transposed else (stride_1, stride_2)
+    stride_be, stride_bn = bias.stride() if bias is not None else (0, 0)
     grid = (alignment.max_blocks * cdiv(hidden_size, gemm.block_n),)
     _down_proj_kernel[grid](
         workspace, weight, bias if bias is not None else weight, workspace, alignment.buffer, num_pairs * inter_size,
         num_pairs, num_experts, inter_size, hidden_size, alignment.max_blocks,
-        inter_size, 1, weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1,
+        inter_size, 1, stride_we, stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1,
         EVEN_K=inter_size % gemm.block_k == 0,
         EVEN_N=hidden_size % gemm.block_n == 0,
         **_constants(bias is not None, workspace.dtype, upcast, gemm, alignment.block_m),

@@ -183,7 +183,7 @@ def expert_statistics(
     num_experts = alignment.num_experts
     stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pairs.device, filled=False)
     pairwise = stats.get("pairwise")
-    gate_strides = (top_k, 1) if gates is None else (gates.stride(0), gates.stride(1))
+    gate_strides = (top_k, 1) if gates is None else gates.stride()
     _expert_stats_kernel[(num_experts,)](
         alignment.buffer, pairs, gates if gates is not None else pairs,
         token_mask if token_mask is not None else pairs,  # never read without a mask

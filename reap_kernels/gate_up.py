@@ -182,14 +182,15 @@ def gate_up_activation(
     transposed = layout.transposed
     two_i = weight.shape[2] if transposed else weight.shape[1]
     inter_size = two_i // 2
-    stride_wn, stride_wk = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
-    stride_be, stride_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    stride_we, stride_1, stride_2 = weight.stride()
+    stride_wn, stride_wk = (stride_2, stride_1) if transposed else (stride_1, stride_2)
+    stride_be, stride_bn = bias.stride() if bias is not None else (0, 0)
     grid = (alignment.max_blocks * cdiv(inter_size, gemm.block_n),)
     _gate_up_kernel[grid](
         hidden_states, weight, bias if bias is not None else weight, workspace, alignment.buffer,
         alignment.num_pairs, alignment.num_pairs // hidden_states.shape[0], weight.shape[0], hidden_size, inter_size,
         alignment.max_blocks, layout.alpha, layout.limit,
-        hidden_states.stride(0), hidden_states.stride(1), weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn,
+        *hidden_states.stride(), stride_we, stride_wn, stride_wk, stride_be, stride_bn,
         inter_size, 1,
         EVEN_K=hidden_size % gemm.block_k == 0,
         EVEN_N=inter_size % gemm.block_n == 0,
