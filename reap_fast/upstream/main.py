@@ -148,7 +148,7 @@ def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: boo
         samples_per_category=obs_args.batches_per_category, model_max_length=calibration.seq_len,
         batch_size=obs_args.batch_size, seed=reap_args.seed, engine=extra.engine,
         renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=layerwise,
-        resume=True, checkpoint_dir=f"{obs_path}.partial",
+        resume=True, checkpoint_dir=f"{obs_path}.partial", allow_longer_than_model=True,  # upstream: a warning
     )  # fmt: skip
     metrics = observe_checkpoint(model_name, calibration, obs_path, settings)
     logger.info("observation saved to %s", obs_path)
