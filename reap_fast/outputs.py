@@ -153,14 +153,14 @@ def check_output_file(
     path = Path(output).expanduser()
     if str(output).endswith(("/", os.sep)):
         raise OutputError(f"the output {output} names a folder; give a file name such as {path / 'observation.pt'}")
+    check_not_overlapping(path, inputs or {})
     if path.is_dir():
         raise OutputError(f"{output} is a folder, where reap-fast writes a file; it is never replaced (choose another output)")
-    check_not_overlapping(path, inputs or {})
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"the output {output} exists and is not a regular file; choose another output")
     if path.exists():
         if ours is not None and not ours(path):
-            raise OutputError(f"{output} is not {what}; {flag} replaces only those, so choose another output")
+            raise OutputError(f"{output} already exists and is not {what}; {flag} replaces only those (choose another output)")
         if not overwrite:
             raise OutputError(f"{output} already exists; pass {flag} to replace it")
     return path

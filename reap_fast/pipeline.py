@@ -366,6 +366,7 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
+        check_output_location(self.root, 0)  # before the lock: a read-only place is one line, not a traceback
         with output_lock(self.root):  # a second run on the same --output is refused at once
             clean_leftovers(self.root)
             self.state = self._load_state()  # another run may have finished since this object was made
@@ -433,10 +434,11 @@ class Pipeline:
         models = {"original": c.model, "pruned": str(self.pruned)}
         if c.quantize:
             models["w4a16"] = str(self.quantized)
-        results = {
-            name: perplexity_in_child(path, texts_file, evaluation, quantized=(name == "w4a16"))
-            for name, path in models.items()
-        }
+        results = {}
+        with tqdm(models.items(), desc="eval (perplexity)", unit="model", disable=not c.progress) as bar:
+            for name, path in bar:  # one child per model, seconds to minutes each: the bar says which one runs
+                bar.set_postfix(model=name)
+                results[name] = perplexity_in_child(path, texts_file, evaluation, quantized=(name == "w4a16"))
         texts_file.unlink()
         return [atomic_write_json(results, self.eval_file)]
 

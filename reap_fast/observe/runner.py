@@ -151,7 +151,9 @@ def _observe_loaded(
         rate = TokenRate()
         bar = tqdm(total=total, initial=start, desc=f"observe ({engine})", unit="batch", disable=not settings.progress)
         with bar:
-            for index, batch in enumerate(calibration.batches(batch_size, start=start * batch_size), start=start):
+            # a checkpoint taken after the last batch (the save of the observation then failed) resumes at the end
+            first = min(start * batch_size, len(calibration))
+            for index, batch in enumerate(calibration.batches(batch_size, start=first), start=start):
                 observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
                 rate.advance(bar, int(batch.attention_mask.sum()))
                 if checkpointer is not None:
