@@ -130,6 +130,7 @@ def _run_auto_round(model_path: Path, staging: Path, tokenizer: Any, texts: list
     tame_auto_round()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
     model.eval()
+    source_dtype = str(model.dtype).removeprefix("torch.")  # AutoRound converts the model it is given
     blocks = getattr(model.config, "num_hidden_layers", "?")
     logger.info(
         "AutoRound: %s decoder blocks, %d tuning iterations each on %d texts of %d tokens (%s); "
@@ -161,7 +162,7 @@ def _run_auto_round(model_path: Path, staging: Path, tokenizer: Any, texts: list
     saved = json.loads((staging / "config.json").read_text())
     dtype = saved.get("dtype") or saved.get("torch_dtype")
     logger.info("W4A16: %d-bit weights; scales, routers and unquantized layers in %s (source: %s)",
-                config.bits, dtype, str(model.dtype).removeprefix("torch."))
+                config.bits, dtype, source_dtype)
     return routers
 
 
