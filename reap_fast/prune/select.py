@@ -56,12 +56,13 @@ def experts_to_prune(num_experts: int, config: PruneConfig, top_k: int | None = 
     highest = num_experts - max(int(top_k or 1), 1)
     allowed = f"between 1 and {highest}" if highest >= 1 else "none (it cannot be pruned)"
     routing = f" and routes each token to {top_k}" if top_k else ""
+    why = f": pruning more leaves fewer than the model's top-k of {top_k} experts per token" if top_k else ""
     if config.n_experts_to_prune is not None:
         count = config.n_experts_to_prune
         if not 1 <= count <= highest:
             raise SelectionError(
                 f"n_experts_to_prune={count} is out of range: the model has {num_experts} experts per layer{routing}, "
-                f"so it must be {allowed}"
+                f"so it must be {allowed}{why}"
             )
         return count
     count = int(num_experts * config.compression_ratio)
