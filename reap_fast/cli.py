@@ -251,8 +251,9 @@ def cmd_observe(args: argparse.Namespace) -> int:
             if exc.errno not in LOCATION_ERRNOS:
                 raise
             kept = Path(checkpoint_dir, "state.pt").is_file()
-            resume = f"; the last checkpoint is kept in {checkpoint_dir}: free space and rerun with --resume" if kept else ""
-            raise OutputLocationError(f"cannot write {exc.filename or output}: {describe_os_error(exc)}{resume}") from None
+            resume = f"; the last checkpoint is kept in {checkpoint_dir}: free space and rerun with --resume"
+            message = f"cannot write {exc.filename or output}: {describe_os_error(exc)}{resume if kept else ''}"
+            raise OutputLocationError(message) from None
         if not is_main_process():
             return 0
     print(format_expert_table(metrics, args.top))

@@ -155,12 +155,16 @@ def check_output_file(
         raise OutputError(f"the output {output} names a folder; give a file name such as {path / 'observation.pt'}")
     check_not_overlapping(path, inputs or {})
     if path.is_dir():
-        raise OutputError(f"{output} is a folder, where reap-fast writes a file; it is never replaced (choose another output)")
+        raise OutputError(
+            f"{output} is a folder, where reap-fast writes a file; it is never replaced (choose another output)"
+        )
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise OutputError(f"the output {output} exists and is not a regular file; choose another output")
     if path.exists():
         if ours is not None and not ours(path):
-            raise OutputError(f"{output} already exists and is not {what}; {flag} replaces only those (choose another output)")
+            raise OutputError(
+                f"{output} already exists and is not {what}; {flag} replaces only those (choose another output)"
+            )
         if not overwrite:
             raise OutputError(f"{output} already exists; pass {flag} to replace it")
     return path
@@ -235,7 +239,8 @@ def check_scratch_dir(
     try:
         check_not_overlapping(path, inputs or {})
     except OutputError as exc:
-        message = str(exc).replace("the output", "the checkpoint folder").replace("another output", "another --checkpoint-dir")
+        message = str(exc).replace("the output", "the checkpoint folder")
+        message = message.replace("another output", "another --checkpoint-dir")
         raise OutputError(message) from None
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise OutputError(f"the checkpoint folder {folder} exists and is not a folder; choose another --checkpoint-dir")

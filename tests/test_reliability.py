@@ -796,8 +796,8 @@ def test_i24_case12_help_version_and_flags(setup, tmp_path, capsys):
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings[0]} has no help text"
-        for default in {"observe": ("(default: 2048)", "(default: 1024"), "quantize": ("(default: 200)", "default: 128")}.get(
-                name, ()):
+        shown = {"observe": ("(default: 2048)", "(default: 1024"), "quantize": ("(default: 200)", "default: 128")}
+        for default in shown.get(name, ()):
             assert default in " ".join(text.split()), (name, default)
     eval_samples = next(a for a in _subparser("run")._actions if "--eval-samples" in a.option_strings)
     assert "documents" in eval_samples.help

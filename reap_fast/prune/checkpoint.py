@@ -12,7 +12,8 @@ to be installed:
   as the source wrote it.
 * tokenizer files, ``generation_config.json``, chat templates and any remote-code ``*.py`` are copied
   byte for byte.
-* weights keep the source's tensor names, dtypes (unless a dtype is asked for: ``prune --dtype``) and shard files: per-expert tensors
+* weights keep the source's tensor names, dtypes (unless a dtype is asked for: ``prune --dtype``) and shard
+  files: per-expert tensors
   (``...experts.<e>.gate_proj.weight``) of removed experts are dropped and the kept ones renumbered
   0..n-1; fused expert tensors (``...experts.gate_up_proj``, expert on dim 0) and router tensors
   (``gate``/``router`` weight on dim 0, biases and ``e_score_correction_bias`` on their last dim) are
