@@ -240,7 +240,8 @@ def cmd_observe(args: argparse.Namespace) -> int:
     claim_output(args.output, "observation", inputs, args.overwrite, ours=looks_like_observation)
     checkpoint_dir = args.checkpoint_dir or f"{output}.partial"
     claim_output(checkpoint_dir, "checkpoint dir", {**inputs, "observation file": output})
-    check_output_location(output, 0)  # before the lock: a read-only place is one line, not a traceback
+    for written in (output, Path(checkpoint_dir) / "state.pt"):  # before the lock: one line, not a traceback
+        check_output_location(written, 0)
     config = observe_config(args, resume=args.resume, checkpoint_dir=checkpoint_dir)
     with output_lock(output):
         clean_leftovers(output)

@@ -36,7 +36,7 @@ from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tr
 from .outputs import (
     OutputError,
     check_not_overlapping,
-    check_output,
+    claim_output,
     clean_folder_leftovers,
     clean_leftovers,
     output_lock,
@@ -287,7 +287,7 @@ class Pipeline:
         try:
             check_not_overlapping(self.root, self.inputs())
             if not self.state_path.is_file():
-                check_output(self.root, self.inputs(), self.config.overwrite)
+                claim_output(self.root, "run folder", self.inputs(), self.config.overwrite)
         except OutputError as exc:
             raise PipelineError(str(exc)) from None
         if not self.state_path.is_file():

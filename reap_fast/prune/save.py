@@ -35,7 +35,7 @@ import yaml
 
 from ..fileio import publish_folder
 from ..preflight import TOKENIZER_FILES
-from ..outputs import OutputError, check_output, work_prefix, write_marker
+from ..outputs import OutputError, claim_output, work_prefix, write_marker
 from .checkpoint import PrunePlan, SourceLayoutError, source_checkpoint, write_source_layout
 from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
 
@@ -83,8 +83,8 @@ def prepare_output_dir(
     inputs: Mapping[str, str | os.PathLike | None] | None = None,
     flag: str = "--overwrite",
 ) -> Path:
-    """Check ``output_dir`` against the output contract (:func:`reap_fast.outputs.check_output`); return it."""
-    return check_output(output_dir, inputs, overwrite, flag)
+    """Check ``output_dir`` against the output rule (:func:`reap_fast.outputs.claim_output`); return it."""
+    return claim_output(output_dir, "pruned folder", inputs, overwrite, flag)
 
 
 def _weight_numel(model) -> int:

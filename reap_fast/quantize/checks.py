@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config.quantize import QuantConfig
 from ..errors import ReapFastError
-from ..outputs import check_output
+from ..outputs import claim_output
 from ..preflight import check_model_folder
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
 
 
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, model_dir: Path | None = None) -> Path:
-    """The output folder as a Path, checked against the output contract (:func:`reap_fast.outputs.check_output`)."""
+    """The output folder as a Path, checked against the output rule (:func:`reap_fast.outputs.claim_output`)."""
     try:
-        return check_output(output_dir, {"model folder": model_dir}, overwrite)
+        return claim_output(output_dir, "quantized folder", {"model folder": model_dir}, overwrite)
     except ReapFastError as error:
         raise QuantizationError(str(error)) from None
 
