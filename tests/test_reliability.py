@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -663,6 +664,19 @@ def test_i24_case6_disk_full_while_drawing_the_picture_keeps_the_model(setup, tm
     assert "cannot write: the disk is full" in _one_line(capsys.readouterr().err)
 
 
+def test_i24_case6_disk_full_in_a_child_is_one_line_to_the_parent(tmp_path):
+    from reap_fast.children import call_child
+    from reap_fast.errors import ReapFastError
+
+    script = ("import sys; from reap_fast.children import child_main\n"
+              "def work():\n    raise OSError(28, 'No space left on device', 'w4a16/model.safetensors')\n"
+              "sys.exit(child_main(work, 'reap-fast quantize'))")
+    with pytest.raises(ReapFastError) as error:
+        call_child([sys.executable, "-c", script], ReapFastError, "quantization", capture_output=True)
+    assert str(error.value) == "quantization failed: cannot write: the disk is full (w4a16/model.safetensors)"
+    assert error.value.exit_code == 1
+
+
 def test_i24_case7_sequence_lengths_are_bounded_by_the_model_and_the_memory(setup, tmp_path, capsys, monkeypatch):
     import time as clock
 
@@ -823,7 +837,7 @@ def test_i24_case12_prune_budget_and_dtype(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "bf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_i24_case12_clutter_is_silenced_and_files_follow_the_umask(setup, tmp_path, monkeypatch):
+def test_i24_case12_clutter_is_silenced_and_files_follow_the_umask(setup, tmp_path, monkeypatch, capfd):
     from reap_fast import children
     from reap_fast.logs import QUIET_ENVIRONMENT
 
@@ -838,6 +852,21 @@ def test_i24_case12_clutter_is_silenced_and_files_follow_the_umask(setup, tmp_pa
     assert "RuntimeWarning" in loud.stderr and "RuntimeWarning" not in quiet.stderr
     for module in ("evaluate/heldout.py", "evaluate/harness.py", "quantize/child.py"):
         assert "*QUIET_RUNPY, \"-m\"" in (REPO / "reap_fast" / module).read_text(), module
+    if find_spec("lm_eval") is not None:  # lm-eval asks git for the commit of the current folder
+        import lm_eval
+        import lm_eval.evaluator
+
+        from reap_fast.evaluate import HarnessSettings, harness
+
+        def evaluate(**kwargs):
+            return {"results": {}, "git_hash": lm_eval.evaluator.get_git_commit_hash()}
+
+        monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
+        monkeypatch.setattr(harness, "task_manager", lambda settings: None)
+        monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.evaluator.get_git_commit_hash)
+        monkeypatch.chdir(tmp_path)  # not a git repository
+        result = harness.evaluate_model(tmp_path, HarnessSettings(tasks=["t"], device="cpu"))
+        assert "fatal" not in capfd.readouterr().err and result["results"] == {}
     previous = os.umask(0o022)
     try:
         folder = make_tiny_checkpoint(tmp_path / "tiny", seed=0)  # the demo's and the tests' model writer
