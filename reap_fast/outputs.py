@@ -221,7 +221,7 @@ def claim_output(
 
 SCRATCH_KIND = "scratch"
 # The entries of an observation's checkpoint folder (a torchrun run: one rank<r>-of-<n> folder per process).
-CHECKPOINT_NAMES = ("state.pt", "hidden-*.bin", "rank*-of-*")
+CHECKPOINT_NAMES = ("state.pt", "hidden-*.bin", "reap-fast-hidden-*.bin", "rank*-of-*")  # + the disk tier's buffer
 
 
 def check_scratch_dir(
