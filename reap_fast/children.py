@@ -78,6 +78,11 @@ class ErrorRecord:
         os.replace(scratch, target)
 
 
+# `python -m package.module` of a module its package already imported warns "found in sys.modules" (runpy):
+# harmless for our children, which are always started that way.
+QUIET_RUNPY = ("-W", "ignore::RuntimeWarning:runpy")
+
+
 def _parent_death_hook() -> Callable[[], None] | None:
     """A function for ``preexec_fn`` that sets PR_SET_PDEATHSIG (resolved here, before any fork)."""
     if not sys.platform.startswith("linux"):

@@ -258,11 +258,26 @@ def describe_load_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {one_line(exc)}"
 
 
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as torch.save's files do: a zip archive, or a pickle (protocol 2 or later)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def load_metrics(path: str | os.PathLike) -> Observation:
     """Load and validate an observation file (ours or upstream REAP's)."""
     path = Path(path)
     if not path.is_file():
         raise MetricsFileError(f"observation file not found: {path}")
+    if not is_torch_file(path):
+        raise MetricsFileError(
+            f"cannot read observation file {path}: it is not a file torch.save wrote (neither a zip archive nor a "
+            "pickle); give the .pt that `reap-fast observe` or upstream REAP saved"
+        )
     try:
         metrics = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file; pickle refusals run to many lines

@@ -14,6 +14,9 @@ from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
 DEFAULT_MODEL_MAX_LENGTH = 2048  # tokens per packed sequence; upstream ObserverArgs.model_max_length
 ENGINE_CHOICES = ("auto", "reference", "triton")  # auto: triton on a GPU, reference on the CPU
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # auto: the checkpoint's own dtype
+# No model reap-fast supports reads sequences this long; a longer --model-max-length is a typo, refused
+# before the calibration set is built (the memory of a length is checked against the model: observe/limits).
+MAX_MODEL_MAX_LENGTH = 1 << 20
 RENORMALIZE_ALWAYS = "always"  # renormalise g over the top-k for every family (the caller decided)
 
 
@@ -45,6 +48,8 @@ class ObserveConfig:
     checkpoint_every: float = 300.0
     resume: bool = False
     progress: bool = True
+    allow_longer_than_model: bool = False  # a model_max_length above the model's max_position_embeddings
+
 
     def __post_init__(self) -> None:  # each setting named as the user knows it, with its command-line flag
         check_range("batch size (--batch-size)", self.batch_size, 1)
@@ -52,5 +57,6 @@ class ObserveConfig:
         check_choice("dtype (--dtype)", self.dtype, DTYPE_CHOICES)
         check_choice("renormalize", self.renormalize, (True, False, RENORMALIZE_ALWAYS))
         check_range("checkpoint interval in seconds (--checkpoint-every)", self.checkpoint_every, 0)
+        check_range("tokens per sequence (--model-max-length)", self.model_max_length, 1, MAX_MODEL_MAX_LENGTH)
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")

@@ -24,9 +24,11 @@ from ..data import CalibrationSet, build_calibration_set
 from ..identity import attach_identity, model_identity
 from ..metrics import LayerMetrics, save_metrics
 from ..models.loading import load_config, load_model
+from ..outputs import claim_output
 from ..preflight import check_model_folder
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators, run_fingerprint
 from .distributed import all_reduce_accumulators, init_distributed, is_main_process
+from .limits import check_sequence_length
 from .progress import TokenRate
 from .session import Observer
 from .settings import process_settings
@@ -59,11 +61,14 @@ def observe_checkpoint(
         raise ConfigError(f"output must be a file path or None, got {output!r} (settings go in the ObserveConfig)")
     model_config = load_config(model_path)
     check_model_folder(model_path, need_tokenizer=True)
+    if config.checkpoint_dir is not None:  # before any work: it is removed after success, so it must be ours
+        claim_output(config.checkpoint_dir, "checkpoint dir", {"model folder": model_path, "observation file": output})
     if config.layerwise:
         from .streaming import streaming_supported
 
         streaming_supported(model_config)
     settings = process_settings(config, model_config)
+    check_sequence_length(model_config, settings)
     rank, world = 0, 1
     if config.distributed:
         rank, world, device = init_distributed(settings.device)
@@ -88,11 +93,11 @@ def observe_checkpoint(
             model, _ = load_model(model_path, device=settings.device, dtype=settings.dtype)
             accumulators = _observe_loaded(model, calibration, settings, checkpointer, resume_state)
     all_reduce_accumulators(accumulators)
-    if checkpointer is not None:
-        checkpointer.clear()
     metrics = {index: acc.to_upstream() for index, acc in sorted(accumulators.items())}
     if output is not None and is_main_process():
         save_metrics(attach_identity(metrics, model_identity(model_config, model_path)), output)
+    if checkpointer is not None:  # only once the observation is saved: a failed save can still --resume
+        checkpointer.clear()
     return metrics
 
 
@@ -146,7 +151,9 @@ def _observe_loaded(
         rate = TokenRate()
         bar = tqdm(total=total, initial=start, desc=f"observe ({engine})", unit="batch", disable=not settings.progress)
         with bar:
-            for index, batch in enumerate(calibration.batches(batch_size, start=start * batch_size), start=start):
+            # a checkpoint taken after the last batch (the save of the observation then failed) resumes at the end
+            first = min(start * batch_size, len(calibration))
+            for index, batch in enumerate(calibration.batches(batch_size, start=first), start=start):
                 observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
                 rate.advance(bar, int(batch.attention_mask.sum()))
                 if checkpointer is not None:

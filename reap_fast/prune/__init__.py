@@ -109,8 +109,8 @@ def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: 
     pruning = resolve(PruneConfig, pruning, overrides)
     adapter = get_adapter(config)
     num_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
-    count = experts_to_prune(num_experts, pruning)
     routing = model_routing(config)
+    count = experts_to_prune(num_experts, pruning, None if pruning.global_ranking else routing["top_k"])
     if pruning.global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
         raise SelectionError(
             f"global ranking gives layers different expert counts, but the {adapter.family} config holds one count "
@@ -174,6 +174,7 @@ def prune_checkpoint(
             "global_ranking": config.global_ranking,
             "preserve_super_experts": config.preserve_super_experts,
             "preserve_outliers": config.preserve_outliers,
+            "dtype": config.dtype,  # "auto": the source's own; else the saved weights are cast to it
             "source_model": str(model_path),
             "observation_file": str(metrics_path),
             **(metadata or {}),
