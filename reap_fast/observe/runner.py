@@ -138,7 +138,8 @@ def _observe_loaded(
         "observing %d sequences of %d tokens (%d counted) with the %s engine",
         len(calibration), calibration.seq_len, calibration.num_stat_tokens(), engine,
     )
-    with Observer(model, engine=engine, renormalize=settings.renormalize) as observer:
+    with Observer(model, engine=engine, renormalize=settings.renormalize,
+                  merging=settings.merging_statistics) as observer:
         start = 0
         if resume_state is not None:
             restore_accumulators(observer.accumulators, resume_state["accumulators"])
