@@ -70,7 +70,7 @@ def observe_checkpoint(
         settings = dataclasses.replace(settings, device=device)
     calibration, label = _calibration_set(model_path, dataset, settings)
     if world > 1:
-        calibration = calibration.shard(rank, world)
+        calibration = calibration.shard(rank, world, settings.batch_size)  # whole batches, as a single process
         logger.info("rank %d of %d observes %d sequences", rank, world, len(calibration))
 
     checkpointer, resume_state = None, None
