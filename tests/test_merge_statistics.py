@@ -137,7 +137,7 @@ def test_small_chunks_give_the_same_statistics(monkeypatch):
     whole = observe(model, batches).metrics()
     hidden = model.config.hidden_size
     monkeypatch.setattr(merging, "DENSE_BYTES", 5 * 8 * hidden * 4)  # 5 tokens per chunk
-    monkeypatch.setattr(merging, "EXACT_BYTES", 2 * 4 * 8 * (2 * hidden + 8))  # 2 tokens per slice
+    monkeypatch.setattr(merging, "EXACT_BYTES", 2 * 4 * 8 * (hidden + 8))  # 2 tokens per slice
     assert merging.chunk_sizes(8, hidden, 4) == (5, 2)
     chunked = observe(model, batches).metrics()
     assert_merge_close(chunked, oracle(model, batches), "chunked")

@@ -7,21 +7,22 @@ the layer's device, engine-independent, in token chunks:
   ``dense`` tokens; every expert runs on a chunk with the module's own operations
   (:func:`~reap_fast.observe.reference.expert_forward`), its outputs kept in the model's dtype (the values
   upstream casts to fp32, so nothing is lost);
-* each chunk is then read in slices of ``exact`` tokens converted to fp32: per token, the normalised
-  outputs' Gram matrix (``torch.bmm``, an (E, H) x (H, E) product per token) gives every cosine distance at
-  once, and its rows at the token's top-k experts are the ttm distances; sums are float64.
+* each chunk is then read in slices of ``exact`` tokens converted to fp32: per token, the Gram matrix
+  of the raw outputs (``torch.bmm``, an (E, H) x (H, E) product per token) gives the norms (its
+  diagonal) and every cosine at once (no pairwise broadcast); its rows at the token's top-k experts are
+  the ttm distances. Sums are float64.
 
 Peak memory beyond the model, per MoE layer call (E experts, H hidden, I intermediate size, k top-k,
 b bytes per element of the model dtype)::
 
     dense * E * H * b                       expert outputs of one chunk
-  + exact * E * (2 * H + E) * 4             fp32 outputs, normalised outputs, per-token Gram of one slice
+  + exact * E * (H + E) * 4                 fp32 outputs and per-token Gram matrices of one slice
   + exact * k * (H + E) * 8                 routed rows and ttm rows (float64)
   + dense * (3 * I + H) * b                 one expert's intermediate activations
 
-with ``dense = max(1, DENSE_BYTES // (E * H * b))`` and ``exact = max(1, EXACT_BYTES // (4 * E * (2H + E)))``;
+with ``dense = max(1, DENSE_BYTES // (E * H * b))`` and ``exact = max(1, EXACT_BYTES // (4 * E * (H + E)))``;
 never an (E, T, H) buffer for the whole batch. At Qwen3-30B-A3B's shape in bf16 (E = 128, H = 2048,
-I = 768, k = 8): dense = 512, exact = 62, about 256 + 130 + 9 + 4 MiB.
+I = 768, k = 8): dense = 512, exact = 120, about 256 + 128 + 16 + 4 MiB.
 
 Routed-only sums (``routed_characteristic_activation``) come from the same outputs at the routed pairs,
 the router-logit distance from the router's logits (the router's own linear op, fp32 where the family's
@@ -40,14 +41,14 @@ from .reference import expert_forward
 from .triton_engine import restore_interleaved
 
 DENSE_BYTES = 256 * 2**20  # expert outputs of one chunk, in the model's dtype
-EXACT_BYTES = 128 * 2**20  # fp32 outputs, normalised outputs and per-token Gram matrices of one slice
+EXACT_BYTES = 128 * 2**20  # fp32 outputs and per-token Gram matrices of one slice
 COSINE_EPS = 1e-8  # PyTorch's cosine_similarity clamps each norm at this value
 
 
 def chunk_sizes(num_experts: int, hidden_size: int, element_size: int) -> tuple[int, int]:
     """(dense, exact): tokens per expert-output chunk and per fp32 slice (see the module docstring)."""
     dense = max(1, DENSE_BYTES // (num_experts * hidden_size * element_size))
-    exact = max(1, EXACT_BYTES // (4 * num_experts * (2 * hidden_size + num_experts)))
+    exact = max(1, EXACT_BYTES // (4 * num_experts * (hidden_size + num_experts)))
     return dense, min(exact, dense)
 
 
@@ -64,14 +65,10 @@ def router_logits(router: nn.Module, hidden_states: torch.Tensor, fp32: bool) ->
     return F.linear(hidden_states, weight, bias)
 
 
-def _normalised(rows: torch.Tensor) -> torch.Tensor:
-    norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-    return rows / norms
-
-
 def _cosine_gram(columns: torch.Tensor) -> torch.Tensor:
     """cos(columns[i], columns[j]) for the rows of a (E, n) float64 matrix, symmetric."""
-    unit = _normalised(columns)
+    norms = torch.linalg.vector_norm(columns, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    unit = columns / norms
     gram = unit @ unit.T
     return (gram + gram.T) / 2
 
@@ -85,20 +82,23 @@ def add_router_distance(sums: MergeSums, logits: torch.Tensor) -> None:
 
 
 def add_output_slice(sums: MergeSums, outputs: torch.Tensor, selected: torch.Tensor) -> None:
-    """Add one slice of tokens: ``outputs`` (n, E, H) every expert's y, ``selected`` (n, k) their top-k."""
+    """Add one slice of tokens: ``outputs`` (n, E, H) every expert's y, ``selected`` (n, k) their top-k.
+
+    Per token the fp32 Gram matrix of the raw outputs gives the norms (its diagonal) and every cosine.
+    """
     count, num_experts, hidden = outputs.shape
     top_k = selected.shape[1]
     y = outputs.float()
-    sums.characteristic += y.sum(dim=0, dtype=torch.float64)
     picked = selected.unsqueeze(-1)
-    routed = y.gather(1, picked.expand(count, top_k, hidden)).reshape(-1, hidden)
     ids = selected.reshape(-1)
+    routed = y.gather(1, picked.expand(count, top_k, hidden)).reshape(-1, hidden)
     sums.routed.index_add_(0, ids, routed.to(torch.float64))
-    unit = _normalised(y)
-    gram = torch.bmm(unit, unit.transpose(1, 2))  # (n, E, E): cos of every pair on each token
-    total = gram.sum(dim=0, dtype=torch.float64)
+    gram = torch.bmm(y, y.transpose(1, 2))  # (n, E, E)
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt().clamp_min(COSINE_EPS)
+    cosine = gram.div_(norms.unsqueeze(2)).div_(norms.unsqueeze(1))
+    total = cosine.sum(dim=0, dtype=torch.float64)
     sums.activation_distance += count - (total + total.T) / 2
-    rows = gram.gather(1, picked.expand(count, top_k, num_experts)).reshape(-1, num_experts)
+    rows = cosine.gather(1, picked.expand(count, top_k, num_experts)).reshape(-1, num_experts)
     sums.ttm.index_add_(0, ids, 1.0 - rows.to(torch.float64))
 
 
@@ -130,6 +130,7 @@ def add_merging_statistics(
     selected = top_k_index.long()
     for start in range(0, hidden_states.shape[0], dense):
         outputs = all_expert_outputs(experts, hidden_states[start : start + dense], num_experts)
+        sums.characteristic += outputs.sum(dim=0, dtype=torch.float32).to(torch.float64)
         chosen = selected[start : start + dense]
         for first in range(0, outputs.shape[0], exact):
             add_output_slice(sums, outputs[first : first + exact], chosen[first : first + exact])
