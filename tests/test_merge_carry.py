@@ -102,3 +102,23 @@ def test_torchrun_two_processes_equal_single_process(checkpoint, dataset, tmp_pa
     for layerwise in (False, True):
         _close(single[layerwise], load_metrics(tmp_path / f"rank0-layerwise{layerwise}.pt"), rtol=1e-6)
         _close(single[layerwise], load_metrics(tmp_path / f"rank1-layerwise{layerwise}.pt"), rtol=1e-6)
+
+
+def test_observe_and_run_flag_records_fourteen_keys(checkpoint, dataset, tmp_path):
+    from reap_fast.cli import main
+
+    common = ["--dataset", f"{dataset}:3", "--model-max-length", "40", "--batch-size", "2", "--device", "cpu"]
+    assert main(["observe", "--model", str(checkpoint), *common, "--output", str(tmp_path / "plain.pt")]) == 0
+    assert main(["observe", "--model", str(checkpoint), *common, "--output", str(tmp_path / "merge.pt"),
+                 "--merging-statistics"]) == 0  # fmt: skip
+    plain, merged = load_metrics(tmp_path / "plain.pt"), load_metrics(tmp_path / "merge.pt")
+    assert all(sorted(values) == sorted(METRIC_DTYPES) for values in plain.values())
+    assert all(sorted(values) == sorted(KEYS) for values in merged.values())
+    for layer in plain:  # the pruning keys do not depend on the flag
+        for key in METRIC_DTYPES:
+            torch.testing.assert_close(merged[layer][key], plain[layer][key], rtol=1e-6, atol=0)
+    output = tmp_path / "run"
+    assert main(["run", "--model", str(checkpoint), *common, "--output", str(output), "--merging-statistics",
+                 "--compression-ratio", "0.5"]) == 0  # fmt: skip
+    ran = load_metrics(output / "observation.pt")
+    assert all(sorted(values) == sorted(KEYS) for values in ran.values())
