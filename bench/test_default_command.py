@@ -92,7 +92,7 @@ def _timed(command: list[str], env: dict, cwd: Path) -> dict:
 
 def _run(name: str) -> dict:
     upstream, checkpoint, root = setup()
-    cwd = root / name
+    cwd = root / f"run-{name}"  # root/upstream holds upstream's exported source
     if cwd.exists():
         subprocess.run(["rm", "-rf", str(cwd)], check=True)
     cwd.mkdir()

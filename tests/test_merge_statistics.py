@@ -221,3 +221,20 @@ def test_validation_refuses_broken_merging_statistics(tmp_path, corrupt, message
     corrupt(layer)
     with pytest.raises(MetricsFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
         save_metrics(metrics, tmp_path / "broken.pt")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_expert_outputs_equal_one_expert_at_a_time(family):
+    """The GPU's batched products compute what the module's own per-expert operations compute."""
+    model = build_model(tiny_family_config(family, num_experts=8, top_k=2), seed=31)
+    layer = find_moe_layers(model)[0]
+    experts = layer.experts
+    if not hasattr(experts, "_apply_gate"):  # Llama-4: the engines read it through the transposed view
+        from reap_fast.observe.input_scaled import TransposedExpertsView
+
+        experts = TransposedExpertsView(experts)
+    x = torch.randn(6, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batched = merging.batched_expert_outputs(experts, x)
+        looped = merging.all_expert_outputs(experts, x, layer.num_experts)
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
