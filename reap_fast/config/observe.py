@@ -30,6 +30,8 @@ class ObserveConfig:
       the whole model.
     * ``distributed``: under ``torchrun`` (WORLD_SIZE > 1) join the process group, observe this rank's
       shard and all-reduce the statistics; False observes everything in this process.
+    * ``merging_statistics``: also record upstream's five merging statistics (every expert on every counted
+      token; pruning does not need them).
     * ``checkpoint_dir``: partial statistics are saved there every ``checkpoint_every`` seconds and on
       SIGINT/SIGTERM (None: no checkpoints); ``resume`` continues from that folder's checkpoint.
     """
@@ -44,6 +46,7 @@ class ObserveConfig:
     dtype: str = "auto"
     layerwise: bool = False
     distributed: bool = True
+    merging_statistics: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: float = 300.0
     resume: bool = False

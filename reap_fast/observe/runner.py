@@ -75,7 +75,7 @@ def observe_checkpoint(
         settings = dataclasses.replace(settings, device=device)
     calibration, label = _calibration_set(model_path, dataset, settings)
     if world > 1:
-        calibration = calibration.shard(rank, world)
+        calibration = calibration.shard(rank, world, settings.batch_size)  # whole batches, as a single process
         logger.info("rank %d of %d observes %d sequences", rank, world, len(calibration))
 
     checkpointer, resume_state = None, None
@@ -143,7 +143,8 @@ def _observe_loaded(
         "observing %d sequences of %d tokens (%d counted) with the %s engine",
         len(calibration), calibration.seq_len, calibration.num_stat_tokens(), engine,
     )
-    with Observer(model, engine=engine, renormalize=settings.renormalize) as observer:
+    with Observer(model, engine=engine, renormalize=settings.renormalize,
+                  merging=settings.merging_statistics) as observer:
         start = 0
         if resume_state is not None:
             restore_accumulators(observer.accumulators, resume_state["accumulators"])

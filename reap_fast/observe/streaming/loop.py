@@ -94,7 +94,7 @@ def observe_streaming(
             if buffer is not None and buffer.device.type != "meta":
                 module._buffers[leaf] = buffer.to(device)
 
-    observer = StreamingObserver(model, settings.engine, settings.renormalize, device)
+    observer = StreamingObserver(model, settings.engine, settings.renormalize, device, settings.merging_statistics)
     num_batches = -(-count // batch_size)
     start_layer, start_batch = 0, 0
     store = HiddenStore((count, length, hidden), dtype, tier, device, scratch_dir)

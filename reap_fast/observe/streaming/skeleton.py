@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ...metrics import LayerAccumulator
 from ...models import StreamingLayout, UnsupportedModelError, get_adapter, streaming_families
 from ..session import Observer
 from .errors import StreamingError
@@ -88,12 +87,12 @@ class PassThrough(nn.Module):
 class StreamingObserver(Observer):
     """An :class:`Observer` over a meta-device skeleton: accumulators live on the compute device."""
 
-    def __init__(self, model: nn.Module, engine: str, renormalize: bool, device: torch.device) -> None:
-        super().__init__(model, engine=engine, renormalize=renormalize)
+    def __init__(
+        self, model: nn.Module, engine: str, renormalize: bool, device: torch.device, merging: bool = False
+    ) -> None:
+        super().__init__(model, engine=engine, renormalize=renormalize, merging=merging)
         self._device = torch.device(device)
-        self.accumulators = {
-            layer.layer_index: LayerAccumulator(layer.num_experts, self._device) for layer in self.layers
-        }
+        self.accumulators = {layer.layer_index: self.new_accumulator(layer, self._device) for layer in self.layers}
 
     @contextmanager
     def counting(self, stats_mask: torch.Tensor) -> Iterator[None]:
