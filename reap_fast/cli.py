@@ -47,7 +47,11 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renormalize-router-weights", type=parse_bool, default=defaults.renormalize,
                         metavar="{true,false}")
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_CHOICES)
-    parser.add_argument("--layerwise", action="store_true", help="stream one decoder layer at a time from disk")
+    parser.add_argument("--layerwise", action="store_const", const=True, default=defaults.layerwise,
+                        help="stream one decoder layer at a time from disk (default: when the model in memory "
+                        "would not fit, by the memory plan)")
+    parser.add_argument("--no-layerwise", dest="layerwise", action="store_const", const=False,
+                        help="load the whole model (refused before loading when it cannot fit)")
     parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every,
                         help="seconds between checkpoints")
 

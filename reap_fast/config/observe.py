@@ -14,6 +14,7 @@ from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
 DEFAULT_MODEL_MAX_LENGTH = 2048  # tokens per packed sequence; upstream ObserverArgs.model_max_length
 ENGINE_CHOICES = ("auto", "reference", "triton")  # auto: triton on a GPU, reference on the CPU
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # auto: the checkpoint's own dtype
+LAYERWISE_CHOICES = ("auto", True, False)  # auto: stream when the model in memory does not fit (the memory plan)
 RENORMALIZE_ALWAYS = "always"  # renormalise g over the top-k for every family (the caller decided)
 
 
@@ -23,8 +24,9 @@ class ObserveConfig:
 
     * ``renormalize``: True renormalises g over the top-k only where the model itself does; False never;
       ``"always"`` for every family (upstream's layerwise rule).
-    * ``layerwise``: stream one decoder layer at a time from the safetensors shards instead of loading
-      the whole model.
+    * ``layerwise``: True streams one decoder layer at a time from the safetensors shards instead of loading
+      the whole model; False loads it; ``"auto"`` asks the memory plan (:mod:`reap_fast.models.memory_plan`):
+      in memory when that fits with a margin, else streamed. A choice that cannot fit is refused before loading.
     * ``distributed``: under ``torchrun`` (WORLD_SIZE > 1) join the process group, observe this rank's
       shard and all-reduce the statistics; False observes everything in this process.
     * ``checkpoint_dir``: partial statistics are saved there every ``checkpoint_every`` seconds and on
@@ -39,7 +41,7 @@ class ObserveConfig:
     renormalize: bool | str = True
     device: str = "auto"
     dtype: str = "auto"
-    layerwise: bool = False
+    layerwise: bool | str = "auto"
     distributed: bool = True
     checkpoint_dir: str | None = None
     checkpoint_every: float = 300.0
@@ -51,6 +53,7 @@ class ObserveConfig:
         check_choice("engine (--engine)", self.engine, ENGINE_CHOICES)
         check_choice("dtype (--dtype)", self.dtype, DTYPE_CHOICES)
         check_choice("renormalize", self.renormalize, (True, False, RENORMALIZE_ALWAYS))
+        check_choice("layerwise (--layerwise / --no-layerwise)", self.layerwise, LAYERWISE_CHOICES)
         check_range("checkpoint interval in seconds (--checkpoint-every)", self.checkpoint_every, 0)
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs the folder of the interrupted run's checkpoint (--checkpoint-dir)")

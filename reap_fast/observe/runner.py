@@ -27,6 +27,7 @@ from ..models.loading import load_config, load_model
 from ..preflight import check_model_folder
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators, run_fingerprint
 from .distributed import all_reduce_accumulators, init_distributed, is_main_process
+from .planning import plan_observation
 from .progress import TokenRate
 from .session import Observer
 from .settings import process_settings
@@ -45,7 +46,7 @@ def observe_checkpoint(
 
     ``config`` (default: :class:`ObserveConfig`'s defaults) with keyword ``overrides`` of its fields
     says how (see :class:`~reap_fast.config.ObserveConfig`): batch size, engine, device, dtype,
-    ``layerwise`` streaming, torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
+    ``layerwise`` streaming (default 'auto': the memory plan decides), torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
 
     * ``dataset``: a calibration spec (built with reap-fast's defaults) or an already built
       :class:`~reap_fast.data.CalibrationSet` (``samples_per_category`` and ``seed`` then only label the run).
@@ -59,15 +60,12 @@ def observe_checkpoint(
         raise ConfigError(f"output must be a file path or None, got {output!r} (settings go in the ObserveConfig)")
     model_config = load_config(model_path)
     check_model_folder(model_path, need_tokenizer=True)
-    if config.layerwise:
-        from .streaming import streaming_supported
-
-        streaming_supported(model_config)
     settings = process_settings(config, model_config)
     rank, world = 0, 1
     if config.distributed:
         rank, world, device = init_distributed(settings.device)
         settings = dataclasses.replace(settings, device=device)
+    settings = plan_observation(model_path, model_config, settings)  # in memory or streamed, before any weight
     calibration, label = _calibration_set(model_path, dataset, settings)
     if world > 1:
         calibration = calibration.shard(rank, world)
