@@ -1,5 +1,6 @@
 """A random-weight checkpoint at the real Qwen3-30B-A3B layer shape, written shard by shard in the Hub's
-per-expert layout (``mlp.experts.<e>.{gate,up,down}_proj.weight``), without building the model in memory.
+per-expert layout (``mlp.experts.<e>.{gate,up,down}_proj.weight``), without building the model in memory;
+and what the benchmarks built on it share (:func:`measure`: wall time, peak RSS, bytes read of a command).
 
     python bench/realshape.py DIR --layers 24        # ~1.25 GB per layer + 0.62 GB embeddings + 0.62 GB LM head
     python bench/realshape.py DIR --layers 2 --vocab 32768     # the 2.49 GiB speed checkpoint
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -97,7 +102,90 @@ def make(folder: Path, layers: int, seed: int = 0, vocab: int = QWEN3_30B_A3B["v
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
+    _readable_by_upstream(folder)
     return folder
+
+
+def _readable_by_upstream(folder: Path) -> None:
+    """Config and tokenizer spellings transformers 4.55 (upstream REAP's) reads too: ``torch_dtype`` next to
+    ``dtype``, the tokenizer class both name, special tokens as 4.55 lists them."""
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    settings["additional_special_tokens"] = settings.pop("extra_special_tokens", [])
+    settings.pop("backend", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def machine() -> str:
+    """'<cpu model>, N cores, X GiB RAM' of this machine (for the tables)."""
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        total = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        total = 0
+    return f"{model}, {os.cpu_count()} cores, {total / 2**20:.1f} GiB RAM"
+
+
+def warm(folder: Path) -> None:
+    """Read every file of ``folder`` once, so the page cache holds it (when it fits)."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                while handle.read(64 << 20):
+                    pass
+
+
+def measure(argv: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 7200) -> dict:
+    """Run ``argv``; its wall time, peak RSS (``ru_maxrss`` of the child), bytes it read through read calls
+    (``rchar``, polled from /proc) and from the disk (``ru_inblock``), exit status and stderr tail."""
+    began = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    rchar, finished = 0, None
+    while finished is None:
+        try:
+            io = dict(line.split(":") for line in open(f"/proc/{process.pid}/io"))
+            rchar = int(io["rchar"])
+        except (OSError, ValueError, KeyError):
+            pass
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            finished = (status, usage)
+        elif time.perf_counter() - began > timeout:
+            process.kill()
+        else:
+            time.sleep(0.2)
+    status, usage = finished
+    process.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=5)
+    return {
+        "wall_s": round(time.perf_counter() - began, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "read_gb": round(rchar / 1e9, 2), "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 2),
+        "returncode": process.returncode, "tail": "".join(output)[-3000:],
+    }  # fmt: skip
+
+
+def write_text_dataset(path: Path, documents: int = 400, seed: int = 0) -> Path:
+    """A local JSONL calibration set (``text`` column) of ``documents`` documents of 600-1400 characters."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the of and a to in is that for it as was with be by on not he this are or his from at which".split()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for index in range(documents):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(150, 350)))
+            handle.write(json.dumps({"text": f"Document {index}. {text}"}) + "\n")
+    return path
 
 
 def main() -> None:
