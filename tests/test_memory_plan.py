@@ -113,3 +113,30 @@ def test_plan_keeps_an_explicit_choice_and_a_hub_name(checkpoint):
     roomy = MemoryBudget(host_free=100 * GiB)
     assert planning.plan_observation(checkpoint, load_config(str(checkpoint)), settings, roomy).layerwise is False
     assert ObserveConfig().layerwise == "auto"
+
+
+def test_the_drop_in_prune_entry_follows_the_plan(checkpoint, dataset, tmp_path, monkeypatch, caplog):
+    """``python -m reap_fast.prune`` (upstream's in-memory script) streams a model that does not fit, and the same
+    kept experts come out as in memory; ``layerwise_prune`` always streams."""
+    from reap_fast.prune.__main__ import main as prune_main
+
+    argv = ["--model_name", str(checkpoint), "--dataset_name", str(dataset), "--prune_method", "reap",
+            "--compression_ratio", "0.25", "--seed", "7", "--batches_per_category", "2", "--model_max_length", "32",
+            "--batch_size", "2", "--record_pruning_metrics_only", "true", "--output_file_name", "obs.pt",
+            "--do_eval", "false", "--dtype", "float32", "--device", "cpu"]
+    config = load_config(str(checkpoint))
+    peaks = observation_peaks(checkpoint_sizes(checkpoint), config, BatchShape(2, 32), "cpu", 4)
+    kept = {}
+    for name, budget in (("roomy", MemoryBudget(host_free=100 * GiB)), ("tight", _budget_between(peaks))):
+        monkeypatch.setattr(planning, "free_memory", lambda device, budget=budget: budget)
+        cwd = tmp_path / name
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="reap_fast"):
+            assert prune_main(argv) == 0
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan:")]
+        assert len(lines) == 1 and ("layer streaming" in lines[0]) == (name == "tight"), lines
+        folder = next((cwd / "artifacts").rglob("pruned_experts.json"))
+        kept[name] = json.loads(folder.read_text())["layers"]
+    assert kept["roomy"] == kept["tight"]
