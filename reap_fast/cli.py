@@ -66,7 +66,11 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="renormalise the router weights over the top-k where the model itself does")
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_CHOICES,
                         help="observation engine (auto: triton on a GPU, reference on the CPU)")
-    parser.add_argument("--layerwise", action="store_true", help="stream one decoder layer at a time from disk")
+    parser.add_argument("--layerwise", action="store_const", const=True, default=defaults.layerwise,
+                        help="stream one decoder layer at a time from disk (default: when the model in memory "
+                        "would not fit, by the memory plan)")
+    parser.add_argument("--no-layerwise", dest="layerwise", action="store_const", const=False,
+                        help="load the whole model (refused before loading when it cannot fit)")
     parser.add_argument("--merging-statistics", action="store_true",
                         help="also record upstream's five merging statistics (all experts on every token)")
     parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every,
