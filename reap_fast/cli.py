@@ -66,7 +66,13 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="renormalise the router weights over the top-k where the model itself does")
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_CHOICES,
                         help="observation engine (auto: triton on a GPU, reference on the CPU)")
-    parser.add_argument("--layerwise", action="store_true", help="stream one decoder layer at a time from disk")
+    parser.add_argument("--layerwise", action="store_const", const=True, default=defaults.layerwise,
+                        help="stream one decoder layer at a time from disk (default: when the model in memory "
+                        "would not fit, by the memory plan)")
+    parser.add_argument("--no-layerwise", dest="layerwise", action="store_const", const=False,
+                        help="load the whole model (refused before loading when it cannot fit)")
+    parser.add_argument("--merging-statistics", action="store_true",
+                        help="also record upstream's five merging statistics (all experts on every token)")
     parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every,
                         help="seconds between checkpoints")
 
@@ -77,7 +83,8 @@ def observe_config(args: argparse.Namespace, **settings) -> ObserveConfig:
         samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
         batch_size=args.batch_size, seed=args.seed, engine=args.engine, renormalize=args.renormalize_router_weights,
         device=args.device, dtype=args.dtype, layerwise=args.layerwise, checkpoint_every=args.checkpoint_every,
-        allow_longer_than_model=args.allow_longer_than_model, **settings,
+        allow_longer_than_model=args.allow_longer_than_model, merging_statistics=args.merging_statistics,
+        **settings,
     )  # fmt: skip
 
 

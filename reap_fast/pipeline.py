@@ -43,7 +43,7 @@ from .outputs import (
     write_marker,
 )
 from .picture import check_picture, picture_path, write_pruning_picture
-from .preflight import check_model_folder, check_output_location, weights_bytes
+from .preflight import check_model_folder, check_output_location
 
 RUN_FOLDER_NAMES = ("observation.pt", "observation.partial", "pruned", "w4a16", "eval.json", "eval_texts.json",
                     "pruned.png", "lm_eval.json", "lm_eval", "pipeline.json")
@@ -340,14 +340,16 @@ class Pipeline:
         """Everything checkable before calibration work: model folder and family, pruning budget, room for the
         outputs, quantizability (with --quantize) and the held-out text (with --eval-dataset)."""
         from .models.loading import load_config
-        from .prune import check_prune_budget
+        from .prune import check_prune_budget, pruned_size
 
         c = self.config
         config = load_config(c.model)
         check_model_folder(c.model, need_tokenizer=True)
-        check_prune_budget(config, c.prune)
-        weights = weights_bytes(c.model)
-        check_output_location(self.root, weights + (weights // 2 if c.quantize else 0))
+        removed = check_prune_budget(config, c.prune)
+        needed = pruned_size(c.model, config, removed)  # what is really written: pruned, then its W4A16 form
+        if c.quantize:
+            needed += pruned_size(c.model, config, removed, (quant_config(c).bits, quant_config(c).group_size))
+        check_output_location(self.root, needed)
         check_picture(self.pruned, self.inputs(), overwrite=True)  # a user's pruned.png stops the run here
         if c.quantize:
             from .quantize import auto_round_version, check_group_size

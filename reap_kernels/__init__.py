@@ -8,5 +8,8 @@ See README.md in this folder.
 from .align import Alignment, align_by_expert
 from .config import INTERPRET, GemmConfig, MoEConfig, get_config
 from .moe import ExpertsLayout, fused_moe
+from .router_gate import RouterGate
+from .validate import UnsupportedInputError
 
-__all__ = ["Alignment", "align_by_expert", "INTERPRET", "GemmConfig", "MoEConfig", "get_config", "ExpertsLayout", "fused_moe"]
+__all__ = ["Alignment", "align_by_expert", "INTERPRET", "GemmConfig", "MoEConfig", "get_config", "ExpertsLayout", "fused_moe",
+           "RouterGate", "UnsupportedInputError"]

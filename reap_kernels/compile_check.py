@@ -238,7 +238,8 @@ class CompileChecker:
                 reports[(name, kernel.hash)] = report
             kernels = tuple(reports.values())
         except Exception as exc:  # a compile error is a finding, reported per config
-            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            error = f"{type(exc).__name__}: {' | '.join(lines[:1] + lines[-2:])[:400]}"
             kernels = ()
         return ConfigReport(arch, shape.name, source, config, kernels, error)
 

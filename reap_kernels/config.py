@@ -46,9 +46,14 @@ class GemmConfig:
     num_stages: int = 3
 
     def launch_options(self, block_m: int) -> dict[str, int]:
-        """The tile constexprs and launch options a grouped GEMM kernel takes."""
-        return dict(BLOCK_M=block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+        """The tile constexprs and launch options a grouped GEMM kernel takes (one cached dict per tile)."""
+        return _launch_options(self, block_m)
+
+
+@lru_cache(maxsize=None)
+def _launch_options(gemm: GemmConfig, block_m: int) -> dict[str, int]:
+    return dict(BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                num_warps=gemm.num_warps, num_stages=gemm.num_stages)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,13 @@ Layouts: ``down_proj`` (E, H, I) (not transposed) or (E, I, H) (transposed, gpt-
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
+from .sizes import cdiv
 from .tiles import grouped_tile
 
 from .gate_up import dot_precision
@@ -27,9 +30,9 @@ def _down_proj_kernel(
     h_ptr,  # (S, I) fp16/bf16/fp32: activated intermediate, row = pair id
     w_ptr,  # (E, H, I) or, transposed, (E, I, H); same dtype as h: down_proj
     b_ptr,  # (E, H) same dtype as h: down_proj_bias (read only when HAS_BIAS)
-    y_ptr,  # (S, H) same dtype as h: unweighted expert output rows, row = pair id
-    sorted_pair_ids_ptr,  # (max_blocks * BLOCK_M,) int32: expert-sorted, padded pair ids (S = padding)
-    block_expert_ptr,  # (max_blocks,) int32: expert of each block (E = empty block)
+    y_ptr,  # (S, H) same dtype as h, from y_ptr + y_offset: unweighted expert output rows, row = pair id
+    sorted_pair_ids_ptr,  # int32 Alignment buffer: padded pair ids (S = padding), then block_expert (E = empty)
+    y_offset,  # elements from y_ptr to y[0, 0] (y and h share one workspace)
     num_pairs,  # S
     num_experts,
     inter_size,  # I (reduction length)
@@ -54,7 +57,7 @@ def _down_proj_kernel(
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), max_blocks, hidden_size, BLOCK_N, GROUP_M)
 
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert = tl.load(sorted_pair_ids_ptr + max_blocks * BLOCK_M + pid_m)  # block_expert
     if expert >= num_experts:
         return
 
@@ -85,58 +88,35 @@ def _down_proj_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=col_ok, other=0.0)
         y = (y.to(tl.float32) + bias.to(tl.float32)[None, :]).to(io_dtype)
-    y_ptrs = y_ptr + pair64[:, None] * stride_ys + offs_n[None, :] * stride_yh
+    y_ptrs = y_ptr + y_offset + pair64[:, None] * stride_ys + offs_n[None, :] * stride_yh
     tl.store(y_ptrs, y, mask=row_ok[:, None] & col_ok[None, :])
 
 
+@lru_cache(maxsize=None)
+def _constants(has_bias: bool, dtype: torch.dtype, upcast: bool, gemm, block_m: int) -> dict:
+    """The kernel's constexprs and launch options (one dict per combination, built once)."""
+    return dict(HAS_BIAS=has_bias, UPCAST=upcast, DOT_PRECISION=dot_precision(dtype, upcast), **gemm.launch_options(block_m))
+
+
 def down_projection(
-    intermediate: torch.Tensor,
+    workspace: torch.Tensor,  # 1-D, input dtype: h (S, I) at [0, S * I); y (S, H) is written after it
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    sorted_pair_ids: torch.Tensor,
-    block_expert: torch.Tensor,
-    max_blocks: int,
-    *,
+    alignment,  # reap_kernels.align.Alignment
     transposed: bool,
     gemm,  # reap_kernels.config.GemmConfig
-    block_m: int,
     upcast: bool,
-) -> torch.Tensor:
-    """Launch the grouped down projection; returns y (S, H) in the input dtype (rows = pair ids)."""
-    num_pairs, inter_size = intermediate.shape
+) -> None:
+    """Launch the grouped down projection: y (S, H) rows (= pair ids) into ``workspace`` from S * I on."""
     num_experts = weight.shape[0]
-    hidden_size = weight.shape[2] if transposed else weight.shape[1]
-    y = torch.empty(num_pairs, hidden_size, dtype=intermediate.dtype, device=intermediate.device)
-    if num_pairs == 0:
-        return y
+    hidden_size, inter_size = (weight.shape[2], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[2])
+    num_pairs = alignment.num_pairs
     stride_wn, stride_wk = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
-    bias_arg = bias if bias is not None else weight
     stride_be, stride_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
-    grid = (max_blocks * triton.cdiv(hidden_size, gemm.block_n),)
+    grid = (alignment.max_blocks * cdiv(hidden_size, gemm.block_n),)
     _down_proj_kernel[grid](
-        intermediate,
-        weight,
-        bias_arg,
-        y,
-        sorted_pair_ids,
-        block_expert,
-        num_pairs,
-        num_experts,
-        inter_size,
-        hidden_size,
-        max_blocks,
-        stride_hs=intermediate.stride(0),
-        stride_hi=intermediate.stride(1),
-        stride_we=weight.stride(0),
-        stride_wn=stride_wn,
-        stride_wk=stride_wk,
-        stride_be=stride_be,
-        stride_bn=stride_bn,
-        stride_ys=y.stride(0),
-        stride_yh=y.stride(1),
-        HAS_BIAS=bias is not None,
-        UPCAST=upcast,
-        DOT_PRECISION=dot_precision(intermediate.dtype, upcast),
-        **gemm.launch_options(block_m),
+        workspace, weight, bias if bias is not None else weight, workspace, alignment.buffer, num_pairs * inter_size,
+        num_pairs, num_experts, inter_size, hidden_size, alignment.max_blocks,
+        inter_size, 1, weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1,
+        **_constants(bias is not None, workspace.dtype, upcast, gemm, alignment.block_m),
     )
-    return y

@@ -9,9 +9,11 @@ in token order), so program e walks exactly those rows, drops the pairs of maske
 * ``ean_sum[e]``          sum ||y||          (fp64)
 * ``weighted_ean_sum[e]`` sum g * ||y||      (fp64)
 * ``gate_sum[e]``         sum g              (fp64)
-* ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted)
+* ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted; NaN when
+                          a counted row holds a NaN, as torch's ``amax`` / ``maximum`` propagate it)
 
-One more program (number E) counts the counted tokens (``tokens``, () int64). With ``ACCUMULATE``
+Every program also counts the counted tokens of a 1/E slice of T into ``tokens`` (() int64, by an
+integer atomic add; without ``accumulators`` it starts from a zeroed tensor). With ``ACCUMULATE``
 the kernel adds its results into running totals instead (``max_activation``: the maximum), e.g. the
 accumulators of a layer, and adds ``count[i] + count[j]`` into the (E, E) ``pairwise`` co-occurrence
 totals, so one launch does the whole statistics update of a MoE call.
@@ -38,68 +40,83 @@ def _update(ptr, value, ACCUMULATE: tl.constexpr):
 
 @triton.jit
 def _expert_stats_kernel(
-    sorted_pair_ids_ptr,  # (rows,) int32: pair ids grouped by expert (alignment)
-    expert_start_ptr,  # (E,) int32: first row of each expert in sorted_pair_ids
-    counts_ptr,  # (E,) int32: routed pairs of each expert
-    pair_norm_ptr,  # (S,) fp32: ||y[p]||
-    pair_max_ptr,  # (S,) fp32: max_j y[p, j]
-    gates_ptr,  # (S,) fp32: REAP gate g of each pair (row-major (T, k))
-    mask_ptr,  # (T,) bool: True = token counted (read only when HAS_MASK)
-    tokens_ptr,  # () int64 out: counted tokens
+    sorted_pair_ids_ptr,  # int32 Alignment buffer: pair ids grouped by expert, ..., counts (E), expert_start (E)
+    pairs_ptr,  # (2 or 3, S) fp32: ||y[p]||, max_j y[p, j] (and g when GATES_IN_PAIRS), from combine
+    gates_ptr,  # float: REAP gate g of each pair (T, k), read through stride_gt, stride_gk (unless GATES_IN_PAIRS)
+    mask_ptr,  # (T,) bool, any stride: True = token counted (read only when HAS_MASK)
+    tokens_ptr,  # () int64 in/out: counted tokens are added (atomically)
     count_ptr,  # (E,) int64 out
     ean_ptr,  # (E,) fp64 out
     weighted_ean_ptr,  # (E,) fp64 out
     gate_sum_ptr,  # (E,) fp64 out
     max_ptr,  # (E,) fp32 out
     pairwise_ptr,  # (E, E) int64 in/out (only with PAIRWISE)
+    counts_offset,  # where counts start in the Alignment buffer (expert_start follows)
     num_tokens,
     num_experts,
     top_k,
+    stride_mask,
+    stride_gt,
+    stride_gk,
     HAS_MASK: tl.constexpr,
+    GATES_IN_PAIRS: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_ptr) instead of overwriting them
     PAIRWISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0)
-    if expert == num_experts:  # the token counter
+    # the token counter, split over the programs: each adds the counted tokens of its slice of T
+    # (int64 atomics: integer sums do not depend on their order)
+    per_program = tl.cdiv(num_tokens, num_experts)
+    slice_end = tl.minimum((expert + 1) * per_program, num_tokens)
+    tokens = tl.zeros((BLOCK,), dtype=tl.int64)
+    for first in range(expert * per_program, slice_end, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
         if HAS_MASK:
-            tokens = tl.zeros((BLOCK,), dtype=tl.int64)
-            for first in range(0, num_tokens, BLOCK):
-                offs = first + tl.arange(0, BLOCK)
-                tokens += tl.load(mask_ptr + offs, mask=offs < num_tokens, other=0).to(tl.int64)
-            _update(tokens_ptr, tl.sum(tokens, axis=0), ACCUMULATE)
+            tokens += tl.load(mask_ptr + offs.to(tl.int64) * stride_mask, mask=offs < slice_end, other=0).to(tl.int64)
         else:
-            _update(tokens_ptr, tl.sum(tl.zeros((BLOCK,), dtype=tl.int64), axis=0) + num_tokens, ACCUMULATE)
-        return
-    start = tl.load(expert_start_ptr + expert)
-    num_rows = tl.load(counts_ptr + expert)  # < T*k
+            tokens += (offs < slice_end).to(tl.int64)
+    tl.atomic_add(tokens_ptr, tl.sum(tokens, axis=0))
+
+    num_pairs = num_tokens * top_k
+    if GATES_IN_PAIRS:
+        gates_ptr = pairs_ptr + 2 * num_pairs
+    num_rows = tl.load(sorted_pair_ids_ptr + counts_offset + expert)  # counts[e] < T*k
+    start = tl.load(sorted_pair_ids_ptr + counts_offset + num_experts + expert)  # expert_start[e]
     count = tl.zeros((BLOCK,), dtype=tl.int64)
     ean = tl.zeros((BLOCK,), dtype=tl.float64)
     weighted_ean = tl.zeros((BLOCK,), dtype=tl.float64)
     gate_sum = tl.zeros((BLOCK,), dtype=tl.float64)
     row_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    has_nan = tl.zeros((BLOCK,), dtype=tl.int32)  # tl.maximum drops NaN; torch's amax / maximum keep it
     for row in range(0, num_rows, BLOCK):
         offs = row + tl.arange(0, BLOCK)
         counted = offs < num_rows
         pair = tl.load(sorted_pair_ids_ptr + start + offs, mask=counted, other=0).to(tl.int64)
         if HAS_MASK:
-            counted = counted & (tl.load(mask_ptr + pair // top_k, mask=counted, other=0) != 0)
-        norm = tl.load(pair_norm_ptr + pair, mask=counted, other=0.0).to(tl.float64)
-        gate = tl.load(gates_ptr + pair, mask=counted, other=0.0).to(tl.float64)
+            counted = counted & (tl.load(mask_ptr + (pair // top_k) * stride_mask, mask=counted, other=0) != 0)
+        norm = tl.load(pairs_ptr + pair, mask=counted, other=0.0).to(tl.float64)
+        gate_ptrs = gates_ptr + (pair // top_k) * stride_gt + (pair % top_k) * stride_gk
+        gate = tl.load(gate_ptrs, mask=counted, other=0.0).to(tl.float64)
         count += counted.to(tl.int64)
         ean += norm
         weighted_ean += gate * norm
         gate_sum += gate
-        row_max = tl.maximum(row_max, tl.load(pair_max_ptr + pair, mask=counted, other=float("-inf")))
+        pair_max = tl.load(pairs_ptr + num_pairs + pair, mask=counted, other=float("-inf"))
+        row_max = tl.maximum(row_max, pair_max)
+        has_nan |= (pair_max != pair_max).to(tl.int32)
     expert_count = tl.sum(count, axis=0)
     _update(count_ptr + expert, expert_count, ACCUMULATE)
     _update(ean_ptr + expert, tl.sum(ean, axis=0), ACCUMULATE)
     _update(weighted_ean_ptr + expert, tl.sum(weighted_ean, axis=0), ACCUMULATE)
     _update(gate_sum_ptr + expert, tl.sum(gate_sum, axis=0), ACCUMULATE)
     expert_max = tl.max(row_max, axis=0)
+    expert_nan = tl.max(has_nan, axis=0) != 0
     if ACCUMULATE:
-        expert_max = tl.maximum(expert_max, tl.load(max_ptr + expert))
-    tl.store(max_ptr + expert, expert_max)
+        running = tl.load(max_ptr + expert)
+        expert_max = tl.maximum(expert_max, running)
+        expert_nan = expert_nan | (running != running)
+    tl.store(max_ptr + expert, tl.where(expert_nan, float("nan"), expert_max))
     if PAIRWISE:  # row e and column e each get count[e]: element (i, j) gains count[i] + count[j]
         for first in range(0, num_experts, BLOCK):
             other = first + tl.arange(0, BLOCK)
@@ -119,13 +136,14 @@ STATISTICS_DTYPES = {
 
 
 def statistics_buffers(num_experts: int, device: torch.device, *, filled: bool) -> dict[str, torch.Tensor]:
-    """The per-call statistics tensors ((E,) each, plus () ``tokens``); ``filled``: the values of no
-    counted pair (0, max -inf), else uninitialised."""
+    """The per-call statistics tensors ((E,) each, plus () ``tokens``, always zeroed); ``filled``: the values
+    of no counted pair (0, max -inf), else uninitialised."""
     stats = {name: torch.empty(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
-    stats["tokens"] = torch.empty((), dtype=torch.int64, device=device)
+    stats["tokens"] = torch.zeros((), dtype=torch.int64, device=device)  # the kernel adds into it
     if filled:
         for name, tensor in stats.items():
-            tensor.fill_(float("-inf") if name == "max_activation" else 0)
+            if name != "tokens":
+                tensor.fill_(float("-inf") if name == "max_activation" else 0)
     return stats
 
 
@@ -147,9 +165,8 @@ def check_accumulators(accumulators: dict[str, torch.Tensor], num_experts: int, 
 
 def expert_statistics(
     alignment,  # reap_kernels.align.Alignment
-    pair_norm: torch.Tensor,
-    pair_max: torch.Tensor,
-    gates: torch.Tensor,
+    pairs: torch.Tensor,
+    gates: torch.Tensor | None,
     token_mask: torch.Tensor | None,
     top_k: int,
     accumulators: dict[str, torch.Tensor] | None = None,
@@ -157,34 +174,26 @@ def expert_statistics(
 ) -> dict[str, torch.Tensor]:
     """Reduce the per-pair norms and maxima into per-expert statistics (see the module docstring).
 
-    ``gates`` is (T, k) fp32 and ``token_mask`` (T,) bool or None; the pair buffers are (T*k,) fp32.
+    ``pairs`` is combine's fp32 buffer: ||y|| at [0, S), max(y) at [S, 2S) and, when ``gates`` is None,
+    the gates at [2S, 3S); else ``gates`` is (T, k) float. ``token_mask`` is (T,) bool (any stride) or None.
     Without ``accumulators`` the statistics of this call are returned in new tensors; with them (as
     checked by :func:`check_accumulators`) they are added in, and ``accumulators`` is returned.
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
-    num_experts = alignment.counts.numel()
-    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pair_norm.device, filled=False)
+    num_experts = alignment.num_experts
+    stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pairs.device, filled=False)
     pairwise = stats.get("pairwise")
-    gates = gates.to(torch.float32).contiguous()
-    _expert_stats_kernel[(num_experts + 1,)](
-        alignment.sorted_pair_ids,
-        alignment.expert_start,
-        alignment.counts,
-        pair_norm,
-        pair_max,
-        gates,
-        token_mask if token_mask is not None else pair_norm,  # never read without a mask
-        stats["tokens"],
-        stats["count"],
-        stats["ean_sum"],
-        stats["weighted_ean_sum"],
-        stats["gate_sum"],
+    gate_strides = (top_k, 1) if gates is None else (gates.stride(0), gates.stride(1))
+    _expert_stats_kernel[(num_experts,)](
+        alignment.buffer, pairs, gates if gates is not None else pairs,
+        token_mask if token_mask is not None else pairs,  # never read without a mask
+        stats["tokens"], stats["count"], stats["ean_sum"], stats["weighted_ean_sum"], stats["gate_sum"],
         stats["max_activation"],
         pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
-        gates.shape[0],
-        num_experts,
-        top_k,
+        alignment.num_rows + alignment.max_blocks, alignment.num_pairs // top_k, num_experts, top_k,
+        token_mask.stride(0) if token_mask is not None else 0, *gate_strides,
         HAS_MASK=token_mask is not None,
+        GATES_IN_PAIRS=gates is None,
         ACCUMULATE=accumulators is not None,
         PAIRWISE=pairwise is not None,
         BLOCK=block,

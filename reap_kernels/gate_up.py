@@ -27,10 +27,13 @@ swiglu). For fp32 inputs every rounding is a no-op.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
+from .sizes import cdiv
 from .tiles import grouped_tile
 
 ACTIVATIONS = {"silu": 0, "gpt_oss_swiglu": 1}
@@ -47,8 +50,7 @@ def _gate_up_kernel(
     w_ptr,  # (E, 2I, H) or, transposed, (E, H, 2I); same dtype as x: gate_up_proj
     b_ptr,  # (E, 2I) same dtype as x: gate_up_proj_bias (read only when HAS_BIAS)
     out_ptr,  # (S, I) same dtype as x: activated intermediate, row = pair id t*k+slot
-    sorted_pair_ids_ptr,  # (max_blocks * BLOCK_M,) int32: expert-sorted, padded pair ids (S = padding)
-    block_expert_ptr,  # (max_blocks,) int32: expert of each block (E = empty block)
+    sorted_pair_ids_ptr,  # int32 Alignment buffer: padded pair ids (S = padding), then block_expert (E = empty)
     num_pairs,  # S = T * k
     top_k,
     num_experts,
@@ -78,7 +80,7 @@ def _gate_up_kernel(
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), max_blocks, inter_size, BLOCK_N, GROUP_M)
 
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert = tl.load(sorted_pair_ids_ptr + max_blocks * BLOCK_M + pid_m)  # block_expert
     if expert >= num_experts:  # block past the last expert's padded segment
         return
 
@@ -145,71 +147,41 @@ def _gate_up_kernel(
     tl.store(out_ptrs, h.to(io_dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@lru_cache(maxsize=None)
+def _constants(activation: str, interleaved: bool, has_bias: bool, dtype: torch.dtype, upcast: bool, gemm,
+               block_m: int) -> dict:
+    """The kernel's constexprs and launch options (one dict per combination, built once)."""
+    return dict(ACTIVATION=ACTIVATIONS[activation], INTERLEAVED=interleaved, HAS_BIAS=has_bias, UPCAST=upcast,
+                DOT_PRECISION=dot_precision(dtype, upcast), **gemm.launch_options(block_m))
+
+
 def gate_up_activation(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    sorted_pair_ids: torch.Tensor,
-    block_expert: torch.Tensor,
-    max_blocks: int,
-    top_k: int,
-    *,
-    transposed: bool,
-    interleaved: bool,
-    activation: str,
-    alpha: float,
-    limit: float,
+    alignment,  # reap_kernels.align.Alignment
+    workspace: torch.Tensor,  # 1-D, input dtype: h is written at [0, S * I) as (S, I) rows
+    layout,  # reap_kernels.moe.ExpertsLayout
     gemm,  # reap_kernels.config.GemmConfig
-    block_m: int,
     upcast: bool,
-) -> torch.Tensor:
-    """Launch the fused gate_up + activation kernel; returns the (S, I) intermediate in the input dtype.
+) -> None:
+    """Launch the fused gate_up + activation kernel: the (S, I) intermediate h into ``workspace``.
 
     Inputs are validated by ``reap_kernels.moe.fused_moe``; this launcher only derives strides.
     """
-    num_tokens, hidden_size = hidden_states.shape
-    num_experts = weight.shape[0]
+    hidden_size = hidden_states.shape[1]
+    transposed = layout.transposed
     two_i = weight.shape[2] if transposed else weight.shape[1]
     inter_size = two_i // 2
-    num_pairs = num_tokens * top_k
-    out = torch.empty(num_pairs, inter_size, dtype=hidden_states.dtype, device=hidden_states.device)
-    if num_pairs == 0:
-        return out
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
     stride_wn, stride_wk = (weight.stride(2), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(2))
-    bias_arg = bias if bias is not None else weight
     stride_be, stride_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
-    grid = (max_blocks * triton.cdiv(inter_size, gemm.block_n),)
+    grid = (alignment.max_blocks * cdiv(inter_size, gemm.block_n),)
     _gate_up_kernel[grid](
-        hidden_states,
-        weight,
-        bias_arg,
-        out,
-        sorted_pair_ids,
-        block_expert,
-        num_pairs,
-        top_k,
-        num_experts,
-        hidden_size,
-        inter_size,
-        max_blocks,
-        float(alpha),
-        float(limit),
-        stride_xt=hidden_states.stride(0),
-        stride_xh=hidden_states.stride(1),
-        stride_we=weight.stride(0),
-        stride_wn=stride_wn,
-        stride_wk=stride_wk,
-        stride_be=stride_be,
-        stride_bn=stride_bn,
-        stride_os=out.stride(0),
-        stride_oi=out.stride(1),
-        ACTIVATION=ACTIVATIONS[activation],
-        INTERLEAVED=interleaved,
-        HAS_BIAS=bias is not None,
-        UPCAST=upcast,
-        DOT_PRECISION=dot_precision(hidden_states.dtype, upcast),
-        **gemm.launch_options(block_m),
+        hidden_states, weight, bias if bias is not None else weight, workspace, alignment.buffer,
+        alignment.num_pairs, alignment.num_pairs // hidden_states.shape[0], weight.shape[0], hidden_size, inter_size,
+        alignment.max_blocks, layout.alpha, layout.limit,
+        hidden_states.stride(0), hidden_states.stride(1), weight.stride(0), stride_wn, stride_wk, stride_be, stride_bn,
+        inter_size, 1,
+        **_constants(layout.activation, layout.interleaved, bias is not None, hidden_states.dtype, upcast, gemm,
+                     alignment.block_m),
     )
-    return out

@@ -10,7 +10,8 @@
                       expert_stats.py ─> count / ean / weighted_ean / gate_sum / max per expert
                                      (one program per expert over its sorted pairs: no atomics)
 
-``fused_moe`` validates every input (one-line ``ValueError`` messages) and launches the five steps.
+``fused_moe`` validates every input (``validate.py``: one-line ``ValueError`` messages, ``UnsupportedInputError``
+for dtypes the kernels do not take; checked once per input signature) and launches the five steps.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import torch
 
 from .align import align_by_expert
 from .combine import combine
-from .config import INTERPRET, MoEConfig, get_config
+from .config import INTERPRET, MoEConfig
 from .down_proj import down_projection
-from .expert_stats import check_accumulators, expert_statistics, statistics_buffers
-from .gate_up import ACTIVATIONS, gate_up_activation
+from .expert_stats import expert_statistics, statistics_buffers
+from .gate_up import gate_up_activation
+from .router_gate import RouterGate
+from .registered import ACCUMULATOR_NAMES, STATS_NAMES, config_to_ints, fused_moe_op, layout_to_str
+from .validate import SUPPORTED_DTYPES, UnsupportedInputError, plan_call  # noqa: F401 (re-exported)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,6 @@ class ExpertsLayout:
     limit: float = 7.0
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def fused_moe(
     hidden_states: torch.Tensor,  # (T, H) fp16/bf16/fp32
     w_gate_up: torch.Tensor,  # (E, 2I, H) or transposed (E, H, 2I), dtype of hidden_states
@@ -60,7 +58,7 @@ def fused_moe(
     layout: ExpertsLayout = ExpertsLayout(),
     b_gate_up: torch.Tensor | None = None,  # (E, 2I)
     b_down: torch.Tensor | None = None,  # (E, H)
-    gates: torch.Tensor | None = None,  # (T, k) float: REAP g; statistics are computed when given
+    gates: torch.Tensor | RouterGate | None = None,  # (T, k) float REAP g, or the router logits; statistics when given
     token_mask: torch.Tensor | None = None,  # (T,) bool: tokens counted in the statistics (None: all)
     config: MoEConfig | None = None,
     accumulators: dict[str, torch.Tensor] | None = None,  # running totals the statistics are added into
@@ -73,59 +71,49 @@ def fused_moe(
     reproducible: no float atomics, a summation order fixed by the routing. With ``accumulators``
     (tensors of those names, dtypes and shapes, optionally ``pairwise`` (E, E) int64) the statistics
     kernel adds this call's statistics into them (maximum for ``max_activation``; ``pairwise[i, j]``
-    gains ``count[i] + count[j]``) and ``stats`` is ``accumulators``.
+    gains ``count[i] + count[j]``) and ``stats`` is ``accumulators``. ``gates`` may be a
+    :class:`~reap_kernels.router_gate.RouterGate` (the router's logits): the combine kernel then computes
+    REAP's g itself (no router GEMM, softmax or gather outside the kernels).
 
-    Launches: 2 (alignment) + gate_up + down + combine (+ 1 statistics kernel); no host synchronisation.
+    Launches: alignment + gate_up + down + combine (+ statistics kernel, + a zero fill of ``tokens``
+    without ``accumulators``); no host synchronisation.
     Every launch runs on the device of ``hidden_states`` (not the current CUDA device), with the block
     sizes looked up for that device's name.
     """
-    _check(hidden_states.dim() == 2, f"hidden_states must be (T, H), got shape {tuple(hidden_states.shape)}")
-    dtype, device = hidden_states.dtype, hidden_states.device
-    _check(dtype in SUPPORTED_DTYPES, f"hidden_states dtype {dtype} is not supported (fp16, bf16, fp32)")
-    _check(layout.activation in ACTIVATIONS, f"unsupported activation {layout.activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    num_tokens, hidden_size = hidden_states.shape
-    for name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        _check(weight.dim() == 3, f"{name} must be 3-D (E, out, in), got shape {tuple(weight.shape)}")
-        _check(weight.dtype == dtype, f"{name} dtype {weight.dtype} differs from hidden_states dtype {dtype}")
-        _check(weight.device == device, f"{name} is on {weight.device}, hidden_states on {device}")
-    num_experts = w_gate_up.shape[0]
-    gate_up_in, two_i = (w_gate_up.shape[1], w_gate_up.shape[2]) if layout.transposed else (w_gate_up.shape[2], w_gate_up.shape[1])
-    _check(gate_up_in == hidden_size, f"w_gate_up shape {tuple(w_gate_up.shape)} does not match hidden size {hidden_size} (transposed={layout.transposed})")
-    _check(two_i % 2 == 0 and two_i > 0, f"w_gate_up has {two_i} gate+up columns, expected an even number")
-    inter_size = two_i // 2
-    expected_down = (num_experts, inter_size, hidden_size) if layout.transposed else (num_experts, hidden_size, inter_size)
-    _check(tuple(w_down.shape) == expected_down, f"w_down shape {tuple(w_down.shape)}, expected {expected_down}")
-    for name, bias, size in (("b_gate_up", b_gate_up, two_i), ("b_down", b_down, hidden_size)):
-        if bias is not None:
-            _check(tuple(bias.shape) == (num_experts, size), f"{name} shape {tuple(bias.shape)}, expected {(num_experts, size)}")
-            _check(bias.dtype == dtype and bias.device == device, f"{name} must be {dtype} on {device}")
-    _check(top_k_index.dim() == 2 and top_k_index.shape[0] == num_tokens,
-           f"top_k_index must be (T={num_tokens}, k), got shape {tuple(top_k_index.shape)}")
-    _check(not top_k_index.is_floating_point() and top_k_index.dtype != torch.bool,
-           f"top_k_index must hold integer expert ids, got {top_k_index.dtype}")
-    top_k = top_k_index.shape[1]
-    _check(top_k >= 1, "top_k_index has no slots (k = 0)")
-    _check(tuple(top_k_weights.shape) == (num_tokens, top_k),
-           f"top_k_weights shape {tuple(top_k_weights.shape)}, expected {(num_tokens, top_k)}")
-    _check(top_k_weights.is_floating_point() and top_k_weights.dtype in SUPPORTED_DTYPES + (torch.float64,),
-           f"top_k_weights dtype {top_k_weights.dtype} is not a supported float type")
-    _check(top_k_weights.dtype != torch.float64, "top_k_weights is float64; pass fp32 or the model dtype")
-    for name, tensor in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
-        _check(tensor.device == device, f"{name} is on {tensor.device}, hidden_states on {device}")
-    if gates is not None:
-        _check(tuple(gates.shape) == (num_tokens, top_k), f"gates shape {tuple(gates.shape)}, expected {(num_tokens, top_k)}")
-        _check(gates.is_floating_point() and gates.device == device, f"gates must be a float tensor on {device}")
-    if token_mask is not None:
-        _check(gates is not None, "token_mask is only used with statistics (pass gates)")
-        _check(token_mask.numel() == num_tokens, f"token_mask has {token_mask.numel()} entries, expected T={num_tokens}")
-        _check(token_mask.dtype == torch.bool and token_mask.device == device, f"token_mask must be bool on {device}")
-    if accumulators is not None:
-        _check(gates is not None, "accumulators are only used with statistics (pass gates)")
-        check_accumulators(accumulators, num_experts, device)
-    if config is None:
-        config = get_config(num_experts, hidden_size, inter_size, top_k, num_tokens, dtype, device=device)
-    config.validate()
+    weights = (w_gate_up, w_down, b_gate_up, b_down)
+    routing = (top_k_index, top_k_weights, gates, token_mask)
+    if torch.compiler.is_compiling():  # one opaque node for the compiler (registered.py)
+        return _call_registered(hidden_states, weights, routing, layout, config, accumulators)
+    return run_fused_moe(hidden_states, weights, routing, layout, config, accumulators)
 
+
+def _call_registered(hidden_states, weights, routing, layout, config, accumulators):
+    totals = [] if accumulators is None else [accumulators[name] for name in ACCUMULATOR_NAMES if name in accumulators]
+    top_k_index, top_k_weights, gates, token_mask = routing
+    source = gates.source() if isinstance(gates, RouterGate) else 0
+    routing = [top_k_index, top_k_weights, gates.logits if source else gates, token_mask]
+    out, *stats = fused_moe_op(hidden_states, list(weights), routing, totals, layout_to_str(layout),
+                               config_to_ints(config), source)
+    if routing[2] is None:
+        return out, None
+    return out, accumulators if accumulators is not None else dict(zip(STATS_NAMES, stats))
+
+
+def run_fused_moe(
+    hidden_states: torch.Tensor,
+    weights: tuple,  # (w_gate_up, w_down, b_gate_up | None, b_down | None)
+    routing: tuple,  # (top_k_index, top_k_weights, gates | None, token_mask | None)
+    layout: ExpertsLayout,
+    config: MoEConfig | None,
+    accumulators: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """:func:`fused_moe` with its tensors grouped: checks (cached per signature), then the launches."""
+    w_gate_up, w_down, b_gate_up, b_down = weights
+    top_k_index, top_k_weights, gates, token_mask = routing
+    plan = plan_call(hidden_states, weights, routing, layout, config, accumulators)
+    num_tokens, hidden_size, num_experts, top_k, config = (
+        plan.num_tokens, plan.hidden_size, plan.num_experts, plan.top_k, plan.config)
+    dtype, device = hidden_states.dtype, hidden_states.device
     if num_tokens == 0:
         stats = None
         if gates is not None:
@@ -134,24 +122,16 @@ def fused_moe(
     with device_guard(device):
         upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
         alignment = align_by_expert(top_k_index, num_experts, config.block_m)
-        intermediate = gate_up_activation(
-            hidden_states, w_gate_up, b_gate_up, alignment.sorted_pair_ids, alignment.block_expert,
-            alignment.max_blocks, top_k, transposed=layout.transposed, interleaved=layout.interleaved,
-            activation=layout.activation, alpha=layout.alpha, limit=layout.limit, gemm=config.gate_up,
-            block_m=config.block_m, upcast=upcast,
-        )
-        y = down_projection(
-            intermediate, w_down, b_down, alignment.sorted_pair_ids, alignment.block_expert, alignment.max_blocks,
-            transposed=layout.transposed, gemm=config.down, block_m=config.block_m, upcast=upcast,
-        )
-        out, pair_norm, pair_max = combine(
-            y, top_k_weights, dtype, with_stats=gates is not None,
-            block_h=config.combine_block_h, num_warps=config.combine_num_warps,
-        )
+        num_pairs = alignment.num_pairs
+        workspace = torch.empty(num_pairs * (plan.inter_size + hidden_size), dtype=dtype, device=device)  # h | y
+        gate_up_activation(hidden_states, w_gate_up, b_gate_up, alignment, workspace, layout, config.gate_up, upcast)
+        down_projection(workspace, w_down, b_down, alignment, layout.transposed, config.down, upcast)
+        router = (gates, top_k_index) if isinstance(gates, RouterGate) else None
+        out, pairs = combine(workspace, num_pairs * plan.inter_size, top_k_weights, gates is not None, router, config)
         if gates is None:
             return out, None
-        mask = None if token_mask is None else token_mask.reshape(-1)
-        stats = expert_statistics(alignment, pair_norm, pair_max, gates, mask, top_k, accumulators)
+        mask = None if token_mask is None else token_mask if token_mask.dim() == 1 else token_mask.reshape(-1)
+        stats = expert_statistics(alignment, pairs, None if router is not None else gates, mask, top_k, accumulators)
         return out, stats
 
 

@@ -280,7 +280,8 @@ def test_expert_statistics_reduce_pairs_exactly(masked):
     gates = torch.rand(num_tokens, top_k, generator=generator)
     mask = torch.rand(num_tokens, generator=generator) > 0.25 if masked else torch.ones(num_tokens, dtype=torch.bool)
     alignment = reap_kernels.align_by_expert(index.to(DEVICE), num_experts, block_m=16)
-    args = (alignment, pair_norm.to(DEVICE), pair_max.to(DEVICE), gates.to(DEVICE), mask.to(DEVICE) if masked else None, top_k)
+    pairs = torch.cat([pair_norm, pair_max]).to(DEVICE)  # combine's buffer: norms, then maxima
+    args = (alignment, pairs, gates.to(DEVICE), mask.to(DEVICE) if masked else None, top_k)
     with torch.device(DEVICE):
         stats = expert_statistics(*args, block=128)
     counted = mask.repeat_interleave(top_k)
@@ -335,6 +336,110 @@ def test_bad_inputs_raise_clear_errors():
         reap_kernels.fused_moe(x.double(), w_gu.double(), w_d.double(), index, weights)
     with pytest.raises(ValueError, match="outside"):  # expert id out of range: loud, never silent
         reap_kernels.fused_moe(x.cpu(), w_gu.cpu(), w_d.cpu(), index.cpu() + 4, weights.cpu())  # (CUDA: device assert)
+
+
+def _small_layer(num_tokens=16, seed=4):
+    experts = qwen3_experts(4, 2, 32, 16, torch.float32)
+    index, weights, gates, generator = routing(num_tokens, 4, 2, "random", seed)
+    x = torch.randn(num_tokens, 32, generator=generator).to(DEVICE)
+    return experts, x, index, weights, gates
+
+
+def _assert_same_stats(ours, theirs, context):
+    assert int(ours.tokens) == int(theirs.tokens), context
+    for key in STAT_KEYS:
+        torch.testing.assert_close(getattr(ours, key).double(), getattr(theirs, key).double(), rtol=1e-5, atol=1e-6,
+                                   equal_nan=True, msg=f"{context}: {key}")
+
+
+def test_strided_token_mask_counts_its_own_tokens():
+    """A non-contiguous 1-D mask (base[::2]) and a transposed 2-D one are read through their strides.
+
+    Before the fix the kernel read base[:16] with unit stride: 8 counted tokens instead of 16 here.
+    """
+    experts, x, index, weights, gates = _small_layer()
+    base = torch.zeros(32, dtype=torch.bool, device=DEVICE)
+    base[0::2] = torch.arange(16, device=DEVICE) % 4 != 1  # 12 of 16 counted; the odd entries are all False
+    strided = base[::2]
+    assert not strided.is_contiguous() and int(strided.sum()) == 12
+    with torch.no_grad():
+        ref_out, ref_stats = reference_experts_forward(experts, x, index, weights, gates, strided.contiguous())
+        for mask in (strided, strided.contiguous()):
+            out, stats = triton_experts_forward(experts, x, index, weights, gates, mask)
+            _assert_same_stats(stats, ref_stats, f"mask contiguous={mask.is_contiguous()}")
+        _, direct = reap_kernels.fused_moe(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), index, weights,
+                                           gates=gates, token_mask=strided)
+        assert int(direct["tokens"]) == 12 and int(direct["count"].sum()) == 24
+        grid = strided.contiguous().view(4, 4)  # a (batch, seq) mask given as the transpose of a (seq, batch) one
+        transposed = grid.t().contiguous().t()
+        assert not transposed.is_contiguous()
+        _, stats = triton_experts_forward(experts, x, index, weights, gates, transposed)
+        _assert_same_stats(stats, ref_stats, "2-D transposed mask")
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy inside the interpreter's tl.max
+def test_nan_activation_gives_nan_max_as_torch_does():
+    """A NaN in a counted row makes its experts' max NaN (torch.amax / maximum propagate NaN; tl.max drops it);
+    a masked token's NaN counts nowhere; a NaN running maximum stays NaN when more batches are added."""
+    experts, x, index, weights, gates = _small_layer()
+    x[3, 0] = float("nan")
+    nan_experts = set(index[3].tolist())
+    mask = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    with torch.no_grad():
+        for counted in (True, False):
+            mask[3] = counted
+            _, ref_stats = reference_experts_forward(experts, x, index, weights, gates, mask)
+            _, stats = triton_experts_forward(experts, x, index, weights, gates, mask)
+            is_nan = set(torch.nonzero(stats.max_activation.isnan()).flatten().tolist())
+            assert is_nan == (nan_experts if counted else set()), counted
+            assert torch.equal(stats.max_activation.isnan(), ref_stats.max_activation.isnan())
+            finite = ~ref_stats.max_activation.isnan()
+            torch.testing.assert_close(stats.max_activation[finite], ref_stats.max_activation[finite], rtol=1e-5, atol=1e-6)
+        accumulator = LayerAccumulator(4, DEVICE)
+        mask[3] = True
+        triton_experts_forward(experts, x, index, weights, gates, mask, accumulator)  # NaN into the running max
+        x[3, 0] = 1.0
+        triton_experts_forward(experts, x, index, weights, gates, mask, accumulator)  # a finite batch on top
+    assert set(torch.nonzero(accumulator.max_activations.isnan()).flatten().tolist()) == nan_experts
+
+
+@pytest.mark.parametrize("case", ["fp16-activations-fp32-weights", "fp64-routing-weights", "fp64"])
+def test_unsupported_dtypes_make_the_engine_unavailable(case):
+    """Dtypes the kernels do not take raise EngineUnavailableError with the reason (before any launch), so a
+    caller falls back to the reference engine; fused_moe itself raises UnsupportedInputError (a ValueError)."""
+    experts, x, index, weights, gates = _small_layer()
+    if case == "fp16-activations-fp32-weights":
+        x, match = x.half(), "dtype torch.float32 differs from hidden_states dtype torch.float16"
+    elif case == "fp64-routing-weights":
+        weights, match = weights.double(), "top_k_weights dtype torch.float64 is not supported"
+    else:
+        experts, x, weights, match = experts.double(), x.double(), weights.double(), "dtype torch.float64 is not supported"
+    with pytest.raises(EngineUnavailableError, match=match):
+        triton_experts_forward(experts, x, index, weights, gates, None)
+    with pytest.raises(reap_kernels.UnsupportedInputError, match=match):
+        reap_kernels.fused_moe(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), index, weights)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renormalized", "softmax"])
+def test_router_gate_from_logits_matches_the_pytorch_gate(renormalize, logits_dtype):
+    """RouterGate: the combine kernel's g from (strided) router logits equals the adapters' PyTorch gate
+    (softmax in fp32, gather, renormalise, clamp) to a few fp32 ulps: exp and the E-long sum round differently."""
+    experts, x, index, weights, _ = _small_layer()
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(8)).t().to(DEVICE, logits_dtype)  # strided
+    index = torch.softmax(logits.float(), -1).topk(2, -1).indices
+    gates = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, index)
+    if renormalize:
+        gates = (gates / gates.sum(-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).eps)
+    w_gu, w_d = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    mask = torch.arange(16, device=DEVICE) % 4 != 2
+    expected = reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=gates, token_mask=mask)[1]
+    ours = reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=reap_kernels.RouterGate(logits, renormalize),
+                                  token_mask=mask)[1]
+    for key in ("count", "tokens", "ean_sum", "max_activation"):  # no gate in these: the same bits
+        assert torch.equal(ours[key], expected[key]), key
+    for key in ("weighted_ean_sum", "gate_sum"):
+        torch.testing.assert_close(ours[key], expected[key], rtol=4e-7, atol=0, msg=key)
 
 
 def test_engine_unavailable(monkeypatch):

@@ -82,6 +82,7 @@ def run_fingerprint(
     """
     local = Path(model_path).expanduser()
     renormalize = settings.renormalize
+    merging = {"merging_statistics": True} if settings.merging_statistics else {}  # absent: format 1's runs
     return {
         "model": str(local.resolve()) if local.exists() else model_path,
         "dataset": dataset,
@@ -96,6 +97,7 @@ def run_fingerprint(
         "rank": int(rank),
         "world_size": int(world_size),
         "calibration": None if calibration is None else calibration_digest(calibration),
+        **merging,
     }
 
 

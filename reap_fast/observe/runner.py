@@ -29,6 +29,7 @@ from ..preflight import check_model_folder
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators, run_fingerprint
 from .distributed import all_reduce_accumulators, init_distributed, is_main_process
 from .limits import check_sequence_length
+from .planning import plan_observation
 from .progress import TokenRate
 from .session import Observer
 from .settings import process_settings
@@ -47,7 +48,7 @@ def observe_checkpoint(
 
     ``config`` (default: :class:`ObserveConfig`'s defaults) with keyword ``overrides`` of its fields
     says how (see :class:`~reap_fast.config.ObserveConfig`): batch size, engine, device, dtype,
-    ``layerwise`` streaming, torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
+    ``layerwise`` streaming (default 'auto': the memory plan decides), torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
 
     * ``dataset``: a calibration spec (built with reap-fast's defaults) or an already built
       :class:`~reap_fast.data.CalibrationSet` (``samples_per_category`` and ``seed`` then only label the run).
@@ -63,19 +64,16 @@ def observe_checkpoint(
     check_model_folder(model_path, need_tokenizer=True)
     if config.checkpoint_dir is not None:  # before any work: it is removed after success, so it must be ours
         claim_output(config.checkpoint_dir, "checkpoint dir", {"model folder": model_path, "observation file": output})
-    if config.layerwise:
-        from .streaming import streaming_supported
-
-        streaming_supported(model_config)
     settings = process_settings(config, model_config)
     check_sequence_length(model_config, settings)
     rank, world = 0, 1
     if config.distributed:
         rank, world, device = init_distributed(settings.device)
         settings = dataclasses.replace(settings, device=device)
+    settings = plan_observation(model_path, model_config, settings)  # in memory or streamed, before any weight
     calibration, label = _calibration_set(model_path, dataset, settings)
     if world > 1:
-        calibration = calibration.shard(rank, world)
+        calibration = calibration.shard(rank, world, settings.batch_size)  # whole batches, as a single process
         logger.info("rank %d of %d observes %d sequences", rank, world, len(calibration))
 
     checkpointer, resume_state = None, None
@@ -143,7 +141,8 @@ def _observe_loaded(
         "observing %d sequences of %d tokens (%d counted) with the %s engine",
         len(calibration), calibration.seq_len, calibration.num_stat_tokens(), engine,
     )
-    with Observer(model, engine=engine, renormalize=settings.renormalize) as observer:
+    with Observer(model, engine=engine, renormalize=settings.renormalize,
+                  merging=settings.merging_statistics) as observer:
         start = 0
         if resume_state is not None:
             restore_accumulators(observer.accumulators, resume_state["accumulators"])

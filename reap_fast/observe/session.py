@@ -24,6 +24,7 @@ from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
+from .merging import add_merging_statistics, router_logits
 from .triton_engine import restore_interleaved
 
 
@@ -35,13 +36,30 @@ class LayerProbe:
         self.gate_fn = gate_fn
         self.accumulator = accumulator
         self.observer = observer
+        self.router_logits: torch.Tensor | None = None  # what the router returned in this forward call
+
+    def capture_router_logits(self, router: nn.Module, args, output) -> None:
+        """Forward hook of a softmax-gate router: keep the logits (the first output) for :meth:`observe`."""
+        self.router_logits = output[0] if isinstance(output, tuple) else output
+
+    def gates(self, engine, hidden_states, top_k_index, top_k_weights):
+        """REAP's g: from the router's own logits where the engine computes it (no second router GEMM),
+        else the adapter's gate function."""
+        logits, self.router_logits = self.router_logits, None
+        make_gate = getattr(engine, "router_gate", None)
+        if make_gate is not None and logits is not None and logits.shape == (top_k_index.shape[0], self.layer.num_experts):
+            return make_gate(logits, self.observer.renormalize)
+        return self.gate_fn(hidden_states, top_k_index, top_k_weights)
 
     def observe(self, engine, experts: nn.Module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         token_mask = self.observer.token_mask_for(hidden_states.shape[0], self.layer)
         with torch.no_grad():
-            gates = self.gate_fn(hidden_states, top_k_index, top_k_weights)
+            gates = self.gates(engine, hidden_states, top_k_index, top_k_weights)
         # the engine adds the statistics into the accumulator (the Triton engine in its statistics kernel)
         output, _ = engine(experts, hidden_states, top_k_index, top_k_weights, gates, token_mask, self.accumulator)
+        if self.accumulator.merging is not None:
+            logits = router_logits(self.layer.router, hidden_states, self.observer.adapter.router_fp32)
+            add_merging_statistics(self.accumulator.merging, experts, hidden_states, top_k_index, token_mask, logits)
         return output
 
 
@@ -53,9 +71,13 @@ class Observer:
         with Observer(model, engine="reference") as observer:
             observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
         metrics = observer.metrics()  # {layer: {upstream keys}}
+
+    ``merging=True`` also records upstream's five merging statistics (:mod:`reap_fast.observe.merging`).
     """
 
-    def __init__(self, model: nn.Module, engine: str = "reference", renormalize: bool | str = True) -> None:
+    def __init__(
+        self, model: nn.Module, engine: str = "reference", renormalize: bool | str = True, merging: bool = False
+    ) -> None:
         self.model = model
         self.adapter: MoEAdapter = get_adapter(model.config)
         self.layers: list[MoELayer] = find_moe_layers(model)
@@ -75,12 +97,18 @@ class Observer:
         else:
             raise ValueError(f"renormalize must be True, False or {RENORMALIZE_ALWAYS!r}, got {renormalize!r}")
         device = self.layers[0].experts.down_proj.device
+        self.hidden_size = int(self.adapter.text_config(model.config).hidden_size) if merging else None
         self.accumulators = {
-            layer.layer_index: LayerAccumulator(layer.num_experts, layer.experts.down_proj.device) for layer in self.layers
+            layer.layer_index: self.new_accumulator(layer, layer.experts.down_proj.device) for layer in self.layers
         }
         self._device = device
         self._token_mask: torch.Tensor | None = None
         self._previous_implementation: dict | None = None
+        self._router_hooks: list = []
+
+    def new_accumulator(self, layer: MoELayer, device: torch.device) -> LayerAccumulator:
+        """An empty accumulator for ``layer`` on ``device`` (with merging sums when the observer records them)."""
+        return LayerAccumulator(layer.num_experts, device, self.hidden_size)
 
     def __enter__(self) -> "Observer":
         key = register_engine(self.engine)
@@ -90,12 +118,23 @@ class Observer:
             gate_fn = self.adapter.gate_function(layer, self.model.config, self.renormalize)
             probe = LayerProbe(layer, gate_fn, self.accumulators[layer.layer_index], self)
             object.__setattr__(layer.experts, "_reap_probe", probe)
+            if self._router_logits_usable(layer):
+                self._router_hooks.append(layer.router.register_forward_hook(probe.capture_router_logits))
             if self.adapter.expert_input_scaled:  # no experts interface: the block's forward is replaced
                 forward = functools.partial(input_scaled_moe_forward, layer.block, probe, get_engine(self.engine))
                 object.__setattr__(layer.block, "forward", forward)
         return self
 
+    def _router_logits_usable(self, layer: MoELayer) -> bool:
+        """Whether g can come from the router's returned logits: a softmax gate whose logits are the router's
+        first output (every softmax family but Llama-4's input-scaled experts), with an engine that takes them."""
+        return (getattr(get_engine(self.engine), "router_gate", None) is not None and self.adapter.gate_mode == "softmax"
+                and not self.adapter.expert_input_scaled and isinstance(layer.router, nn.Module))
+
     def __exit__(self, *exc_info) -> None:
+        for hook in self._router_hooks:
+            hook.remove()
+        self._router_hooks = []
         for layer in self.layers:
             if "_reap_probe" in layer.experts.__dict__:
                 object.__delattr__(layer.experts, "_reap_probe")

@@ -6,7 +6,8 @@ the transformers experts module (``is_transposed``, ``is_concatenated``, ``has_b
 ``has_post_expert_norm`` and its ``_apply_gate``); what the kernels compute for it is the
 :class:`~reap_fast.models.KernelLayout` of the family whose entry names the class of that ``_apply_gate``
 (transformers' default gate, silu(gate) * up on concatenated [gate; up], unless a family names its own).
-Anything the kernels cannot compute raises ``EngineUnavailableError``. Forward only (no autograd).
+Anything the kernels cannot compute (the layouts above, dtypes: mixed, or other than fp16/bf16/fp32) raises
+``EngineUnavailableError`` with the reason, before any launch. Forward only (no autograd).
 
 A layout with interleaved gate and up columns (gate0, up0, gate1, ...; gpt-oss): the first time the
 engine sees such a module it rewrites the weight and bias in place into the concatenated [gate | up]
@@ -44,9 +45,10 @@ def _is_silu(act_fn: object) -> bool:
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ in ("SiLUActivation", "SiLU")
 
 
-def _gate_class(experts: nn.Module) -> str | None:
-    """The class that defines the module's ``_apply_gate`` (None: transformers' default gate; "": no gate method)."""
-    qualname = getattr(getattr(type(experts), "_apply_gate", None), "__qualname__", "")
+@torch.compiler.assume_constant_result  # torch.compile cannot trace __qualname__: it calls this once, eagerly
+def _gate_class(experts_class: type) -> str | None:
+    """The class that defines ``_apply_gate`` (None: transformers' default gate; "": no gate method)."""
+    qualname = getattr(getattr(experts_class, "_apply_gate", None), "__qualname__", "")
     # transformers installs its default gate (act_fn(gate) * up on [gate; up]) as `_default_apply_gate`
     if qualname == "_default_apply_gate":
         return None
@@ -61,7 +63,7 @@ def experts_layout(experts: nn.Module):
         raise _unavailable(f"{name}: experts without a gate (up_proj + activation) are not supported by the triton engine")
     if getattr(experts, "has_post_expert_norm", False):
         raise _unavailable(f"{name}: a post-expert norm is not supported by the triton engine")
-    layout = kernel_layout(_gate_class(experts))
+    layout = kernel_layout(_gate_class(type(experts)))
     if layout is None:
         raise _unavailable(f"{name}: its custom _apply_gate is not supported by the triton engine")
     if bool(getattr(experts, "is_concatenated", True)) == layout.interleaved:
@@ -146,7 +148,8 @@ def triton_experts_forward(
 ) -> tuple[torch.Tensor, BatchStats | None]:
     """Routed MoE forward of ``experts`` for (T, H) ``hidden_states``; statistics when ``gates`` is given.
 
-    ``gates`` (T, k) fp32 is REAP's g per routed pair; ``token_mask`` (T,) bool marks the tokens counted
+    ``gates`` (T, k) fp32 is REAP's g per routed pair (or a ``reap_kernels.RouterGate`` from
+    :func:`router_gate`: the kernels compute g from the router's logits); ``token_mask`` (T,) bool marks the tokens counted
     in the statistics (None: all). Returns the layer output (T, H) and :class:`BatchStats` (fp64 sums,
     int64 counts, bitwise reproducible) or None. With ``accumulator`` (on the layer's device) the
     statistics kernel adds into it directly and None is returned in place of the statistics.
@@ -169,13 +172,16 @@ def triton_experts_forward(
     if token_mask is not None:
         token_mask = token_mask.reshape(-1).to(device=hidden_states.device, dtype=torch.bool)
     accumulate = accumulator is not None and gates is not None
-    out, stats = kernels.fused_moe(
-        hidden_states.detach(), w_gate_up, w_down, top_k_index, top_k_weights.detach(), layout,
-        b_gate_up=b_gate_up, b_down=b_down,
-        gates=None if gates is None else gates.detach().to(torch.float32),
-        token_mask=token_mask if gates is not None else None,
-        accumulators=_accumulator_tensors(accumulator) if accumulate else None,
-    )
+    try:
+        out, stats = kernels.fused_moe(
+            hidden_states.detach(), w_gate_up, w_down, top_k_index, top_k_weights.detach(), layout,
+            b_gate_up=b_gate_up, b_down=b_down,
+            gates=gates if gates is None or isinstance(gates, kernels.RouterGate) else gates.detach().to(torch.float32),
+            token_mask=token_mask if gates is not None else None,
+            accumulators=_accumulator_tensors(accumulator) if accumulate else None,
+        )
+    except kernels.UnsupportedInputError as exc:  # raised before any launch: the caller may fall back
+        raise _unavailable(f"{type(experts).__name__}: {exc}") from None
     if stats is None or accumulate:
         return out, None
     return out, BatchStats(
@@ -186,3 +192,13 @@ def triton_experts_forward(
         gate_sum=stats["gate_sum"],
         max_activation=stats["max_activation"],
     )
+
+
+def router_gate(logits: torch.Tensor, renormalize: bool):
+    """REAP's gate as the kernels compute it from the router's (T, E) ``logits`` (softmax, gathered at the
+    top k, renormalised when asked): pass it as ``gates`` instead of a (T, k) tensor. ``Observer`` does
+    so for softmax-gate families, with the logits the model's router returned (no second router GEMM)."""
+    return _import_kernels().RouterGate(logits.detach(), renormalize)
+
+
+triton_experts_forward.router_gate = router_gate  # the engines that take router logits say so (session.py)

@@ -22,6 +22,9 @@ from ..errors import ReapFastError
 from ..fileio import publish_folder, sha256_file
 from ..logs import tame_logger
 from ..outputs import OutputLock, clean_leftovers, work_prefix, write_marker
+from ..memory import free_memory
+from ..models.disk_estimate import written_bytes
+from ..models.memory_plan import check_fits, whole_model_peak
 from ..preflight import check_output_location, weights_bytes
 from .checks import (
     QuantizationError,
@@ -75,7 +78,9 @@ def quantize_w4a16(
 
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            check_output_location(out, weights_bytes(model_path) // 2)  # 4-bit weights of a 16-bit model, with room
+            estimate = written_bytes(model_path, quantization=(config.bits, config.group_size))
+            check_output_location(out, weights_bytes(model_path) // 2 if estimate is None else estimate)
+            check_fits(whole_model_peak(model_path, None), free_memory("cpu"), "AutoRound (the whole model on the host)")
         except ReapFastError as error:
             raise QuantizationError(str(error)) from None
         staging = Path(tempfile.mkdtemp(prefix=work_prefix(out, "partial"), dir=out.parent))

@@ -148,8 +148,9 @@ def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: boo
     settings = ObserveConfig(
         samples_per_category=obs_args.batches_per_category, model_max_length=calibration.seq_len,
         batch_size=obs_args.batch_size, seed=reap_args.seed, engine=extra.engine,
-        renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=layerwise,
+        renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=True if layerwise else "auto",
         resume=True, checkpoint_dir=f"{obs_path}.partial", allow_longer_than_model=True,  # upstream: a warning
+        merging_statistics=not obs_args.record_pruning_metrics_only,
     )  # fmt: skip
     metrics = observe_checkpoint(model_name, calibration, obs_path, settings)
     logger.info("observation saved to %s", obs_path)
