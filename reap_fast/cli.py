@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .config import ObserveConfig, PruneConfig, QuantConfig
@@ -358,8 +359,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         claim_output(args.output, "eval json", inputs, args.overwrite)
         check_output_location(args.output, 0)
     settings = _harness_settings(args, args.tasks)
-    check_tasks(settings)
-    report = run_comparison(Comparison(models, settings), args.output, overwrite=args.overwrite)
+    with output_lock(args.output) if args.output is not None else nullcontext():  # one process per results file
+        check_tasks(settings)
+        report = run_comparison(Comparison(models, settings), args.output, overwrite=args.overwrite)
     print(format_table(report["comparison"], [entry.name for entry in models]))
     if args.output:
         print(f"results written to {args.output}")

@@ -559,6 +559,17 @@ def test_i24_case2_eval_output_never_overwrites_inputs_or_user_files(setup, tmp_
         assert message in _one_line(capsys.readouterr().err)
     assert (model / "config.json").read_bytes() == config_before and user.read_text() == '{"mine": true}'
 
+    # a second process on the same results file is refused at once
+    held = tmp_path / "held.json"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["eval", "--model", str(model), "--tasks", "no_such_task", "--output", str(held)]) == 2
+        assert f"in use by pid {holder.pid}" in _one_line(capsys.readouterr().err)
+    finally:
+        holder.kill()
+        holder.wait()
+
     from reap_fast.outputs import RESULTS_TAG, claim_output
 
     ours = tmp_path / "ours.json"
