@@ -232,7 +232,7 @@ def child_main(work: Callable[[], int | None], prog: str) -> int:
         if error.errno not in LOCATION_ERRNOS:
             _record(ErrorRecord("bug", type(error).__name__, f"{type(error).__name__}: {one_line(error)}", EXIT_BUG))
             raise
-        line = f"cannot write: {describe_os_error(error)}"
+        line = describe_os_error(error)
         _record(ErrorRecord("user", type(error).__name__, line, EXIT_CANNOT_WRITE))
         print(f"{prog}: error: {line}", file=sys.stderr)
         return EXIT_CANNOT_WRITE

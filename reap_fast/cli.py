@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the disk filling up, a file system turning read-only: the place, not a bug
         if debug or exc.errno not in LOCATION_ERRNOS:
             raise
-        print(f"reap-fast {args.command}: error: cannot write: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"reap-fast {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_CANNOT_WRITE
     except KeyboardInterrupt:
         if debug:

@@ -343,7 +343,7 @@ LOCATION_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.
 
 
 def describe_os_error(exc: OSError) -> str:
-    """One line for a failed write: what the system said and on which path."""
+    """One line for a failed write or access: what the system said, in words, and on which path."""
     reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted", errno.EFBIG: "the file is too large for the file system",

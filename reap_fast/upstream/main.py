@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     except OSError as exc:  # the disk filling up or turning read-only: the place, not a bug
         if exc.errno not in LOCATION_ERRNOS:
             raise
-        print(f"{prog}: error: cannot write: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
