@@ -418,7 +418,9 @@ class Pipeline:
         from .quantize import quantize_texts, run_quantize_subprocess
 
         c = self.config
-        texts, quant = quantize_texts(self.pruned, c.dataset, quant_config(c))  # too few texts: names --nsamples
+        quant = quant_config(c)
+        # the default 128 texts shrink to what the data holds (with a warning); another count is refused
+        texts, quant = quantize_texts(self.pruned, c.dataset, quant, explicit=quant.nsamples != QuantConfig.nsamples)
         folder = run_quantize_subprocess(self.pruned, self.quantized, texts, quant)
         return [Path(folder)]
 
