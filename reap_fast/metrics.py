@@ -34,6 +34,7 @@ import torch
 from .errors import ReapFastError, one_line
 from .fileio import atomic_write
 from .merge_metrics import MergeSums, merge_problem
+from .outputs import read_head
 
 METRIC_DTYPES: dict[str, torch.dtype] = {
     "total_tokens": torch.int64,
@@ -276,11 +277,7 @@ def describe_load_error(exc: BaseException) -> str:
 
 def is_torch_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` starts as torch.save's files do: a zip archive, or a pickle (protocol 2 or later)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError:
-        return False
+    head = read_head(path, 4)
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 

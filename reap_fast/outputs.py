@@ -170,13 +170,18 @@ def check_output_file(
     return path
 
 
-def is_reap_fast_picture(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a PNG that reap-fast drew (its "Software" text chunk)."""
+def read_head(path: str | os.PathLike, size: int) -> bytes:
+    """The first ``size`` bytes of a file (fewer if it is shorter); b"" when it cannot be read."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(4096)
+            return handle.read(size)
     except OSError:
-        return False
+        return b""
+
+
+def is_reap_fast_picture(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG that reap-fast drew (its "Software" text chunk)."""
+    head = read_head(path, 4096)
     return head.startswith(b"\x89PNG") and b"Software\x00" + PNG_SOFTWARE.encode() in head
 
 
