@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv when missing, from the lock
 # (requirements/lock.txt, every package with its hash; torch outside it, see requirements/README.md).
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -35,6 +36,9 @@ TORCH_LATEST ?= $(TORCH_VERSION)
 export HAS_TORCH := import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)
 export CUDA_TORCH := import importlib.util, runpy, sys; spec = importlib.util.find_spec("torch"); \
 	sys.exit(spec is None or runpy.run_path(spec.submodule_search_locations[0] + "/version.py").get("cuda") is None)
+export VERSIONS := import importlib.metadata as m; \
+	print(", ".join(f"{n} {m.version(n)}" for n in ("torch", "transformers", "triton", "kernels", "datasets", "accelerate", \
+	"safetensors", "auto-round", "lm-eval")))
 define install_locked
 	test -x $(1)/bin/python || $(PYTHON311) -m venv $(1)
 	$(1)/bin/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/tools.txt
@@ -81,10 +85,11 @@ test-latest: $(STAMP)
 		pyproject.toml requirements/build.in $(EXTRAS) -o $(LATEST_VENV)/latest.txt
 	$(call install_locked,$(LATEST_VENV),$(LATEST_VENV)/latest.txt,$(TORCH_LATEST))
 	$(LATEST_VENV)/bin/uv pip install -q --python $(LATEST_VENV)/bin/python --no-deps --no-build-isolation -e .
-	$(LATEST_VENV)/bin/python -c "import torch, transformers, triton; print('test-latest: torch', torch.__version__, \
-		'transformers', transformers.__version__, 'triton', triton.__version__)"
 	$(MAKE) venv-upstream || echo "make venv-upstream failed: the tests that need transformers 4.55 will skip"
 	$(LATEST_VENV)/bin/pytest -q
+	@echo "test-latest passed with: $$($(LATEST_VENV)/bin/python -c "$$VERSIONS"); not in the lock:" \
+		"$$(comm -13 <(grep -o '^[a-z0-9_.-]*==[^ ]*' $(LOCK) | sort) <(grep -o '^[a-z0-9_.-]*==[^ ]*' $(LATEST_VENV)/latest.txt | sort) \
+		| tr '\n' ' ' | sed 's/^$$/nothing/')"
 
 # The quality study (README "Does the pruned model stay good?"); not part of CI. Resumes when interrupted.
 study: $(STAMP)

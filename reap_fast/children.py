@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import ReapFastError, one_line
+from .errors import EXIT_CANNOT_WRITE, ReapFastError, one_line
+from .outputs import LOCATION_ERRNOS, describe_os_error
 
 PR_SET_PDEATHSIG = 1
 PARENT_ENV = "REAP_FAST_PARENT_PID"
@@ -76,6 +77,11 @@ class ErrorRecord:
         scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         scratch.write_text(json.dumps(asdict(self)), encoding="utf-8")
         os.replace(scratch, target)
+
+
+# `python -m package.module` of a module its package already imported warns "found in sys.modules" (runpy):
+# harmless for our children, which are always started that way.
+QUIET_RUNPY = ("-W", "ignore::RuntimeWarning:runpy")
 
 
 def _parent_death_hook() -> Callable[[], None] | None:
@@ -210,8 +216,9 @@ def _crash_report(what: str, completed: subprocess.CompletedProcess, record: Err
 def child_main(work: Callable[[], int | None], prog: str) -> int:
     """Run a child's ``work`` under the error protocol; returns the exit code for ``sys.exit``.
 
-    SIGTERM becomes ``SystemExit`` (cleanup runs). A :class:`ReapFastError` is recorded (kind ``user``,
-    its line and exit code), printed as ``PROG: error: LINE`` and its exit code returned; any other
+    SIGTERM becomes ``SystemExit`` (cleanup runs). A :class:`ReapFastError`, or an ``OSError`` of a full or
+    read-only disk, is recorded (kind ``user``, its line and exit code), printed as ``PROG: error: LINE`` and
+    its exit code returned; any other
     exception is recorded (kind ``bug``, exit code 1) and raised again, so its traceback reaches stderr.
     """
     exit_on_sigterm()
@@ -221,6 +228,14 @@ def child_main(work: Callable[[], int | None], prog: str) -> int:
         _record(ErrorRecord("user", type(error).__name__, str(error), error.exit_code))
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # a full or read-only disk: the machine's state, reported as one line
+        if error.errno not in LOCATION_ERRNOS:
+            _record(ErrorRecord("bug", type(error).__name__, f"{type(error).__name__}: {one_line(error)}", EXIT_BUG))
+            raise
+        line = describe_os_error(error)
+        _record(ErrorRecord("user", type(error).__name__, line, EXIT_CANNOT_WRITE))
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
     except Exception as error:
         _record(ErrorRecord("bug", type(error).__name__, f"{type(error).__name__}: {one_line(error)}", EXIT_BUG))
         raise

@@ -9,6 +9,7 @@ keep working.
 from __future__ import annotations
 
 EXIT_USAGE = 2
+EXIT_CANNOT_WRITE = 1  # the disk filled up or turned read-only during the work
 EXIT_INTERRUPTED = 130
 
 

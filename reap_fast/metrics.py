@@ -17,6 +17,9 @@ Saved format (``torch.save``), exactly as upstream's ``MoETransformerObserver.re
         "reap": float32[E],                            # weighted_ean_sum / frequency (0 where unused)
         "max_activations": float32[E],                 # max(0, largest element of any y) (upstream starts at 0)
     }}
+
+With merging statistics on (upstream's default ``--record_pruning_metrics_only false``) each layer also holds
+upstream's five merging keys, float32 (:mod:`reap_fast.merge_metrics`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch
 
 from .errors import ReapFastError, one_line
 from .fileio import atomic_write
+from .merge_metrics import MergeSums, merge_problem
+from .outputs import read_head
 
 METRIC_DTYPES: dict[str, torch.dtype] = {
     "total_tokens": torch.int64,
@@ -88,10 +93,14 @@ class BatchStats:
 
 
 class LayerAccumulator:
-    """Running REAP statistics of one MoE layer: counts in int64, sums in float64, maxima in float32."""
+    """Running REAP statistics of one MoE layer: counts in int64, sums in float64, maxima in float32.
 
-    def __init__(self, num_experts: int, device: torch.device | str = "cpu") -> None:
+    With ``hidden_size`` it also carries the merging statistics' sums (``merging``, None otherwise).
+    """
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu", hidden_size: int | None = None) -> None:
         self.num_experts = num_experts
+        self.merging = None if hidden_size is None else MergeSums(num_experts, hidden_size, device)
         self.total_tokens = torch.zeros((), dtype=torch.int64, device=device)
         self.expert_frequency = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.pairwise_expert_frequency = torch.zeros(num_experts, num_experts, dtype=torch.int64, device=device)
@@ -125,6 +134,7 @@ class LayerAccumulator:
             "weighted_ean_sum": self.weighted_ean_sum,
             "weighted_expert_frequency_sum": self.weighted_expert_frequency_sum,
             "max_activations": self.max_activations,
+            **(self.merging.state_tensors() if self.merging is not None else {}),
         }
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
@@ -148,6 +158,9 @@ class LayerAccumulator:
         used = freq > 0
         ean_sum = self.ean_sum.cpu()
         weighted = self.weighted_ean_sum.cpu()
+        merging = {} if self.merging is None else self.merging.to_upstream(
+            freq, self.pairwise_expert_frequency, self.total_tokens
+        )
         return {
             "total_tokens": self.total_tokens.cpu().clone(),
             "expert_frequency": freq.clone(),
@@ -158,6 +171,7 @@ class LayerAccumulator:
             "ean_mean": torch.where(used, ean_sum / safe, 0.0).to(torch.float32),
             "reap": torch.where(used, weighted / safe, 0.0).to(torch.float32),
             "max_activations": self.max_activations.cpu().clone(),
+            **merging,
         }
 
 
@@ -187,6 +201,9 @@ def validate_metrics(metrics: object, source: str = "metrics") -> dict[int, Laye
                     f"{source}: layer {layer} key {key} has shape {tuple(value.shape)}, expected {expected_shape}"
                 )
         check_values(layer_metrics, f"{source}: layer {layer}")
+        problem = merge_problem(layer_metrics, num_experts)
+        if problem is not None:
+            raise MetricsFileError(f"{source}: layer {layer} {problem}")
     return metrics
 
 
@@ -258,18 +275,29 @@ def describe_load_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {one_line(exc)}"
 
 
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as torch.save's files do: a zip archive, or a pickle (protocol 2 or later)."""
+    head = read_head(path, 4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def load_metrics(path: str | os.PathLike) -> Observation:
     """Load and validate an observation file (ours or upstream REAP's)."""
     path = Path(path)
     if not path.is_file():
         raise MetricsFileError(f"observation file not found: {path}")
+    if not is_torch_file(path):
+        raise MetricsFileError(
+            f"cannot read observation file {path}: it is not a file torch.save wrote (neither a zip archive nor a "
+            "pickle); give the .pt that `reap-fast observe` or upstream REAP saved"
+        )
     try:
         metrics = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file; pickle refusals run to many lines
         raise MetricsFileError(f"cannot read observation file {path}: {describe_load_error(exc)}") from None
     observation = Observation(validate_metrics(metrics, str(path)))
     identities = [values.pop(IDENTITY_KEY, None) for values in observation.values()]
-    # Upstream files may carry extra merging statistics; keep every other key, validate ours.
+    # Every key is kept: the nine pruning keys and the five merging ones (both validated), any other as it is.
     observation.identity = identities[0] if isinstance(identities[0], dict) else None
     return observation
 

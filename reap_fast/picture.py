@@ -23,6 +23,7 @@ import torch
 
 from .fileio import atomic_write
 from .metrics import LayerMetrics, load_metrics
+from .outputs import LOCATION_ERRNOS, PNG_SOFTWARE, claim_output, describe_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -121,20 +122,42 @@ def draw(pictures: Sequence[LayerPicture], title: str, path: str | os.PathLike) 
             axes.legend(handles=[Patch(color=KEPT_COLOR, label="kept"), Patch(color=REMOVED_COLOR, label="removed")],
                         loc="upper right", fontsize=8, frameon=False)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", metadata={"Software": PNG_SOFTWARE})  # how claim_output knows it
     return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
-def write_pruning_picture(metrics_path: str | os.PathLike, pruned_dir: str | os.PathLike) -> Path | None:
+def check_picture(
+    pruned_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None, overwrite: bool = False
+) -> Path:
+    """Before pruning: the picture's path may be written (not an input, not a user's file or folder)."""
+    return claim_output(picture_path(pruned_dir), "picture", inputs, overwrite)
+
+
+def write_pruning_picture(
+    metrics_path: str | os.PathLike, pruned_dir: str | os.PathLike, overwrite: bool = True
+) -> Path | None:
     """Draw the picture of a pruned folder (its ``pruned_experts.json``) from the observation it was pruned with.
 
-    Returns the PNG's path, or None (with one log line) when matplotlib is not installed.
+    The path is checked again (:func:`check_picture`; ``overwrite``: an earlier picture of reap-fast may be
+    replaced). Returns the PNG's path, or None with one warning line when matplotlib is not installed or the
+    disk cannot take the picture (the pruned model is written by then and stays valid).
     """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         logger.info("pruning picture skipped: matplotlib is not installed (pip install matplotlib)")
         return None
+    check_picture(pruned_dir, overwrite=overwrite)
+    try:
+        return _write_picture(metrics_path, pruned_dir)
+    except OSError as exc:
+        if exc.errno not in LOCATION_ERRNOS:
+            raise
+        logger.warning("pruning picture not written: %s (the pruned model is complete)", describe_os_error(exc))
+        return None
+
+
+def _write_picture(metrics_path: str | os.PathLike, pruned_dir: str | os.PathLike) -> Path:
     report = json.loads((Path(pruned_dir) / "pruned_experts.json").read_text())
     removed = {int(layer): entry["removed"] for layer, entry in report["layers"].items()}
     pictures = layer_pictures(load_metrics(metrics_path), removed)

@@ -11,6 +11,9 @@ Output folder layout::
     OUTPUT/lm_eval/           one file per evaluated model, reused when a run resumes mid-stage
     OUTPUT/pipeline.json      settings, and per finished stage: seconds and SHA-256 of its outputs
 
+Those names (and ``observation.partial/``, ``eval_texts.json``) are :data:`RUN_FOLDER_NAMES`, the entries the
+folder's marker lists; anything else in it is the user's and is never replaced.
+
 A rerun skips every stage whose recorded outputs still exist with the recorded checksums, so an
 interrupted run continues where it stopped; a folder's mere presence is never taken as done.
 """
@@ -33,14 +36,17 @@ from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tr
 from .outputs import (
     OutputError,
     check_not_overlapping,
-    check_output,
+    claim_output,
     clean_folder_leftovers,
     clean_leftovers,
     output_lock,
     write_marker,
 )
-from .picture import picture_path, write_pruning_picture
-from .preflight import check_model_folder, check_output_location, weights_bytes
+from .picture import check_picture, picture_path, write_pruning_picture
+from .preflight import check_model_folder, check_output_location
+
+RUN_FOLDER_NAMES = ("observation.pt", "observation.partial", "pruned", "w4a16", "eval.json", "eval_texts.json",
+                    "pruned.png", "lm_eval.json", "lm_eval", "pipeline.json")
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,7 @@ SHARED_NAMES = {"seed": ("observe", "prune", "quantize"), "device": ("observe", 
 # Settings that change where or how fast a result is computed, not the result (or, lm_eval, that its own
 # stage checks): left out of the fingerprint, so a run resumes with other values.
 VOLATILE = {"engine", "device", "layerwise", "checkpoint_every", "progress", "distributed", "checkpoint_dir",
-            "resume", "overwrite", "harness"}
+            "resume", "overwrite", "harness", "allow_longer_than_model"}
 STAGE_CONFIGS = {"observe": ObserveConfig, "prune": PruneConfig, "quantize": QuantConfig, "evaluate": EvalConfig}
 
 
@@ -281,7 +287,7 @@ class Pipeline:
         try:
             check_not_overlapping(self.root, self.inputs())
             if not self.state_path.is_file():
-                check_output(self.root, self.inputs(), self.config.overwrite)
+                claim_output(self.root, "run folder", self.inputs(), self.config.overwrite)
         except OutputError as exc:
             raise PipelineError(str(exc)) from None
         if not self.state_path.is_file():
@@ -334,14 +340,17 @@ class Pipeline:
         """Everything checkable before calibration work: model folder and family, pruning budget, room for the
         outputs, quantizability (with --quantize) and the held-out text (with --eval-dataset)."""
         from .models.loading import load_config
-        from .prune import check_prune_budget
+        from .prune import check_prune_budget, pruned_size
 
         c = self.config
         config = load_config(c.model)
         check_model_folder(c.model, need_tokenizer=True)
-        check_prune_budget(config, c.prune)
-        weights = weights_bytes(c.model)
-        check_output_location(self.root, weights + (weights // 2 if c.quantize else 0))
+        removed = check_prune_budget(config, c.prune)
+        needed = pruned_size(c.model, config, removed)  # what is really written: pruned, then its W4A16 form
+        if c.quantize:
+            needed += pruned_size(c.model, config, removed, (quant_config(c).bits, quant_config(c).group_size))
+        check_output_location(self.root, needed)
+        check_picture(self.pruned, self.inputs(), overwrite=True)  # a user's pruned.png stops the run here
         if c.quantize:
             from .quantize import auto_round_version, check_group_size
 
@@ -355,17 +364,18 @@ class Pipeline:
         if evaluation.harness and not self.is_done("lm_eval"):
             from .evaluate.harness import check_tasks
 
-            check_tasks(evaluation.harness)
+            check_tasks(evaluation.harness, without="run without --eval-tasks to skip the evaluation")
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every chosen stage; returns the summary dictionary."""
+        check_output_location(self.root, 0)  # before the lock: a read-only place is one line, not a traceback
         with output_lock(self.root):  # a second run on the same --output is refused at once
             clean_leftovers(self.root)
             self.state = self._load_state()  # another run may have finished since this object was made
             self.check_inputs()
             self.root.mkdir(parents=True, exist_ok=True)
             clean_folder_leftovers(self.root)
-            write_marker(self.root, "run")
+            write_marker(self.root, "run", list(RUN_FOLDER_NAMES))
             atomic_write_json(self.state, self.state_path)
             return self._run_stages()
 
@@ -401,19 +411,16 @@ class Pipeline:
 
         c = self.config
         folder = prune_checkpoint(c.model, self.observation, self.pruned, prune_config(c))
-        write_pruning_picture(self.observation, folder)
+        write_pruning_picture(self.observation, folder, overwrite=True)
         return [folder]
 
     def _quantize(self) -> list[Path]:
-        from transformers import AutoTokenizer
-
-        from .data import calibration_texts
-        from .quantize import run_quantize_subprocess
+        from .quantize import quantize_texts, run_quantize_subprocess
 
         c = self.config
-        tokenizer = AutoTokenizer.from_pretrained(self.pruned)
         quant = quant_config(c)
-        texts = calibration_texts(c.dataset, tokenizer, quant.nsamples, seed=quant.seed)
+        # the default 128 texts shrink to what the data holds (with a warning); another count is refused
+        texts, quant = quantize_texts(self.pruned, c.dataset, quant, explicit=quant.nsamples != QuantConfig.nsamples)
         folder = run_quantize_subprocess(self.pruned, self.quantized, texts, quant)
         return [Path(folder)]
 
@@ -431,10 +438,11 @@ class Pipeline:
         models = {"original": c.model, "pruned": str(self.pruned)}
         if c.quantize:
             models["w4a16"] = str(self.quantized)
-        results = {
-            name: perplexity_in_child(path, texts_file, evaluation, quantized=(name == "w4a16"))
-            for name, path in models.items()
-        }
+        results = {}
+        with tqdm(models.items(), desc="eval (perplexity)", unit="model", disable=not c.progress) as bar:
+            for name, path in bar:  # one child per model, seconds to minutes each: the bar says which one runs
+                bar.set_postfix(model=name)
+                results[name] = perplexity_in_child(path, texts_file, evaluation, quantized=(name == "w4a16"))
         texts_file.unlink()
         return [atomic_write_json(results, self.eval_file)]
 
@@ -446,7 +454,7 @@ class Pipeline:
         if self.config.quantize:
             models.append(ModelEntry("w4a16", str(self.quantized), stages["quantize"]["outputs"]))
         comparison = Comparison(models, self.config.evaluate.harness, cache_dir=self.root / "lm_eval")
-        run_comparison(comparison, self.lm_eval_file)
+        run_comparison(comparison, self.lm_eval_file, overwrite=True)
         return [self.lm_eval_file]
 
     def summary(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from .errors import ReapFastError
+from .outputs import OutputLocationError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Any of these makes AutoTokenizer load the checkpoint's own tokenizer instead of inventing one.
@@ -22,10 +23,6 @@ _MAX_HEADER_BYTES = 100 << 20
 
 class ModelFolderError(ReapFastError):
     """A model folder that is missing, incomplete or corrupt."""
-
-
-class OutputLocationError(ReapFastError):
-    """An output location that cannot be written or has no room for the stage's files."""
 
 
 def is_path_like(name: str) -> bool:

@@ -460,6 +460,15 @@ def test_shard_is_strided():
         calib.shard(0, 0)
 
 
+def test_shard_by_whole_batches():
+    calib = make_set()
+    shards = [calib.shard(rank, 2, unit=2) for rank in range(2)]
+    assert shards[0].input_ids.tolist() == calib.input_ids[[0, 1, 4]].tolist()
+    assert shards[1].input_ids.tolist() == calib.input_ids[[2, 3]].tolist()
+    with pytest.raises(CalibrationDataError, match="unit must be a positive integer"):
+        calib.shard(0, 2, unit=0)
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 

@@ -301,9 +301,15 @@ def test_a_failed_evaluation_is_one_line_naming_the_model(setup, tmp_path, capsy
     root, model, tasks, _ = setup
     task = tmp_path / "lost.yaml"  # a task named by its YAML file, whose data file is gone
     task.write_text(MC_YAML.replace("task: tiny_mc", "task: lost_mc").format(data=tmp_path / "missing.jsonl"))
+    # the command finds the missing data before any model is evaluated (issue 24) ...
     assert main(["eval", "--model", str(model), "--tasks", str(task), "--device", "cpu"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"reap-fast eval: error: lm-eval on {model} failed: ")
+    assert error.startswith(f"reap-fast eval: error: the data of lm-eval task(s) {task} cannot be loaded")
+    assert "missing.jsonl" in error
+    # ... and an evaluation that fails in its child is one line naming the model
+    with pytest.raises(HarnessError) as failed:
+        harness.evaluate_in_child(model, HarnessSettings(tasks=[str(task)], device="cpu"))
+    assert str(failed.value).startswith(f"lm-eval on {model} failed: ") and "\n" not in str(failed.value)
 
 
 # --- the drop-in's --do_eval ---------------------------------------------------------------------------

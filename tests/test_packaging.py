@@ -58,16 +58,16 @@ def test_transformers_gets_hugging_face_kernels_from_any_working_directory(where
     assert f"reap_kernels: {REPO / 'reap_kernels'}" in result.stdout
 
 
-@pytest.mark.parametrize("module", CHILD_MODULES)
-def test_each_child_process_kind_starts_from_the_repository_root(module):
-    """``python -m MODULE`` puts the working directory first on sys.path, as the project's children have it: the
-    module imports, then transformers' modeling utilities load Hugging Face's `kernels`, not ours."""
-    _hf_kernels_origin()
-    loaded = _run([sys.executable, "-c", f"import importlib; importlib.import_module({module!r})" + PROBE], REPO)
+def test_each_child_process_kind_starts_from_the_repository_root():
+    """A child has the working directory first on sys.path (``python -m``, ``python -c``): every module the project
+    starts as a process imports, then transformers' modeling utilities load Hugging Face's `kernels`, not ours."""
+    origin = _hf_kernels_origin()
+    imports = "".join(f"importlib.import_module({module!r})\n" for module in CHILD_MODULES)
+    loaded = _run([sys.executable, "-c", "import importlib\n" + imports + PROBE], REPO)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
-    if module != "reap_fast.quantize.worker":  # the worker takes a request file, not flags
-        result = _run([sys.executable, "-m", module, "--help"], REPO)
-        assert result.returncode == 0, result.stderr[-2000:]
+    assert f"kernels: {origin}" in loaded.stdout
+    as_module = _run([sys.executable, "-m", "reap_fast.evaluate.heldout", "--help"], REPO)
+    assert as_module.returncode == 0, as_module.stderr[-2000:]
 
 
 def test_every_package_folder_is_in_the_package_list():

@@ -27,7 +27,6 @@ def test_budget_defaults_to_the_ratio_only_when_no_budget_is_given():
     assert PruneConfig(compression_ratio=0.25).compression_ratio == 0.25
     # E = 8: int(8 * 0.5) = 4, int(8 * 0.3) = int(2.4) = 2, int(8 * 0.99) = 7; a count is taken as given
     assert [experts_to_prune(8, PruneConfig(compression_ratio=r)) for r in (0.5, 0.3, 0.99)] == [4, 2, 7]
-    assert experts_to_prune(8, PruneConfig(n_experts_to_prune=0)) == 0
     assert experts_to_prune(8, PruneConfig(n_experts_to_prune=7)) == 7
     with pytest.raises(SelectionError, match="n_experts_to_prune=8 is out of range: the model has 8 experts"):
         experts_to_prune(8, PruneConfig(n_experts_to_prune=8))
@@ -41,7 +40,8 @@ def test_budget_defaults_to_the_ratio_only_when_no_budget_is_given():
         ({"compression_ratio": -0.1}, f"compression_ratio=-0.1 {RATIO}"),
         ({"compression_ratio": 0.5, "n_experts_to_prune": 2},
          "give either compression_ratio (--compression-ratio) or n_experts_to_prune (--n-experts-to-prune), not both"),
-        ({"n_experts_to_prune": -1}, "n_experts_to_prune (--n-experts-to-prune) must be in [0, inf), got -1"),
+        ({"n_experts_to_prune": -1}, "n_experts_to_prune (--n-experts-to-prune) must be in [1, inf), got -1"),
+        ({"n_experts_to_prune": 0}, "n_experts_to_prune (--n-experts-to-prune) must be in [1, inf), got 0"),
         ({"n_experts_to_prune": 2.0}, "n_experts_to_prune (--n-experts-to-prune) must be an integer, got 2.0"),
         ({"n_experts_to_prune": True}, "n_experts_to_prune (--n-experts-to-prune) must be an integer, got True"),
         ({"min_experts_per_layer": 0}, "min_experts_per_layer (--min-experts-per-layer) must be in [1, inf), got 0"),

@@ -58,9 +58,11 @@ def test_cli_and_pipeline_take_their_defaults_from_the_config():
     quantize = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d"])
     run = build_parser().parse_args(["run", "--model", "m", "--output", "o", "--dataset", "d"])
     expected = QuantConfig()
+    # --nsamples left out is None: QuantConfig's 128, or all the texts the data holds when it holds fewer
     assert (quantize.iters, quantize.nsamples, quantize.seqlen, quantize.batch_size, quantize.seed, quantize.device) == (
-        200, 128, 512, 8, 42, "auto")
-    assert (run.iters, run.nsamples, run.seqlen, run.quant_batch_size) == (200, 128, 512, 8)
+        200, None, 512, 8, 42, "auto")
+    assert (run.iters, run.nsamples, run.seqlen, run.quant_batch_size) == (200, None, 512, 8)
+    assert f"default: {expected.nsamples}" in build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
     built = quant_config(PipelineConfig(model="m", dataset="d", output="o", quantize="w4a16"))
     assert dataclasses.replace(built, overwrite=False) == expected
 

@@ -149,6 +149,16 @@ def test_output_is_complete_and_atomic(quantized):
     assert type(quantized["model"].model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
 
 
+def test_disk_estimate_matches_the_quantized_folder(quantized):
+    """The pre-flight estimate of the W4A16 folder (bits, group size) is within 15 % above what AutoRound wrote."""
+    from reap_fast.fileio import size_on_disk
+    from reap_fast.models.disk_estimate import written_bytes
+
+    estimate = written_bytes(quantized["source"], quantization=(4, GROUP))
+    written = size_on_disk(quantized["output"])
+    assert written <= estimate <= 1.15 * written, (estimate, written)
+
+
 def test_quantization_config(quantized):
     qcfg = json.loads((quantized["output"] / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "auto-round"

@@ -139,9 +139,18 @@ def test_fused_experts_match_from_pretrained(deep_checkpoint):
             assert torch.equal(tensor, reference[f"{name}.{index}.{key}"]), key
 
 
+def test_every_family_streams():
+    """With streaming chosen automatically, a family that cannot stream would make large models impossible."""
+    from reap_fast.models import ADAPTERS
+
+    assert set(STREAMING_FAMILIES) == {adapter.family for adapter in ADAPTERS}
+    assert "mixtral" in STREAMING_FAMILIES
+
+
 @pytest.mark.parametrize("family", [f for f in STREAMING_FAMILIES if f != "qwen3_moe"])
 def test_streaming_equals_in_memory_other_families(family, tmp_path):
-    """Dense first layers (DeepSeek-V3, GLM-4.5), hybrid linear attention with padding (Qwen3-Next, 3.5)."""
+    """Dense first layers (DeepSeek-V3, GLM-4.5), hybrid linear attention with padding (Qwen3-Next, 3.5), Mixtral's
+    own checkpoint names (block_sparse_moe, w1/w2/w3)."""
     model = build_model(tiny_family_config(family, layers=3), seed=0)
     path = save_checkpoint(model, byte_tokenizer(), tmp_path / family)
     calibration = _calibration(num=3, length=16)
@@ -149,8 +158,6 @@ def test_streaming_equals_in_memory_other_families(family, tmp_path):
 
 
 def test_unsupported_family_is_refused_clearly():
-    with pytest.raises(UnsupportedModelError, match="layer streaming .* mixtral .* without --layerwise"):
-        streaming_supported(tiny_family_config("mixtral"))
     from transformers import Llama4Config
 
     with pytest.raises(UnsupportedModelError, match="multimodal llama4 .* without --layerwise"):
@@ -252,3 +259,35 @@ def test_peak_rss_of_streaming_does_not_grow_with_layer_count(big_checkpoints):
     print(f"\npeak RSS: streaming 3 layers {stream[3] / 2**20:.0f} MiB, 12 layers {stream[12] / 2**20:.0f} MiB; "
           f"one layer {layer / 2**20:.1f} MiB, 9 more layers {9 * layer / 2**20:.0f} MiB")
     assert stream[12] - stream[3] < layer
+
+
+def test_prefetch_keeps_two_layers_in_flight_in_two_reused_arenas(tmp_path):
+    """The next layer is read while the current one computes: at most one read pending beside the layer in use,
+    layers i and i + 2 share an arena (no new memory per layer), and each layer's tensors are the checkpoint's."""
+    from reap_fast.models import get_adapter
+    from reap_fast.observe.streaming.prefetch import LayerPrefetcher
+
+    path = make_tiny_checkpoint(tmp_path / "tiny4", seed=0, num_hidden_layers=4)
+    config = AutoConfig.from_pretrained(path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    skeleton = build_skeleton(config, torch.float32)
+    _, layers, name = decoder_layers(skeleton)
+    prefetcher = LayerPrefetcher(CheckpointTensors(path), list(layers), name, get_adapter(config).streaming, "cpu")
+    buffers = []
+    try:
+        prefetcher.request(0)
+        for index in range(len(layers)):
+            tensors = prefetcher.take(index)
+            assert not prefetcher.pending
+            prefetcher.request(index + 1)
+            assert len(prefetcher.pending) <= 1
+            for key, tensor in tensors.items():
+                assert torch.equal(tensor, reference[f"{name}.{index}.{key}"]), key
+            arena = prefetcher.arenas[index % 2].buffer
+            start = arena.data_ptr()
+            pointer = tensors["mlp.experts.down_proj"].data_ptr()
+            assert start <= pointer < start + arena.numel()
+            buffers.append(start)
+    finally:
+        prefetcher.close()
+    assert buffers[0] == buffers[2] and buffers[1] == buffers[3] and buffers[0] != buffers[1]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reap_fast.metrics import load_metrics
+from reap_fast.merge_metrics import MERGE_KEYS
+from reap_fast.metrics import METRIC_DTYPES, load_metrics
 from upstream_oracle import (
     CHAT_DATASET,
     TEXT_DATASET,
@@ -25,6 +26,7 @@ from upstream_oracle import (
     find_upstream,
     kept_experts,
     run_both,
+    run_upstream,
     write_datasets,
 )
 
@@ -49,7 +51,7 @@ def _argv(checkpoint: Path, dataset: str, seed: int) -> list[str]:
     return [
         "--model_name", str(checkpoint), "--dataset_name", dataset, "--seed", str(seed),
         "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "2", "--batch_size", "2",
-        "--model_max_length", "128", "--renormalize_router_weights", "true", "--record_pruning_metrics_only", "true",
+        "--model_max_length", "128", "--renormalize_router_weights", "true",
         "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
     ]  # fmt: skip
 
@@ -62,10 +64,22 @@ def _workdir(root: Path, name: str) -> Path:
     return cwd
 
 
+@pytest.fixture(scope="module")
+def upstream_default_files():
+    """Upstream prune.py's observation files by (dataset kind, seed): the reference of the merging keys."""
+    return {}
+
+
 @pytest.mark.parametrize("layerwise", [False, True], ids=["prune", "layerwise_prune"])
 @pytest.mark.parametrize("kind", sorted(DATASETS))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_same_observation_experts_and_weights_as_upstream(setup, layerwise, kind, seed):
+def test_same_observation_experts_and_weights_as_upstream(setup, upstream_default_files, layerwise, kind, seed):
+    """Upstream's default command (``--record_pruning_metrics_only false``): 14 keys per layer.
+
+    Upstream's layerwise_prune.py records the nine pruning keys whatever the flag says; the drop-in records
+    all fourteen on both entry points, and its five merging keys are checked against upstream prune.py's
+    file for the same flags (same calibration set).
+    """
     root, upstream, checkpoint = setup
     dataset = DATASETS[kind]
     argv = _argv(checkpoint, dataset, seed)
@@ -79,7 +93,22 @@ def test_same_observation_experts_and_weights_as_upstream(setup, layerwise, kind
     observation = results / ("layerwise" if layerwise else "all") / "obs.pt"
     their_metrics = torch.load(theirs_dir / observation, weights_only=False)
     our_metrics = load_metrics(ours_dir / observation)
-    assert compare_observations(our_metrics, their_metrics) == []
+    assert all(len(values) == 14 for values in our_metrics.values())
+    if layerwise:
+        pruning = {layer: {key: values[key] for key in METRIC_DTYPES} for layer, values in our_metrics.items()}
+        assert compare_observations(pruning, their_metrics) == []
+        reference = upstream_default_files.get((kind, seed))
+        if reference is None:
+            reference_dir = _workdir(root, f"up-default-{kind}-{seed}")
+            done = run_upstream(upstream, reference_dir, argv, "reap.prune")
+            assert done.returncode == 0, done.stderr[-3000:]
+            reference = reference_dir / results / "all" / "obs.pt"
+        merging = {layer: {key: values[key] for key in MERGE_KEYS} for layer, values in our_metrics.items()}
+        assert compare_observations(merging, torch.load(reference, weights_only=False)) == []
+    else:
+        assert all(len(values) == 14 for values in their_metrics.values())
+        assert compare_observations(our_metrics, their_metrics) == []
+        upstream_default_files[(kind, seed)] = theirs_dir / observation
     tokens = int(our_metrics[0]["total_tokens"])
     assert 2 * 2 * 128 // 2 < tokens < 2 * 2 * 128, f"{tokens} tokens observed"  # 4 packed rows of 128, with gaps
 

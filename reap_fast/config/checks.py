@@ -34,10 +34,15 @@ def check_range(
     below = low is not None and (value <= low if open_low else value < low)
     above = high is not None and (value >= high if open_high else value > high)
     if below or above:
-        left = "-inf" if low is None else f"{low:g}"
-        right = "inf" if high is None else f"{high:g}"
+        left = "-inf" if low is None else _shown(low)
+        right = "inf" if high is None else _shown(high)
         interval = f"{'(' if open_low or low is None else '['}{left}, {right}{')' if open_high or high is None else ']'}"
         raise error(f"{name} must be in {interval}, got {value!r}")
+
+
+def _shown(bound: float) -> str:
+    """A range bound as written: 1048576, not 1.04858e+06."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def check_integer(name: str, value: Any, error: type[ConfigError] = ConfigError) -> None:

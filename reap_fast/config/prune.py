@@ -51,7 +51,7 @@ class PruneConfig:
                 f"compression_ratio={ratio} (--compression-ratio) is outside (0, 1): it is the fraction of experts removed"
             )
         check_integer("n_experts_to_prune (--n-experts-to-prune)", count, SelectionError)
-        check_range("n_experts_to_prune (--n-experts-to-prune)", count, 0)
+        check_range("n_experts_to_prune (--n-experts-to-prune)", count, 1)  # 0 would copy the model, as ratio 0
         check_range("min_experts_per_layer (--min-experts-per-layer)", self.min_experts_per_layer, 1)
         check_choice("dtype (--dtype)", self.dtype, DTYPE_CHOICES)
         if self.preserve_super_experts and self.preserve_outliers:

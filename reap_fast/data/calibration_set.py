@@ -55,13 +55,20 @@ class CalibrationSet:
             end = begin + batch_size
             yield CalibrationBatch(self.input_ids[begin:end], self.attention_mask[begin:end], self.stats_mask[begin:end])
 
-    def shard(self, rank: int, world_size: int) -> CalibrationSet:
-        """Sequences ``rank, rank + world_size, ...`` (data-parallel split; shards may differ by one)."""
+    def shard(self, rank: int, world_size: int, unit: int = 1) -> CalibrationSet:
+        """Blocks of ``unit`` consecutive sequences, blocks ``rank, rank + world_size, ...`` (data-parallel split).
+
+        With ``unit`` the batch size every rank's batches are batches of the single-process run, so statistics
+        of a whole forward call (the router-logit distance) are the same; ``unit=1``: sequences one by one.
+        """
         if not isinstance(world_size, int) or world_size <= 0:
             raise CalibrationDataError(f"world_size must be a positive integer, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise CalibrationDataError(f"rank must be in [0, {world_size - 1}], got {rank!r}")
-        index = torch.arange(rank, len(self), world_size)
+        if not isinstance(unit, int) or unit <= 0:
+            raise CalibrationDataError(f"unit must be a positive integer, got {unit!r}")
+        index = torch.arange(len(self))
+        index = index[(index // unit) % world_size == rank]
         return CalibrationSet(
             self.input_ids[index].clone(),
             self.attention_mask[index].clone(),

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config.evaluate import HarnessSettings
 from ..fileio import atomic_write_json
+from ..outputs import RESULTS_TAG, claim_output
 from . import harness
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Comparison:
     def report(self) -> dict[str, Any]:
         """What is written as JSON: settings, per-model results and the comparison rows."""
         return {
+            **RESULTS_TAG,
             "settings": self.settings.fingerprint(),
             "models": {entry.name: entry.path for entry in self.models},
             "results": self.results,
@@ -144,10 +146,23 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def run_comparison(comparison: Comparison, output: str | os.PathLike | None) -> dict[str, Any]:
-    """Run a comparison and write its report as JSON (atomically) when ``output`` is given."""
+def run_comparison(
+    comparison: Comparison, output: str | os.PathLike | None, overwrite: bool = False, inside_models: bool = False
+) -> dict[str, Any]:
+    """Run a comparison and write its report as JSON (atomically) when ``output`` is given.
+
+    ``output`` follows the output rule (:func:`reap_fast.outputs.claim_output`), checked before the work and
+    again before the write: never a file reap-fast did not write, an earlier report replaced only with
+    ``overwrite``, never inside a model folder unless ``inside_models`` (the drop-in's upstream layout puts
+    them in the pruned folder reap-fast wrote).
+    """
+    models = [] if inside_models else comparison.models
+    inputs = {f"model folder {entry.name}": entry.path for entry in models}
+    if output is not None:
+        claim_output(output, "eval json", inputs, overwrite)
     comparison.run()
     report = comparison.report()
     if output is not None:
+        claim_output(output, "eval json", inputs, overwrite)
         atomic_write_json(report, output)
     return report

@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..children import call_child, child_main
+from ..children import QUIET_RUNPY, call_child, child_main
 from ..config.evaluate import HarnessError, HarnessSettings
 from ..errors import ReapFastError, one_line
 from ..fileio import atomic_write_json
@@ -72,14 +72,38 @@ def task_manager(settings: HarnessSettings):
     return TaskManager(include_path=settings.include_path)
 
 
-def check_tasks(settings: HarnessSettings) -> None:
-    """Fail with one line, before any long work, when lm-eval is missing or a task is unknown."""
+def check_tasks(settings: HarnessSettings, without: str = "") -> None:
+    """Fail with one line, before any long work, when lm-eval is missing, a task is unknown or a task's data
+    cannot be loaded (a hub dataset offline, a missing data file); ``without`` names how to go on without
+    the evaluation (e.g. "pass --do_eval false"), added to that line.
+
+    Loading the tasks downloads their datasets into the Hugging Face cache, where the evaluation finds them.
+    """
     lm_eval_version()
-    known = set(task_manager(settings).all_tasks)
+    manager = task_manager(settings)
+    known = set(manager.all_tasks)
     unknown = [task for task in settings.tasks if task not in known and not is_task_file(task)]
     if unknown:
         where = f" (searched lm-eval's tasks and {settings.include_path})" if settings.include_path else ""
         raise HarnessError(f"unknown lm-eval task(s) {', '.join(unknown)}{where}; `lm_eval ls tasks` lists them")
+    try:
+        _load_tasks(manager, list(settings.tasks))
+    except Exception as error:  # lm-eval and datasets raise many types: offline hub, missing files, bad YAML
+        hint = f"; {without}" if without else ""
+        raise HarnessError(
+            f"the data of lm-eval task(s) {', '.join(settings.tasks)} cannot be loaded ({type(error).__name__}: "
+            f"{one_line(error)}){hint}"
+        ) from None
+
+
+def _load_tasks(manager, tasks: list[str]) -> None:
+    """Build the tasks as the evaluation will (their datasets loaded), discarding them."""
+    if hasattr(manager, "load"):
+        manager.load(tasks)
+        return
+    from lm_eval.tasks import get_task_dict  # lm-eval before TaskManager.load
+
+    get_task_dict(tasks, manager)
 
 
 def model_arguments(model_dir: str, settings: HarnessSettings) -> dict[str, Any]:
@@ -93,6 +117,12 @@ def evaluate_model(model_dir: str | os.PathLike, settings: HarnessSettings) -> d
     """Run the tasks on one model folder in this process; returns lm-eval's results (the keys above)."""
     version = lm_eval_version()
     import lm_eval
+    import lm_eval.evaluator
+
+    # lm-eval records the git commit of the current folder; outside a repository git prints "fatal: not a git
+    # repository" on our stderr. The commit of whatever folder the user stands in says nothing about the run.
+    if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
 
     seeds = {}
     if settings.seed is not None:
@@ -134,7 +164,7 @@ def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -
         settings_file = Path(scratch) / "settings.json"
         result_file = Path(scratch) / "result.json"
         settings_file.write_text(json.dumps(asdict(settings)))
-        command = [sys.executable, "-m", MODULE, "--model", str(model_dir),
+        command = [sys.executable, *QUIET_RUNPY, "-m", MODULE, "--model", str(model_dir),
                    "--settings", str(settings_file), "--json", str(result_file)]
         call_child(command, HarnessError, f"lm-eval on {model_dir}")
         return json.loads(result_file.read_text())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..children import call_child, child_main
+from ..children import QUIET_RUNPY, call_child, child_main
 from ..config.evaluate import EvalConfig
 from ..outputs import work_prefix
 from .scoring import EvalError, combine_results, perplexity
@@ -32,7 +32,7 @@ def perplexity_in_child(
     """Perplexity of ``model_dir`` on the texts in ``texts_file`` (``config.max_length`` tokens per row),
     computed in a child process; :class:`EvalError` names the model when the child refuses."""
     result_file = texts_file.with_name(f"{work_prefix(texts_file, 'scratch')}{Path(model_dir).name}.json")
-    command = [sys.executable, "-m", MODULE, "--model", model_dir, "--texts-file", str(texts_file),
+    command = [sys.executable, *QUIET_RUNPY, "-m", MODULE, "--model", model_dir, "--texts-file", str(texts_file),
                "--seq-len", str(config.max_length), "--batch-size", str(config.batch_size), "--json", str(result_file)]
     if quantized:
         command.append("--quantized")

@@ -13,6 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen3MoeConfig
 
+from ..outputs import apply_umask
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 
 CHAT_TEMPLATE = (
@@ -96,11 +98,13 @@ def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Pr
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: str | os.PathLike) -> Path:
-    """Save model + tokenizer as a Hugging Face folder (safetensors)."""
+    """Save model + tokenizer as a Hugging Face folder (safetensors), files with the umask's mode (transformers
+    writes the weights 0600 through a temporary file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    apply_umask(folder, recursive=True)
     return folder
 
 

@@ -58,6 +58,8 @@ class StreamingLayout:
     """How layer streaming (``observe/streaming/``) reads a family's safetensors checkpoint.
 
     renames: (module tensor name suffix, checkpoint key suffix) where transformers renames at load time.
+    prefixes: (module path prefix, checkpoint prefix) under a decoder layer, e.g. Mixtral's MoE block
+    ``mlp.`` is ``block_sparse_moe.`` in its checkpoints (applied before ``renames`` and expert fusing).
     fused_experts: each fused experts tensor of the module and the per-expert tensors
     (``...experts.<e>.<part>.weight``) it is built from, stacked over experts and concatenated on dim 1.
     model_types: the model types of the family whose checkpoints stream (empty: all of them);
@@ -65,6 +67,7 @@ class StreamingLayout:
     """
 
     renames: tuple[tuple[str, str], ...] = ()
+    prefixes: tuple[tuple[str, str], ...] = ()
     fused_experts: tuple[tuple[str, tuple[str, ...]], ...] = FUSED_EXPERTS
     model_types: tuple[str, ...] = ()
     refusal: str = ""

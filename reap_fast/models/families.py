@@ -49,7 +49,11 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
         model_types=("mixtral",),
         num_experts_key="num_local_experts",
         always_renormalizes=True,
-        streaming=None,  # checkpoints name the MoE block block_sparse_moe and the experts w1/w2/w3
+        # checkpoints name the MoE block block_sparse_moe and the experts w1 (gate), w3 (up), w2 (down)
+        streaming=StreamingLayout(
+            prefixes=(("mlp.", "block_sparse_moe."),),
+            fused_experts=(("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))),
+        ),
     ),
     MoEAdapter(family="olmoe", model_types=("olmoe",), num_experts_key="num_experts"),
     MoEAdapter(

@@ -20,6 +20,7 @@ from ..devices import resolve_device
 from ..errors import ReapFastError, one_line
 from ..preflight import check_model_folder, is_path_like
 from .families import get_adapter
+from .fast_load import load_weights
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}  # name -> torch dtype
 
@@ -71,7 +72,11 @@ def load_config(path: str):
 
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto"):
-    """Load a supported MoE checkpoint and its tokenizer for observation; returns (model, tokenizer)."""
+    """Load a supported MoE checkpoint and its tokenizer for observation; returns (model, tokenizer).
+
+    A local safetensors checkpoint on one device is read by the fast loader (:mod:`reap_fast.models.fast_load`:
+    straight into the fused layout, mmap-backed where the dtype matches); anything else by ``from_pretrained``.
+    """
     config = load_config(path)
     check_model_folder(path, need_tokenizer=True)
     device = resolve_device(device)
@@ -79,7 +84,13 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     # "cuda" with several GPUs visible: accelerate spreads the layers over all of them (as upstream's
     # device_map="auto"); "cuda:N" pins the model to one GPU.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
+    model = None
+    if device_map == device and is_path_like(path):  # one device, a local folder: read at disk speed
+        model = load_weights(path, config, torch_dtype)
+        if model is not None and device != "cpu":
+            model = model.to(device)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 

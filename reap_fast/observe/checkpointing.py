@@ -20,6 +20,11 @@ stops: ``KeyboardInterrupt`` for SIGINT, ``SystemExit(128 + signum)`` for SIGTER
 removed after a successful run. The environment variable ``REAP_FAST_TEST_SIGTERM_AFTER_BATCHES=N``
 makes a process send itself SIGTERM after its N-th batch (tests use it to interrupt a run at a
 known point through the real signal path).
+
+The folder is reap-fast's scratch (:func:`reap_fast.outputs.claim_scratch_dir`): an existing folder
+that reap-fast did not make is refused before any work, the folder is marked when created, and
+:meth:`ObservationCheckpointer.clear` removes only a marked folder and only its own entries
+(:data:`OWN_NAMES`), so a ``--checkpoint-dir`` naming a model or the current folder never deletes it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -39,12 +43,14 @@ import torch
 from ..config import ObserveConfig
 from ..errors import ReapFastError
 from ..metrics import LayerAccumulator, atomic_torch_save, describe_load_error
+from ..outputs import CHECKPOINT_NAMES, claim_scratch_dir, remove_scratch_dir
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
 TEST_SIGNAL_ENV = "REAP_FAST_TEST_SIGTERM_AFTER_BATCHES"
+OWN_NAMES = CHECKPOINT_NAMES  # what a checkpoint folder of reap-fast holds
 
 
 class CheckpointMismatchError(ReapFastError, ValueError):
@@ -76,6 +82,7 @@ def run_fingerprint(
     """
     local = Path(model_path).expanduser()
     renormalize = settings.renormalize
+    merging = {"merging_statistics": True} if settings.merging_statistics else {}  # absent: format 1's runs
     return {
         "model": str(local.resolve()) if local.exists() else model_path,
         "dataset": dataset,
@@ -90,6 +97,7 @@ def run_fingerprint(
         "rank": int(rank),
         "world_size": int(world_size),
         "calibration": None if calibration is None else calibration_digest(calibration),
+        **merging,
     }
 
 
@@ -237,7 +245,7 @@ class ObservationCheckpointer:
 
     def save(self, state: dict[str, Any], snapshot: Callable[[Path], dict] | None = None) -> Path:
         """Write the state atomically (and the hidden-states snapshot first, under a new name)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        claim_scratch_dir(self.directory, own_names=OWN_NAMES)
         state = dict(state, version=FORMAT_VERSION, fingerprint=self.fingerprint)
         previous_hidden = self._hidden_file
         if snapshot is not None:
@@ -254,12 +262,9 @@ class ObservationCheckpointer:
         return self.state_path
 
     def clear(self) -> None:
-        """Remove the checkpoint folder after a successful run."""
-        if self.directory.is_dir():
-            shutil.rmtree(self.directory, ignore_errors=True)
+        """Remove the checkpoint folder after a successful run: only a folder reap-fast marked as its scratch,
+        and only the entries it wrote there (anything else stays, and so does the folder)."""
+        remove_scratch_dir(self.directory, OWN_NAMES)
         if self.directory.name.startswith("rank"):
-            try:
-                # the shared folder of a multi-process run, once every rank cleared its own
-                self.directory.parent.rmdir()
-            except OSError:
-                pass
+            # the shared folder of a multi-process run, once every rank cleared its own
+            remove_scratch_dir(self.directory.parent, OWN_NAMES)

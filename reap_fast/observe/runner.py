@@ -24,9 +24,12 @@ from ..data import CalibrationSet, build_calibration_set
 from ..identity import attach_identity, model_identity
 from ..metrics import LayerMetrics, save_metrics
 from ..models.loading import load_config, load_model
+from ..outputs import claim_output
 from ..preflight import check_model_folder
 from .checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators, run_fingerprint
 from .distributed import all_reduce_accumulators, init_distributed, is_main_process
+from .limits import check_sequence_length
+from .planning import plan_observation
 from .progress import TokenRate
 from .session import Observer
 from .settings import process_settings
@@ -45,7 +48,7 @@ def observe_checkpoint(
 
     ``config`` (default: :class:`ObserveConfig`'s defaults) with keyword ``overrides`` of its fields
     says how (see :class:`~reap_fast.config.ObserveConfig`): batch size, engine, device, dtype,
-    ``layerwise`` streaming, torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
+    ``layerwise`` streaming (default 'auto': the memory plan decides), torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
 
     * ``dataset``: a calibration spec (built with reap-fast's defaults) or an already built
       :class:`~reap_fast.data.CalibrationSet` (``samples_per_category`` and ``seed`` then only label the run).
@@ -59,18 +62,18 @@ def observe_checkpoint(
         raise ConfigError(f"output must be a file path or None, got {output!r} (settings go in the ObserveConfig)")
     model_config = load_config(model_path)
     check_model_folder(model_path, need_tokenizer=True)
-    if config.layerwise:
-        from .streaming import streaming_supported
-
-        streaming_supported(model_config)
+    if config.checkpoint_dir is not None:  # before any work: it is removed after success, so it must be ours
+        claim_output(config.checkpoint_dir, "checkpoint dir", {"model folder": model_path, "observation file": output})
     settings = process_settings(config, model_config)
+    check_sequence_length(model_config, settings)
     rank, world = 0, 1
     if config.distributed:
         rank, world, device = init_distributed(settings.device)
         settings = dataclasses.replace(settings, device=device)
+    settings = plan_observation(model_path, model_config, settings)  # in memory or streamed, before any weight
     calibration, label = _calibration_set(model_path, dataset, settings)
     if world > 1:
-        calibration = calibration.shard(rank, world)
+        calibration = calibration.shard(rank, world, settings.batch_size)  # whole batches, as a single process
         logger.info("rank %d of %d observes %d sequences", rank, world, len(calibration))
 
     checkpointer, resume_state = None, None
@@ -88,11 +91,11 @@ def observe_checkpoint(
             model, _ = load_model(model_path, device=settings.device, dtype=settings.dtype)
             accumulators = _observe_loaded(model, calibration, settings, checkpointer, resume_state)
     all_reduce_accumulators(accumulators)
-    if checkpointer is not None:
-        checkpointer.clear()
     metrics = {index: acc.to_upstream() for index, acc in sorted(accumulators.items())}
     if output is not None and is_main_process():
         save_metrics(attach_identity(metrics, model_identity(model_config, model_path)), output)
+    if checkpointer is not None:  # only once the observation is saved: a failed save can still --resume
+        checkpointer.clear()
     return metrics
 
 
@@ -138,7 +141,8 @@ def _observe_loaded(
         "observing %d sequences of %d tokens (%d counted) with the %s engine",
         len(calibration), calibration.seq_len, calibration.num_stat_tokens(), engine,
     )
-    with Observer(model, engine=engine, renormalize=settings.renormalize) as observer:
+    with Observer(model, engine=engine, renormalize=settings.renormalize,
+                  merging=settings.merging_statistics) as observer:
         start = 0
         if resume_state is not None:
             restore_accumulators(observer.accumulators, resume_state["accumulators"])
@@ -146,7 +150,9 @@ def _observe_loaded(
         rate = TokenRate()
         bar = tqdm(total=total, initial=start, desc=f"observe ({engine})", unit="batch", disable=not settings.progress)
         with bar:
-            for index, batch in enumerate(calibration.batches(batch_size, start=start * batch_size), start=start):
+            # a checkpoint taken after the last batch (the save of the observation then failed) resumes at the end
+            first = min(start * batch_size, len(calibration))
+            for index, batch in enumerate(calibration.batches(batch_size, start=first), start=start):
                 observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
                 rate.advance(bar, int(batch.attention_mask.sum()))
                 if checkpointer is not None:

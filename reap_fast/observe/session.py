@@ -26,6 +26,7 @@ from ..metrics import LayerAccumulator, LayerMetrics
 from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
+from .merging import add_merging_statistics, router_logits
 
 
 class LayerProbe:
@@ -57,6 +58,9 @@ class LayerProbe:
             gates = self.gates(engine, hidden_states, top_k_index, top_k_weights)
         # the engine adds the statistics into the accumulator (the Triton engine in its statistics kernel)
         output, _ = engine(experts, hidden_states, top_k_index, top_k_weights, gates, token_mask, self.accumulator)
+        if self.accumulator.merging is not None:
+            logits = router_logits(self.layer.router, hidden_states, self.observer.adapter.router_fp32)
+            add_merging_statistics(self.accumulator.merging, experts, hidden_states, top_k_index, token_mask, logits)
         return output
 
 
@@ -68,9 +72,13 @@ class Observer:
         with Observer(model, engine="reference") as observer:
             observer.forward(batch.input_ids, batch.attention_mask, batch.stats_mask)
         metrics = observer.metrics()  # {layer: {upstream keys}}
+
+    ``merging=True`` also records upstream's five merging statistics (:mod:`reap_fast.observe.merging`).
     """
 
-    def __init__(self, model: nn.Module, engine: str = "reference", renormalize: bool | str = True) -> None:
+    def __init__(
+        self, model: nn.Module, engine: str = "reference", renormalize: bool | str = True, merging: bool = False
+    ) -> None:
         self.model = model
         self.adapter: MoEAdapter = get_adapter(model.config)
         self.layers: list[MoELayer] = find_moe_layers(model)
@@ -90,13 +98,18 @@ class Observer:
         else:
             raise ValueError(f"renormalize must be True, False or {RENORMALIZE_ALWAYS!r}, got {renormalize!r}")
         device = self.layers[0].experts.down_proj.device
+        self.hidden_size = int(self.adapter.text_config(model.config).hidden_size) if merging else None
         self.accumulators = {
-            layer.layer_index: LayerAccumulator(layer.num_experts, layer.experts.down_proj.device) for layer in self.layers
+            layer.layer_index: self.new_accumulator(layer, layer.experts.down_proj.device) for layer in self.layers
         }
         self._device = device
         self._token_mask: torch.Tensor | None = None
         self._previous_implementation: dict | None = None
         self._router_hooks: list = []
+
+    def new_accumulator(self, layer: MoELayer, device: torch.device) -> LayerAccumulator:
+        """An empty accumulator for ``layer`` on ``device`` (with merging sums when the observer records them)."""
+        return LayerAccumulator(layer.num_experts, device, self.hidden_size)
 
     def __enter__(self) -> "Observer":
         key = register_engine(self.engine)

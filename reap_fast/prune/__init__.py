@@ -27,6 +27,7 @@ from ..errors import ReapFastError
 from ..identity import check_identity
 from ..metrics import LayerMetrics, load_metrics
 from ..models import get_adapter
+from ..models.disk_estimate import written_bytes
 from ..outputs import OutputLock, clean_leftovers
 from ..preflight import check_model_folder, check_output_location, weights_bytes
 from .checkpoint import SourceLayoutError, source_checkpoint
@@ -56,6 +57,7 @@ __all__ = [
     "model_routing",
     "prune_checkpoint",
     "prune_model",
+    "pruned_size",
     "removal_order",
     "removed_experts",
     "save_pruned",
@@ -109,8 +111,8 @@ def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: 
     pruning = resolve(PruneConfig, pruning, overrides)
     adapter = get_adapter(config)
     num_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
-    count = experts_to_prune(num_experts, pruning)
     routing = model_routing(config)
+    count = experts_to_prune(num_experts, pruning, None if pruning.global_ranking else routing["top_k"])
     if pruning.global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
         raise SelectionError(
             f"global ranking gives layers different expert counts, but the {adapter.family} config holds one count "
@@ -123,6 +125,31 @@ def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: 
             raise SelectionError(f"the per-layer floor {floor} exceeds the {num_experts} experts of a layer")
         return count
     return uniform_prune_count(num_experts, count, routing["top_k"], routing["groups"], pruning.min_experts_per_layer)
+
+
+def pruned_size(model_path: str | os.PathLike, model_config, removed: int,
+                quantization: tuple[int, int] | None = None) -> int:
+    """Bytes the pruned folder takes (``removed`` experts per layer), or its W{bits}A16 form with ``quantization``
+    (bits, group size): estimated from the source's headers (:mod:`reap_fast.models.disk_estimate`), else from
+    its weight files (a pruned model is at most as large; 4 bits of 16 about half)."""
+    adapter = get_adapter(model_config)
+    experts = int(getattr(adapter.text_config(model_config), adapter.num_experts_key))
+    estimate = written_bytes(model_path, pruning=(experts, experts - removed), quantization=quantization)
+    if estimate is None:
+        return weights_bytes(model_path) // (1 if quantization is None else 2)
+    return estimate
+
+
+def check_prune_memory(model_path: str | os.PathLike, model_config, config: PruneConfig, from_source: bool) -> None:
+    """Refuse, in one line before loading, a pruning whose peak memory cannot fit (see ``models.memory_plan``)."""
+    from ..devices import resolve_device
+    from ..memory import free_memory
+    from ..models.loading import resolve_dtype
+    from ..models.memory_plan import check_fits, prune_peak
+
+    device = "cpu" if from_source else resolve_device(config.device)
+    peak = prune_peak(model_path, resolve_dtype(config.dtype, model_config), from_source, device)
+    check_fits(peak, free_memory(device), "pruning " + ("from the source's shards" if from_source else "the loaded model"))
 
 
 def prune_checkpoint(
@@ -146,13 +173,15 @@ def prune_checkpoint(
         clean_leftovers(output_dir)
         # everything is checked before the model is loaded
         prepare_output_dir(output_dir, config.overwrite, {"model folder": model_path, "observation file": metrics_path})
-        check_prune_budget(load_config(str(model_path)), config)
+        model_config = load_config(str(model_path))
+        removed = check_prune_budget(model_config, config)
         metrics = load_metrics(metrics_path)
         check_model_folder(model_path, need_tokenizer=True)
-        check_output_location(output_dir, weights_bytes(model_path))  # the pruned model is at most as large
-        check_identity(metrics, load_config(str(model_path)), model_path, str(metrics_path))
+        check_output_location(output_dir, pruned_size(model_path, model_config, removed))
+        check_identity(metrics, model_config, model_path, str(metrics_path))
         # a safetensors source is rewritten from its own files: the weights are never loaded
         from_source = source_checkpoint(model_path) is not None
+        check_prune_memory(model_path, model_config, config, from_source)
         if from_source:
             model, tokenizer = load_skeleton(str(model_path), dtype=config.dtype)
         else:
@@ -174,6 +203,7 @@ def prune_checkpoint(
             "global_ranking": config.global_ranking,
             "preserve_super_experts": config.preserve_super_experts,
             "preserve_outliers": config.preserve_outliers,
+            "dtype": config.dtype,  # "auto": the source's own; else the saved weights are cast to it
             "source_model": str(model_path),
             "observation_file": str(metrics_path),
             **(metadata or {}),

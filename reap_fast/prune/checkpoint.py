@@ -12,7 +12,8 @@ to be installed:
   as the source wrote it.
 * tokenizer files, ``generation_config.json``, chat templates and any remote-code ``*.py`` are copied
   byte for byte.
-* weights keep the source's tensor names, dtypes and shard files: per-expert tensors
+* weights keep the source's tensor names, dtypes (unless a dtype is asked for: ``prune --dtype``) and shard
+  files: per-expert tensors
   (``...experts.<e>.gate_proj.weight``) of removed experts are dropped and the kept ones renumbered
   0..n-1; fused expert tensors (``...experts.gate_up_proj``, expert on dim 0) and router tensors
   (``gate``/``router`` weight on dim 0, biases and ``e_score_correction_bias`` on their last dim) are
@@ -159,6 +160,7 @@ class PrunePlan:
 
     keep: Mapping[int, list[int]]
     original_count: int
+    dtype: str | None = None  # "bfloat16", "float16", "float32": floating weights cast to it; None keeps the source's
 
     @property
     def new_count(self) -> int:
@@ -220,6 +222,8 @@ def write_pruned_weights(source: Path, target: Path, plan: PrunePlan) -> int:
                 if result is None:
                     continue
                 new_name, tensor = result
+                if plan.dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(getattr(torch, plan.dtype))
                 tensors[new_name] = tensor
         if not tensors:
             continue
@@ -254,6 +258,10 @@ def write_source_layout(source: Path, target: Path, plan: PrunePlan) -> int:
     """
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     edited = pruned_config(config, plan.original_count, plan.new_count)
+    if plan.dtype is not None:  # the dtype the weights are written in, under the spellings the source uses
+        for key in ("torch_dtype", "dtype"):
+            if key in edited or key == "torch_dtype":
+                edited[key] = plan.dtype
     copy_side_files(source, target)
     (target / "config.json").write_text(json.dumps(edited, indent=2) + "\n", encoding="utf-8")
     return write_pruned_weights(source, target, plan)

@@ -35,7 +35,7 @@ import yaml
 
 from ..fileio import publish_folder
 from ..preflight import TOKENIZER_FILES
-from ..outputs import OutputError, check_output, work_prefix, write_marker
+from ..outputs import OutputError, claim_output, work_prefix, write_marker
 from .checkpoint import PrunePlan, SourceLayoutError, source_checkpoint, write_source_layout
 from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
 
@@ -83,8 +83,8 @@ def prepare_output_dir(
     inputs: Mapping[str, str | os.PathLike | None] | None = None,
     flag: str = "--overwrite",
 ) -> Path:
-    """Check ``output_dir`` against the output contract (:func:`reap_fast.outputs.check_output`); return it."""
-    return check_output(output_dir, inputs, overwrite, flag)
+    """Check ``output_dir`` against the output rule (:func:`reap_fast.outputs.claim_output`); return it."""
+    return claim_output(output_dir, "pruned folder", inputs, overwrite, flag)
 
 
 def _weight_numel(model) -> int:
@@ -99,12 +99,14 @@ def is_skeleton(model) -> bool:
     return all(param.device.type == "meta" for param in model.parameters())
 
 
-def _write_like_source(model, source: Path, staging: Path, keep: Mapping[int, torch.Tensor], original) -> None:
-    """Write ``staging`` in the source's layout; :class:`SourceLayoutError` when the layout cannot be edited."""
+def _write_like_source(model, source: Path, staging: Path, keep: Mapping[int, torch.Tensor], original, dtype) -> None:
+    """Write ``staging`` in the source's layout (``dtype``: a dtype name to cast the weights to, or None);
+    :class:`SourceLayoutError` when the layout cannot be edited."""
     counts = set(int(count) for count in original.values())
     plan = PrunePlan(
         keep={int(layer): sorted(int(i) for i in torch.as_tensor(kept).flatten().tolist()) for layer, kept in keep.items()},
         original_count=counts.pop() if len(counts) == 1 else -1,
+        dtype=None if dtype in (None, "auto") else str(dtype),
     )
     written = write_source_layout(source, staging, plan)
     expected = _weight_numel(model)
@@ -112,11 +114,11 @@ def _write_like_source(model, source: Path, staging: Path, keep: Mapping[int, to
         raise SourceLayoutError(f"the source layout gave {written} weights, the pruned model holds {expected}")
 
 
-def _write_model(model, tokenizer, source: Path | None, staging: Path, keep, original) -> None:
+def _write_model(model, tokenizer, source: Path | None, staging: Path, keep, original, dtype=None) -> None:
     """The weights, config and tokenizer: in the source's layout when possible, else by ``save_pretrained``."""
     if source is not None:
         try:
-            _write_like_source(model, source, staging, keep, original)
+            _write_like_source(model, source, staging, keep, original, dtype)
             if tokenizer is not None and not any((staging / name).is_file() for name in TOKENIZER_FILES):
                 tokenizer.save_pretrained(staging)
             return
@@ -165,14 +167,15 @@ def save_pruned(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=work_prefix(output_dir, "tmp"), dir=output_dir.parent))
     try:
-        _write_model(model, tokenizer, source, staging, keep, original)
+        _write_model(model, tokenizer, source, staging, keep, original, metadata.get("dtype"))
         report = {**_plain(metadata), "layers": expert_report(keep, original)}
         with open(staging / "pruned_experts.json", "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
             handle.write("\n")
         with open(staging / "reap_args.yaml", "w", encoding="utf-8") as handle:
             yaml.dump(_plain(args if args is not None else metadata), handle, default_flow_style=False)
-        write_marker(staging, "pruned")
+        # "eval": where the drop-in's --do_eval writes lm-eval results, as upstream does (not the user's)
+        write_marker(staging, "pruned", [entry.name for entry in staging.iterdir()] + ["eval"])
         publish_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -47,22 +47,30 @@ def removal_order(scores: torch.Tensor) -> torch.Tensor:
     return (num_experts - 1) - flipped_order
 
 
-def experts_to_prune(num_experts: int, config: PruneConfig) -> int:
+def experts_to_prune(num_experts: int, config: PruneConfig, top_k: int | None = None) -> int:
     """The per-layer number of experts to remove: ``int(E * r)`` from the ratio (as upstream), or the count.
 
-    The config has checked the budget on its own; here the count is checked against the model's ``E``.
+    The config has checked the budget on its own; here it is checked against the model's ``E`` (and its
+    ``top_k``, when given: at least that many experts must stay), with the range the model allows.
     """
+    highest = num_experts - max(int(top_k or 1), 1)
+    allowed = f"between 1 and {highest}" if highest >= 1 else "none (it cannot be pruned)"
+    routing = f" and routes each token to {top_k}" if top_k else ""
+    why = f": pruning more leaves fewer than the model's top-k of {top_k} experts per token" if top_k else ""
     if config.n_experts_to_prune is not None:
         count = config.n_experts_to_prune
-        if count >= num_experts:
+        if not 1 <= count <= highest:
             raise SelectionError(
-                f"n_experts_to_prune={count} is out of range: the model has {num_experts} experts "
-                f"per layer, so it must be between 0 and {num_experts - 1}"
+                f"n_experts_to_prune={count} is out of range: the model has {num_experts} experts per layer{routing}, "
+                f"so it must be {allowed}{why}"
             )
-    else:
-        count = int(num_experts * config.compression_ratio)
+        return count
+    count = int(num_experts * config.compression_ratio)
     if count == 0:
-        logger.warning("pruning budget is 0 of %d experts per layer: nothing will be removed", num_experts)
+        raise SelectionError(
+            f"compression_ratio={config.compression_ratio} removes int({num_experts} x {config.compression_ratio}) = 0 "
+            f"of {num_experts} experts per layer: nothing would be pruned; use at least {1 / num_experts:.4g}"
+        )
     return count
 
 

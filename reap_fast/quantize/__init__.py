@@ -29,6 +29,7 @@ from .checks import (
     check_model_dir,
     check_output_dir,
     check_texts,
+    quantize_texts,
     token_lengths,
 )
 from .child import EXIT_QUANT_ERROR, load_texts_file, run_quantize_subprocess
@@ -50,6 +51,7 @@ __all__ = [
     "is_complete_output",
     "load_quantized",
     "load_texts_file",
+    "quantize_texts",
     "quantize_w4a16",
     "read_marker",
     "run_quantize_subprocess",

@@ -20,7 +20,11 @@ from ..config.quantize import QuantConfig
 from ..devices import resolve_device
 from ..errors import ReapFastError
 from ..fileio import publish_folder, sha256_file
+from ..logs import tame_logger
 from ..outputs import OutputLock, clean_leftovers, work_prefix, write_marker
+from ..memory import free_memory
+from ..models.disk_estimate import written_bytes
+from ..models.memory_plan import check_fits, whole_model_peak
 from ..preflight import check_output_location, weights_bytes
 from .checks import (
     QuantizationError,
@@ -74,7 +78,9 @@ def quantize_w4a16(
 
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            check_output_location(out, weights_bytes(model_path) // 2)  # 4-bit weights of a 16-bit model, with room
+            estimate = written_bytes(model_path, quantization=(config.bits, config.group_size))
+            check_output_location(out, weights_bytes(model_path) // 2 if estimate is None else estimate)
+            check_fits(whole_model_peak(model_path, None), free_memory("cpu"), "AutoRound (the whole model on the host)")
         except ReapFastError as error:
             raise QuantizationError(str(error)) from None
         staging = Path(tempfile.mkdtemp(prefix=work_prefix(out, "partial"), dir=out.parent))
@@ -126,8 +132,15 @@ def _run_auto_round(model_path: Path, staging: Path, tokenizer: Any, texts: list
     from auto_round import AutoRound  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
+    tame_auto_round()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
     model.eval()
+    source_dtype = str(model.dtype).removeprefix("torch.")  # AutoRound converts the model it is given
+    blocks = getattr(model.config, "num_hidden_layers", "?")
+    logger.info(
+        "AutoRound: %s decoder blocks, %d tuning iterations each on %d texts of %d tokens (%s); "
+        "the bar advances once per block", blocks, config.iters, config.nsamples, config.seqlen, config.device,
+    )
     routers = [name for name, _ in model.named_modules() if is_router_name(name) and ".layers." in name]
     options: dict[str, Any] = {}
     if config.device == "cpu":
@@ -151,5 +164,24 @@ def _run_auto_round(model_path: Path, staging: Path, tokenizer: Any, texts: list
     )
     rounder.quantize()
     rounder.save_quantized(str(staging), format="auto_round")
+    saved = json.loads((staging / "config.json").read_text())
+    dtype = saved.get("dtype") or saved.get("torch_dtype")
+    logger.info("W4A16: %d-bit weights; scales, routers and unquantized layers in %s (source: %s)",
+                config.bits, dtype, source_dtype)
     return routers
+
+
+class _OwnFolderNotice(logging.Filter):
+    """auto-round warns that the folder it saves into "already exists, this may cause model conflict": the
+    folder is reap-fast's empty staging folder, made for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "may cause model conflict" not in record.getMessage()
+
+
+def tame_auto_round() -> None:
+    """auto-round's logger through ours: warnings and errors only, no colour codes, no notice about our folder."""
+    library = tame_logger("autoround", logging.WARNING)
+    if not any(isinstance(item, _OwnFolderNotice) for item in library.filters):
+        library.addFilter(_OwnFolderNotice())
 

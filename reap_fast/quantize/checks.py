@@ -7,13 +7,14 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config.quantize import QuantConfig
 from ..errors import ReapFastError
-from ..outputs import check_output
+from ..outputs import claim_output
 from ..preflight import check_model_folder
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def auto_round_version() -> str:
 
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
     """The model folder as a Path; error when it is missing, incomplete or corrupt, or has no tokenizer."""
+    if not Path(model_dir).expanduser().exists():
+        raise QuantizationError(
+            f"model folder not found: {model_dir} (quantize reads a local folder; for a hub model, download it first, "
+            "e.g. with huggingface_hub.snapshot_download)"
+        )
     try:
         check_model_folder(str(Path(model_dir).expanduser()), need_tokenizer=True)
     except ReapFastError as error:
@@ -60,9 +66,9 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
 
 
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, model_dir: Path | None = None) -> Path:
-    """The output folder as a Path, checked against the output contract (:func:`reap_fast.outputs.check_output`)."""
+    """The output folder as a Path, checked against the output rule (:func:`reap_fast.outputs.claim_output`)."""
     try:
-        return check_output(output_dir, {"model folder": model_dir}, overwrite)
+        return claim_output(output_dir, "quantized folder", {"model folder": model_dir}, overwrite)
     except ReapFastError as error:
         raise QuantizationError(str(error)) from None
 
@@ -183,3 +189,36 @@ def check_texts(
         )
     return long_enough
 
+
+
+def quantize_texts(
+    model_dir: str | os.PathLike, spec: str, config: QuantConfig, explicit: bool = True
+) -> tuple[list[str], QuantConfig]:
+    """The calibration texts of ``spec`` for a quantization with ``config``, and the config to run with.
+
+    With ``explicit`` False (``--nsamples`` not given) a calibration set smaller than the default takes all
+    its documents, with one warning line; an explicit ``--nsamples`` the data cannot give is refused with a
+    line naming the flag and what the data holds.
+    """
+    from dataclasses import replace  # noqa: PLC0415
+
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from ..data import CalibrationDataError, calibration_texts  # noqa: PLC0415
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        return calibration_texts(spec, tokenizer, config.nsamples, seed=config.seed), config
+    except CalibrationDataError as error:
+        found = re.search(r"has only (\d+) non-empty documents", str(error))
+        if found is None:
+            raise
+        available = int(found.group(1))
+        if explicit or available < 1:
+            raise QuantizationError(f"{error}; pass --nsamples {available} or fewer, or give more data") from None
+    logger.warning(
+        "the calibration data holds %d documents, fewer than the default %d: quantizing with --nsamples %d",
+        available, config.nsamples, available,
+    )
+    config = replace(config, nsamples=available)
+    return calibration_texts(spec, tokenizer, config.nsamples, seed=config.seed), config

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..children import call_child
+from ..children import QUIET_RUNPY, call_child
 from ..config.checks import resolve
 from ..config.quantize import QuantConfig
 from ..outputs import work_prefix
@@ -72,7 +72,7 @@ def run_quantize_subprocess(
         }
         request_file = scratch_path / "request.json"
         request_file.write_text(json.dumps(request))
-        argv = [python or sys.executable, "-m", WORKER_MODULE, str(request_file)]
+        argv = [python or sys.executable, *QUIET_RUNPY, "-m", WORKER_MODULE, str(request_file)]
         child_env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         child_env["PYTHONPATH"] = os.pathsep.join(

@@ -74,7 +74,8 @@ class ObserverArgs:
     )
     output_file_name: str = field(default="observations_1024_cosine.pt", metadata={"help": "Observation file name."})
     record_pruning_metrics_only: bool = field(
-        default=False, metadata={"help": "Accepted; reap-fast always records only the pruning metrics."}
+        default=False,
+        metadata={"help": "Record only the pruning metrics (false: also upstream's five merging statistics)."},
     )
     renormalize_router_weights: bool = field(
         default=True,

@@ -40,7 +40,7 @@ def check_evaluation(eval_args: Any, seed: int, device: str) -> None:
     """Before any calibration work: the tasks exist (when lm-eval is installed; else nothing to check)."""
     settings = lm_eval_settings(eval_args, seed, device)
     if settings is not None and harness.is_available():
-        harness.check_tasks(settings)
+        harness.check_tasks(settings, without="pass --do_eval false to prune without evaluating")
 
 
 def evaluate_pruned(pruned_dir: Path, eval_args: Any, seed: int, device: str = "auto") -> str:
@@ -58,7 +58,7 @@ def evaluate_pruned(pruned_dir: Path, eval_args: Any, seed: int, device: str = "
     else:
         results_dir = Path(eval_args.results_dir) if eval_args.results_dir else Path(pruned_dir) / "eval"
         comparison = Comparison([ModelEntry("pruned", str(pruned_dir))], settings)
-        report = run_comparison(comparison, results_dir / RESULTS_FILE)
+        report = run_comparison(comparison, results_dir / RESULTS_FILE, overwrite=True, inside_models=True)
         lines.append(format_table(report["comparison"], ["pruned"]))
         lines.append(f"lm-eval results written to {results_dir / RESULTS_FILE}")
     text = "\n".join(lines)

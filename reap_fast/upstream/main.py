@@ -25,7 +25,8 @@ import torch
 from ..config.prune import PruneConfig
 from ..data import CalibrationSet, PackingOptions, build_calibration_set
 from ..errors import EXIT_INTERRUPTED, ReapFastError
-from ..logs import configure_logging
+from ..logs import configure_logging, quiet_libraries
+from ..outputs import LOCATION_ERRNOS, describe_os_error
 from .args import (
     YAML_SECTIONS,
     ClusterArgs,
@@ -147,8 +148,9 @@ def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: boo
     settings = ObserveConfig(
         samples_per_category=obs_args.batches_per_category, model_max_length=calibration.seq_len,
         batch_size=obs_args.batch_size, seed=reap_args.seed, engine=extra.engine,
-        renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=layerwise,
-        resume=True, checkpoint_dir=f"{obs_path}.partial",
+        renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=True if layerwise else "auto",
+        resume=True, checkpoint_dir=f"{obs_path}.partial", allow_longer_than_model=True,  # upstream: a warning
+        merging_statistics=not obs_args.record_pruning_metrics_only,
     )  # fmt: skip
     metrics = observe_checkpoint(model_name, calibration, obs_path, settings)
     logger.info("observation saved to %s", obs_path)
@@ -275,11 +277,17 @@ def main(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     for them, as its scripts always have, and 130 after Ctrl-C.
     """
     configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     prog = "reap_fast.layerwise_prune" if layerwise else "reap_fast.prune"
     try:
         return run(argv, layerwise)
     except ReapFastError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the disk filling up or turning read-only: the place, not a bug
+        if exc.errno not in LOCATION_ERRNOS:
+            raise
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -6,8 +6,8 @@ buffers such as the rotary ``inv_freq`` are computed on the host as usual). Then
 1. the input embeddings are loaded, every calibration sequence is embedded into the *hidden-states
    buffer* (N, L, H), and the embedding matrix is freed;
 2. for each decoder layer ``i``: only that layer's tensors are read from the checkpoint's safetensors
-   shards (``safe_open``; the index json says which shard holds a key), per-expert tensors are stacked
-   into the fused ``gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I) layout exactly as the
+   shards (byte ranges from the headers; the index json says which shard holds a key), per-expert tensors
+   are written into the fused ``gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I) layout exactly as the
    transformers weight conversion does at load time, the layer is put into the model, all calibration
    batches run through it with the :class:`Observer`'s probes active (the same statistics code as an
    in-memory run), each batch's output overwrites its input rows in the buffer (the next layer's
@@ -26,10 +26,15 @@ through :class:`MemoryBudget`): on the accelerator when it fits next to one laye
 activations, else in pinned host memory, else in a memory-mapped file on disk (CPU runs: host memory,
 else disk).
 
-Peak memory (copied into the README)::
+I/O is hidden (:mod:`.prefetch`): the next layer's tensors are read (and on a GPU copied to it from pinned
+memory) on a background thread while the current layer computes, into two reused arenas, so at most two
+layers are in flight. Whether to stream at all is the memory plan's decision
+(:mod:`reap_fast.models.memory_plan`, which holds the peak-memory formula; ``layerwise="auto"``).
 
-    accelerator ≈ max(W_embed, W_layer) + A_batch + S_hidden   (S_hidden only when the buffer is on it)
-    host        ≈ 2 x W_layer (tensors read + stacked experts, transient) + S_hidden (pinned / host tier)
+Peak memory::
+
+    accelerator ≈ max(W_embed, 2 x W_layer) + A_batch + S_hidden   (S_hidden only when the buffer is on it)
+    host        ≈ 2 x W_layer (this layer and the next, read ahead) + S_hidden (pinned / host tier)
 
     W_layer  = weights of the largest decoder layer      = (3·E·H·I + attention + router) · b
     W_embed  = V · H · b (only while embedding, before layer 0)
@@ -39,15 +44,16 @@ Peak memory (copied into the README)::
 
 with b bytes per element, N sequences of L tokens, batch size B, E experts of intermediate size I,
 top-k k, hidden size H, vocabulary V. It does not grow with the number of layers. Qwen3-30B-A3B in
-bf16, 231 x 2048 tokens: W_layer ≈ 1.25 GB, W_embed ≈ 0.62 GB, S_hidden ≈ 1.94 GB, so about 4 GB
+bf16, 231 x 2048 tokens: W_layer ≈ 1.25 GB, W_embed ≈ 0.62 GB, S_hidden ≈ 1.94 GB, so about 4.5 GB
 of accelerator memory plus activations, instead of 61 GB for the whole model.
 
 Supported families: those whose adapter entry has a ``streaming`` layout (``STREAMING_FAMILIES``,
 checked exact against the in-memory forward); the layout says how the family's checkpoint names its
 tensors (renames, per-expert tensors to fuse). Others are refused with a clear message.
 
-Modules: ``memory`` (free memory, tier choice, the hidden-states buffer), ``reader`` (one layer's
-tensors from the safetensors shards, experts fused), ``placement`` (weights into the skeleton and out,
+Modules: ``memory`` (tier choice, the hidden-states buffer), ``reader`` (one layer's tensors from the
+safetensors shards, experts fused: :mod:`reap_fast.models.weights`), ``prefetch`` (the next layer read
+ahead), ``placement`` (weights into the skeleton and out,
 byte accounting), ``skeleton`` (the meta-device model, its layer list, stand-ins, supported families),
 ``loop`` (:func:`observe_streaming`).
 """

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ...errors import ReapFastError
+from ...models.weights import CheckpointLayoutError
 
 
-class StreamingError(ReapFastError, ValueError):
+class StreamingError(CheckpointLayoutError):
     """The checkpoint cannot be streamed layer by layer (layout, format or family)."""

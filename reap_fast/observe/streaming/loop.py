@@ -25,7 +25,8 @@ from ..settings import process_settings
 from .errors import StreamingError
 from .memory import GiB, HiddenStore, MemoryBudget, activation_bytes, choose_hidden_tier, free_memory
 from .placement import StreamingReport, materialize, release
-from .reader import CheckpointTensors, layer_tensors
+from .prefetch import LayerPrefetcher
+from .reader import CheckpointTensors
 from .skeleton import PassThrough, StreamingObserver, build_skeleton, decoder_layers, parameter_name, streaming_supported
 
 logger = logging.getLogger(__name__)
@@ -94,10 +95,11 @@ def observe_streaming(
             if buffer is not None and buffer.device.type != "meta":
                 module._buffers[leaf] = buffer.to(device)
 
-    observer = StreamingObserver(model, settings.engine, settings.renormalize, device)
+    observer = StreamingObserver(model, settings.engine, settings.renormalize, device, settings.merging_statistics)
     num_batches = -(-count // batch_size)
     start_layer, start_batch = 0, 0
     store = HiddenStore((count, length, hidden), dtype, tier, device, scratch_dir)
+    prefetcher = LayerPrefetcher(reader, real_layers, layers_name, layout, device)
     saved_norm = norm
     try:
         with observer:
@@ -112,6 +114,7 @@ def observe_streaming(
                     store.restore(checkpointer.hidden_path(resume_state), resume_state["hidden"])
             elif count:
                 began = time.perf_counter()
+                prefetcher.request(0)  # layer 0 is read while the sequences are embedded
                 _embed_into(store, embedding, embed_name, reader, calibration, batch_size, report)
                 _synchronize(device)
                 report.embed_seconds += time.perf_counter() - began
@@ -132,11 +135,10 @@ def observe_streaming(
                       desc="stream", disable=not settings.progress) as bar:
                 for index in range(start_layer, len(real_layers)):
                     layer = real_layers[index]
-                    prefix = f"{layers_name}.{index}."
                     began = time.perf_counter()
-                    placed = materialize(layer, layer_tensors(reader, prefix, layer, layout), device)
-                    _synchronize(device)
-                    report.load_seconds += time.perf_counter() - began
+                    placed = materialize(layer, prefetcher.take(index), device)
+                    report.load_seconds += time.perf_counter() - began  # the read time not hidden by compute
+                    prefetcher.request(index + 1)  # read while this layer computes: two layers in flight
                     report.add(placed)
                     layers[index] = layer
                     bar.set_description(f"stream layer {index + 1}/{len(real_layers)}")
@@ -164,6 +166,8 @@ def observe_streaming(
             base.norm = saved_norm
         for index, layer in enumerate(real_layers):
             layers[index] = layer
+        prefetcher.close()
+        reader.close()
         store.close()
     return observer.accumulators
 

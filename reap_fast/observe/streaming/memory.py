@@ -10,48 +10,17 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...models import get_adapter
+from ...memory import GiB, MemoryBudget, free_memory, host_available_bytes
+from ...models.memory_plan import activation_bytes
 from .errors import StreamingError
 
-GiB = 1024**3
-
-
-@dataclass
-class MemoryBudget:
-    """Free memory in bytes, as the tier choice sees it (None: unknown / not present)."""
-
-    device_free: int | None = None
-    host_free: int | None = None
-
-
-def host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else physical pages, else None."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def free_memory(device: torch.device | str) -> MemoryBudget:
-    """The current free accelerator memory (CUDA) and available host memory."""
-    device = torch.device(device)
-    device_free = None
-    if device.type == "cuda":
-        device_free = int(torch.cuda.mem_get_info(device)[0])
-    return MemoryBudget(device_free=device_free, host_free=host_available_bytes())
+__all__ = ["GiB", "MemoryBudget", "HiddenStore", "activation_bytes", "choose_hidden_tier", "free_memory",
+           "host_available_bytes"]
 
 
 def choose_hidden_tier(nbytes: int, device: torch.device | str, budget: MemoryBudget, reserve: int) -> str:
@@ -70,22 +39,6 @@ def choose_hidden_tier(nbytes: int, device: torch.device | str, budget: MemoryBu
     if budget.host_free is None or nbytes + reserve <= budget.host_free:
         return "memory"
     return "disk"
-
-
-def activation_bytes(config, batch: int, length: int, element: int) -> int:
-    """A_batch: the activation bytes of one batch of ``batch`` x ``length`` tokens through one layer (see the package docstring).
-
-    The expert count and top-k are read under the keys the family's adapter entry names.
-    """
-    adapter = get_adapter(config)
-    text_config = adapter.text_config(config)
-    hidden = int(text_config.hidden_size)
-    heads = int(getattr(text_config, "num_attention_heads", 1))
-    head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
-    top_k = int(getattr(text_config, adapter.top_k_key, 1) or 1)
-    experts = int(getattr(text_config, adapter.num_experts_key, 1) or 1)
-    tokens = batch * length
-    return tokens * ((6 + 3 * top_k) * hidden + 2 * heads * head_dim) * element + tokens * experts * 4
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

@@ -12,10 +12,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
-from ...metrics import LayerAccumulator
 from ...models import StreamingLayout, UnsupportedModelError, get_adapter, streaming_families
+from ...models.weights import build_skeleton, decoder_layers
 from ..session import Observer
 from .errors import StreamingError
 
@@ -23,25 +22,8 @@ from .errors import StreamingError
 # those with a ``streaming`` layout in their adapter entry (reap_fast/models/families.py).
 STREAMING_FAMILIES = streaming_families()
 
-
-def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The causal LM for ``config`` with parameters on the meta device (buffers computed on the host)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
-    """(base model that runs the layers, its layer list, the layers' name prefix, e.g. 'model.layers')."""
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    count = int(text_config.num_hidden_layers)
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) == count:
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            return parent, module, name
-    raise StreamingError(f"cannot find the decoder layer list of {model.__class__.__name__}")
+__all__ = ["STREAMING_FAMILIES", "PassThrough", "StreamingObserver", "build_skeleton", "decoder_layers",
+           "parameter_name", "streaming_supported"]
 
 
 def parameter_name(model: nn.Module, tensor: torch.Tensor) -> str:
@@ -88,12 +70,12 @@ class PassThrough(nn.Module):
 class StreamingObserver(Observer):
     """An :class:`Observer` over a meta-device skeleton: accumulators live on the compute device."""
 
-    def __init__(self, model: nn.Module, engine: str, renormalize: bool, device: torch.device) -> None:
-        super().__init__(model, engine=engine, renormalize=renormalize)
+    def __init__(
+        self, model: nn.Module, engine: str, renormalize: bool, device: torch.device, merging: bool = False
+    ) -> None:
+        super().__init__(model, engine=engine, renormalize=renormalize, merging=merging)
         self._device = torch.device(device)
-        self.accumulators = {
-            layer.layer_index: LayerAccumulator(layer.num_experts, self._device) for layer in self.layers
-        }
+        self.accumulators = {layer.layer_index: self.new_accumulator(layer, self._device) for layer in self.layers}
 
     @contextmanager
     def counting(self, stats_mask: torch.Tensor) -> Iterator[None]:

@@ -1,0 +1,125 @@
+"""Loading at disk speed, streaming that hides I/O, and the drop-in against upstream REAP, on the two-layer
+real-shape checkpoint (``bench/realshape.py DIR --layers 2 --vocab 32768``, 2.49 GiB bf16), page cache warm.
+
+    python bench/disk_speed.py DIR [--only load,stream,dropin] [--json bench/results/disk_speed.json]
+
+* ``load``: ``load_model`` (the fast loader) and ``from_pretrained(device_map="cpu")`` in fresh processes,
+  imports and model-class set-up done before the clock starts; GB/s = weight bytes / seconds.
+* ``stream``: ``reap-fast observe`` with ``--layerwise`` and with ``--no-layerwise`` (8 x 512 tokens, batch 1),
+  whole commands timed; the ratio streamed / in memory.
+* ``dropin``: upstream's ``prune.py --record_pruning_metrics_only true`` (its own venv, tests/upstream_oracle.py)
+  and the drop-in ``python -m reap_fast.prune`` with the same flags (2 x 2 x 256 tokens), one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from realshape import machine, measure, warm, write_text_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+_LOAD = """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+from reap_fast.models.loading import load_config, load_model
+from reap_fast.models.weights import build_skeleton
+path, mode = sys.argv[1], sys.argv[2]
+build_skeleton(load_config(path), torch.bfloat16)  # imports and class set-up, outside the clock for both
+began = time.perf_counter()
+if mode == "fast":
+    model, _ = load_model(path, device="cpu")
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="cpu")
+print(json.dumps({"seconds": time.perf_counter() - began}))
+"""
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def bench_load(folder: Path) -> dict:
+    results = {}
+    for mode in ("fast", "from_pretrained"):
+        warm(folder)
+        run = measure([sys.executable, "-c", _LOAD, str(folder), mode], cwd=REPO)
+        seconds = json.loads(run["tail"].strip().splitlines()[-1])["seconds"]
+        results[mode] = {"seconds": round(seconds, 2), "gb_per_s": round(_weight_bytes(folder) / seconds / 1e9, 2),
+                         "peak_rss_gib": run["peak_rss_gib"]}
+    results["speedup"] = round(results["from_pretrained"]["seconds"] / results["fast"]["seconds"], 2)
+    return results
+
+
+def bench_stream(folder: Path, work: Path) -> dict:
+    data = write_text_dataset(work / "calibration.jsonl")
+    results = {}
+    for flag in ("--layerwise", "--no-layerwise"):
+        output = work / f"obs{flag}.pt"
+        warm(folder)
+        results[flag.strip("-")] = measure([
+            sys.executable, "-m", "reap_fast", "observe", "--model", str(folder), "--dataset", f"{data}:8",
+            "--model-max-length", "512", "--batch-size", "1", "--output", str(output), flag,
+        ], cwd=REPO)  # fmt: skip
+        assert results[flag.strip("-")]["returncode"] == 0, results[flag.strip("-")]["tail"]
+    results["streamed_over_in_memory"] = round(results["layerwise"]["wall_s"] / results["no-layerwise"]["wall_s"], 3)
+    return results
+
+
+def bench_dropin(folder: Path, work: Path) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from upstream_oracle import _dropin_command, _upstream_command, find_upstream, write_datasets
+
+    upstream = find_upstream(work)
+    if isinstance(upstream, str):
+        return {"skipped": upstream}
+    argv = [
+        "--model_name", str(folder), "--dataset_name", "theblackcat102/evol-codealpaca-v1", "--seed", "42",
+        "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "2", "--batch_size", "2",
+        "--model_max_length", "256", "--renormalize_router_weights", "true", "--record_pruning_metrics_only", "true",
+        "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
+    ]  # fmt: skip
+    results = {}
+    for name, build in (("upstream", lambda cwd: _upstream_command(upstream, cwd, argv, False)),
+                        ("dropin", lambda cwd: _dropin_command(cwd, argv, False))):
+        cwd = work / name
+        cwd.mkdir()
+        write_datasets(cwd, rows=400)
+        command, env = build(cwd)
+        warm(folder)
+        results[name] = measure(command, cwd=cwd, env=env)
+        assert results[name]["returncode"] == 0, results[name]["tail"]
+        shutil.rmtree(cwd / "artifacts", ignore_errors=True)
+    results["upstream_over_dropin"] = round(results["upstream"]["wall_s"] / results["dropin"]["wall_s"], 2)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--only", default="load,stream,dropin")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    report = {"machine": machine(), "checkpoint_gb": round(_weight_bytes(args.folder) / 1e9, 2)}
+    with tempfile.TemporaryDirectory(prefix="reap-fast-disk-speed-") as work:
+        for name in args.only.split(","):
+            target = Path(work) / name
+            target.mkdir()
+            report[name] = {"load": lambda: bench_load(args.folder), "stream": lambda: bench_stream(args.folder, target),
+                            "dropin": lambda: bench_dropin(args.folder, target)}[name]()
+            for value in report[name].values():
+                if isinstance(value, dict):
+                    value.pop("tail", None)
+            print(json.dumps({name: report[name]}), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
