@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import ObserveConfig, PruneConfig, QuantConfig
 from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
+from .config.quantize import QUANT_DTYPE_CHOICES
 from .config.evaluate import EvalConfig, HarnessSettings
 from .config.prune import DEFAULT_COMPRESSION_RATIO
 from .errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, ReapFastError, UsageError
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--batch-size", type=int, default=QuantConfig.batch_size, help="AutoRound batch size")
     quantize.add_argument("--seed", type=int, default=QuantConfig.seed, help="seed of sampling and AutoRound")
     quantize.add_argument("--device", default=QuantConfig.device, help="auto | cpu | cuda | cuda:N")
+    quantize.add_argument("--dtype", default=QuantConfig.dtype, choices=QUANT_DTYPE_CHOICES,
+                          help="dtype of the saved model's unquantized tensors and config (auto: the source's; "
+                          "the group scales stay float16)")
     quantize.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
 
     run = commands.add_parser("run", help="observe -> prune -> [quantize] -> [eval], resumable")
@@ -290,7 +294,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     config = QuantConfig(
         iters=args.iters, nsamples=QuantConfig.nsamples if args.nsamples is None else args.nsamples, seqlen=args.seqlen,
-        batch_size=args.batch_size, device=args.device, seed=args.seed, overwrite=args.overwrite,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
     )  # fmt: skip
     check_model_dir(args.model)
     check_output_dir(args.output, overwrite=args.overwrite, model_dir=Path(args.model))  # before reading any data

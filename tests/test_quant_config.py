@@ -17,7 +17,7 @@ def test_defaults_are_the_documented_ones():
     # README "W4A16 quantization": 4 bits, symmetric, group size 128; --iters/--nsamples/--seqlen help.
     assert dataclasses.asdict(QuantConfig()) == {
         "bits": 4, "group_size": 128, "sym": True, "iters": 200, "nsamples": 128, "seqlen": 512, "batch_size": 8,
-        "device": "auto", "seed": 42, "min_samples": 1, "overwrite": False,
+        "device": "auto", "dtype": "auto", "seed": 42, "min_samples": 1, "overwrite": False,
     }
     QuantConfig(group_size=-1, iters=0, bits=8)  # -1 (one scale per row) and RTN are valid
 
@@ -77,3 +77,13 @@ def test_cli_refuses_bad_settings_in_one_line_before_reading_anything(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err == f"reap-fast {command}: error: nsamples must be in [1, inf), got 0"
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_dtype_is_a_choice_of_the_config_and_the_cli():
+    from reap_fast.config.quantize import QUANT_DTYPE_CHOICES
+
+    assert QuantConfig().dtype == "auto"
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        QuantConfig(dtype="int8")
+    args = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d", "--dtype", "float16"])
+    assert args.dtype == "float16" and "float16" in QUANT_DTYPE_CHOICES

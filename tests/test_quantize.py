@@ -179,6 +179,42 @@ def test_quantization_config(quantized):
             assert torch.equal(handle.get_tensor(f"{router}.weight").float(), source)
 
 
+def _float_dtypes(folder: Path) -> dict[str, set[torch.dtype]]:
+    """Dtypes of the floating tensors of a saved folder: the packed scales apart from everything else."""
+    found: dict[str, set[torch.dtype]] = {"scales": set(), "unquantized": set()}
+    for shard in folder.glob("*.safetensors"):
+        for name, tensor in load_file(str(shard)).items():
+            if tensor.is_floating_point():
+                found["scales" if name.endswith(".scales") else "unquantized"].add(tensor.dtype)
+    return found
+
+
+def test_saved_dtype_is_the_sources_by_default(quantized):
+    """auto-round would save a float32 source as a 'bfloat16' config holding float32 tensors (issue 24): by
+    default the config and every unquantized tensor keep the source's dtype; scales stay float16."""
+    source_dtype = next(iter(load_file(str(quantized["source"] / "model.safetensors")).values())).dtype
+    assert json.loads((quantized["output"] / "config.json").read_text())["dtype"] == str(source_dtype).split(".")[-1]
+    assert _float_dtypes(quantized["output"]) == {"scales": {torch.float16}, "unquantized": {source_dtype}}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_asked_dtype_is_what_is_saved(quantized, tmp_path, dtype):
+    import shutil
+
+    folder = tmp_path / "w4a16"
+    shutil.copytree(quantized["output"], folder)
+    autoround.cast_unquantized(folder, dtype)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == dtype
+    assert _float_dtypes(folder) == {"scales": {torch.float16}, "unquantized": {getattr(torch, dtype)}}
+    before, after = load_file(str(quantized["output"] / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if not tensor.is_floating_point() or name.endswith(".scales"):  # the packed weights are untouched
+            assert torch.equal(tensor, after[name]), name
+        else:
+            assert torch.equal(tensor.to(getattr(torch, dtype)), after[name]), name
+
+
 def unpack_gptq(qweight, qzeros, scales):
     """Dequantize auto_round:auto_gptq 4-bit tensors to a [out, in] weight (GPTQ v1 zero points)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .checks import ConfigError, DEFAULT_SEED, check_choice, check_integer, check_range
 
 BITS_CHOICES = (2, 3, 4, 8)  # what auto-round's integer weight schemes take
+QUANT_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # auto: the source model's own dtype
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class QuantConfig:
     * ``nsamples`` / ``seqlen``: calibration texts and their length in tokens (texts shorter than ``seqlen``
       are dropped by auto-round); ``min_samples``: refuse a run with fewer texts that long.
     * ``device``: auto, cpu, cuda or cuda:N (checked by :func:`reap_fast.devices.resolve_device`).
+    * ``dtype``: the saved model's dtype (its config and every unquantized tensor: embeddings, norms, routers,
+      attention); "auto" keeps the source's. The group scales stay float16 as auto-round packs them.
     * ``overwrite``: replace a model reap-fast saved in the output folder before.
     """
 
@@ -34,6 +37,7 @@ class QuantConfig:
     seqlen: int = 512
     batch_size: int = 8
     device: str = "auto"
+    dtype: str = "auto"
     seed: int = DEFAULT_SEED
     min_samples: int = 1
     overwrite: bool = False
@@ -45,6 +49,7 @@ class QuantConfig:
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size must be positive or -1, got {self.group_size}")
         check_choice("sym", self.sym, (True, False))
+        check_choice("dtype", self.dtype, QUANT_DTYPE_CHOICES)
         check_range("iters", self.iters, 0)
         check_range("nsamples", self.nsamples, 1)
         check_range("seqlen", self.seqlen, 1)

@@ -164,11 +164,41 @@ def _run_auto_round(model_path: Path, staging: Path, tokenizer: Any, texts: list
     )
     rounder.quantize()
     rounder.save_quantized(str(staging), format="auto_round")
-    saved = json.loads((staging / "config.json").read_text())
-    dtype = saved.get("dtype") or saved.get("torch_dtype")
-    logger.info("W4A16: %d-bit weights; scales, routers and unquantized layers in %s (source: %s)",
+    dtype = source_dtype if config.dtype == "auto" else config.dtype
+    cast_unquantized(staging, dtype)
+    logger.info("W4A16: %d-bit weights, float16 group scales; routers and unquantized layers in %s (source: %s)",
                 config.bits, dtype, source_dtype)
     return routers
+
+
+QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")  # auto-round's packed tensors, kept as packed
+
+
+def cast_unquantized(folder: Path, dtype: str) -> None:
+    """Give every unquantized floating tensor of a saved folder, and its config, ``dtype``.
+
+    auto-round picks the dtype it saves by the processor's features and restores some tensors to the source's
+    (so a float32 source came back as a "bfloat16" config holding float32 tensors); this makes the folder what
+    the user asked for. The shards are rewritten in place: ``folder`` is the staging folder, not yet published.
+    """
+    import torch  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    target = getattr(torch, dtype)
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        cast = {name: tensor.to(target) if tensor.is_floating_point() and not name.endswith(QUANTIZED_SUFFIXES)
+                else tensor for name, tensor in tensors.items()}
+        if any(cast[name].dtype != tensors[name].dtype for name in tensors):
+            save_file(cast, str(shard), metadata=metadata)
+    config_file = folder / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["dtype"] = dtype
+    saved.pop("torch_dtype", None)
+    config_file.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 class _OwnFolderNotice(logging.Filter):
