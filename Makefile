@@ -103,10 +103,11 @@ study-quick: $(STAMP)
 mutants: $(STAMP)
 	$(PY) tools/mutants.py
 
-# The drop-in against Cerebras REAP's own scripts (tests/test_upstream_e2e.py). Needs upstream's environment:
+# The drop-in against Cerebras REAP's own scripts (tests/test_upstream_e2e.py) and its main.py merging on the
+# drop-in's observation file (tests/test_upstream_merge.py). Needs upstream's environment:
 # REAP_UPSTREAM_PYTHON (default .venv-upstream/bin/python) and its source (REAP_UPSTREAM_SRC).
 upstream-check: $(STAMP) $(UPSTREAM_STAMP)
-	$(VENV)/bin/pytest -q -m upstream tests/test_upstream_e2e.py
+	$(VENV)/bin/pytest -q -m upstream tests/test_upstream_e2e.py tests/test_upstream_merge.py
 
 # Every tile shape the tuner may pick, compiled for sm_80/86/89/90 (no GPU; ~1 h on 2 cores).
 compile-sweep: $(STAMP)

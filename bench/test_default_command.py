@@ -9,8 +9,8 @@ the real Qwen3-30B-A3B shape (E=128, k=8, H=2048, I=768, 32 query / 4 KV heads o
 written by upstream's transformers (4.55) so both stacks read it.
 
 Each program runs once, one after the other (never at the same time: two cores), under
-``/usr/bin/time -v``: wall seconds and peak resident memory (max RSS) go into each benchmark's
-``extra_info``; the drop-in's entry also holds the speed-up and memory ratio against upstream's, measured
+``/usr/bin/time -v``: wall seconds, CPU seconds (user + system: the steadier figure on a shared machine)
+and peak resident memory (max RSS) go into each benchmark's ``extra_info``; the drop-in's entry also holds the speed-up and memory ratio against upstream's, measured
 in the same session. Needs upstream's environment (``REAP_UPSTREAM_PYTHON``, see tests/upstream_oracle.py);
 skipped without it. CPU only (the GPU entry is ``bench/gpu_merge_check.py``).
 
@@ -87,7 +87,9 @@ def _timed(command: list[str], env: dict, cwd: Path) -> dict:
     seconds = time.perf_counter() - began
     assert done.returncode == 0, done.stderr[-4000:]
     peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return {"seconds": seconds, "peak_rss_gib": peak_kib / 2**20}
+    times = [re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr) for kind in ("User", "System")]
+    cpu = sum(float(found.group(1)) for found in times)
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gib": peak_kib / 2**20}
 
 
 def _run(name: str) -> dict:
@@ -127,7 +129,9 @@ def test_dropin_default_command(benchmark):
     upstream = RESULTS.get("upstream")
     if upstream is not None:
         benchmark.extra_info["speedup_vs_upstream"] = upstream["seconds"] / result["seconds"]
+        benchmark.extra_info["cpu_time_ratio_vs_upstream"] = upstream["cpu_seconds"] / result["cpu_seconds"]
         benchmark.extra_info["peak_rss_ratio_vs_upstream"] = result["peak_rss_gib"] / upstream["peak_rss_gib"]
         print(f"\nupstream {upstream['seconds']:.1f} s, {upstream['peak_rss_gib']:.2f} GiB; drop-in "
               f"{result['seconds']:.1f} s, {result['peak_rss_gib']:.2f} GiB; "
-              f"{upstream['seconds'] / result['seconds']:.1f}x faster")  # fmt: skip
+              f"{upstream['seconds'] / result['seconds']:.1f}x faster in wall time, "
+              f"{upstream['cpu_seconds'] / result['cpu_seconds']:.1f}x less CPU time")  # fmt: skip

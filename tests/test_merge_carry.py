@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,24 @@ def test_observe_and_run_flag_records_fourteen_keys(checkpoint, dataset, tmp_pat
                  "--compression-ratio", "0.5"]) == 0  # fmt: skip
     ran = load_metrics(output / "observation.pt")
     assert all(sorted(values) == sorted(KEYS) for values in ran.values())
+
+
+@pytest.mark.parametrize("pruning_only", [False, True])
+def test_dropin_honours_record_pruning_metrics_only(checkpoint, dataset, tmp_path, monkeypatch, capsys, pruning_only):
+    """Upstream's default (false) records 14 keys on both entry points; layerwise says how upstream differs."""
+    from reap_fast.upstream.main import main as dropin
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_name", str(checkpoint), "--dataset_name", dataset, "--batches_per_category", "2",
+            "--batch_size", "2", "--model_max_length", "40", "--compression_ratio", "0.25", "--do_eval", "false",
+            "--output_file_name", "obs.pt", "--device", "cpu", "--run_observer_only", "true"]  # fmt: skip
+    if pruning_only:
+        argv += ["--record_pruning_metrics_only", "true"]
+    expected = sorted(METRIC_DTYPES) if pruning_only else sorted(KEYS)
+    for layerwise in (False, True):
+        assert dropin(argv, layerwise=layerwise) == 0
+        files = sorted(Path("artifacts").rglob("obs.pt"))
+        metrics = load_metrics(files[-1] if layerwise else files[0])
+        assert all(sorted(values) == expected for values in metrics.values()), (layerwise, files)
+        noted = "layerwise_prune.py records only the nine pruning keys" in capsys.readouterr().err
+        assert noted == (layerwise and not pruning_only)

@@ -152,6 +152,11 @@ def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: boo
         resume=True, checkpoint_dir=f"{obs_path}.partial", allow_longer_than_model=True,  # upstream: a warning
         merging_statistics=not obs_args.record_pruning_metrics_only,
     )  # fmt: skip
+    if layerwise and settings.merging_statistics:
+        _note(
+            "upstream's layerwise_prune.py records only the nine pruning keys; the drop-in also records the five "
+            "merging statistics, as prune.py (--record_pruning_metrics_only true for upstream's file)"
+        )
     metrics = observe_checkpoint(model_name, calibration, obs_path, settings)
     logger.info("observation saved to %s", obs_path)
     return metrics
