@@ -85,5 +85,6 @@ def test_quantize_dtype_is_a_choice_of_the_config_and_the_cli():
     assert QuantConfig().dtype == "auto"
     with pytest.raises(ConfigError, match="dtype must be one of"):
         QuantConfig(dtype="int8")
-    args = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d", "--dtype", "float16"])
-    assert args.dtype == "float16" and "float16" in QUANT_DTYPE_CHOICES
+    for choice in QUANT_DTYPE_CHOICES:
+        args = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d", "--dtype", choice])
+        assert args.dtype == choice
