@@ -44,6 +44,7 @@ never gives wrong numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -56,7 +57,7 @@ ALIGN_NUM_WARPS = 8
 BLOCKS_PER_STEP = 32  # block_expert entries computed per loop step
 
 
-@dataclass
+@dataclass(slots=True)
 class Alignment:
     """The padded, expert-sorted row order of one MoE call, in one int32 device tensor ``buffer``:
 
@@ -180,6 +181,19 @@ def _align_kernel(
         tl.store(block_expert_ptr + block, tl.sum(ended.to(tl.int32), axis=1), mask=block < max_blocks)
 
 
+@lru_cache(maxsize=256)
+def align_launch(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int, dict]:
+    """(max_blocks, buffer length, the kernel's constexprs and launch options) for S pairs, E experts and
+    ``block_m``: built once per call signature (``fused_moe`` keeps it in the call's plan)."""
+    if block_m <= 0 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a positive power of two, got {block_m}")
+    max_blocks = max_blocks_bound(num_pairs, num_experts, block_m)
+    chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
+    options = dict(BLOCK_M=block_m, E_BINS=next_power_of_2(num_experts), CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+                   num_warps=ALIGN_NUM_WARPS)
+    return max_blocks, max_blocks * (block_m + 1) + 2 * num_experts, options
+
+
 def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Sort the routed pairs of ``top_k_index`` (T, k) by expert, padding each expert to ``block_m`` rows.
 
@@ -187,13 +201,16 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     """
     if top_k_index.dim() != 2:
         raise ValueError(f"top_k_index must be (T, k), got shape {tuple(top_k_index.shape)}")
-    if block_m <= 0 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a positive power of two, got {block_m}")
+    return align_pairs(top_k_index, num_experts, align_launch(top_k_index.numel(), num_experts, block_m))
+
+
+def align_pairs(top_k_index: torch.Tensor, num_experts: int, launch: tuple[int, int, dict]) -> Alignment:
+    """:func:`align_by_expert` with its launch parameters given (``align_launch``; the inputs checked)."""
     device = top_k_index.device
     num_pairs = top_k_index.numel()
-    max_blocks = max_blocks_bound(num_pairs, num_experts, block_m)
-    buffer = torch.empty(max_blocks * (block_m + 1) + 2 * num_experts, dtype=torch.int32, device=device)
-    alignment = Alignment(buffer, max_blocks, block_m, num_pairs, num_experts)
+    max_blocks, length, options = launch
+    buffer = torch.empty(length, dtype=torch.int32, device=device)
+    alignment = Alignment(buffer, max_blocks, options["BLOCK_M"], num_pairs, num_experts)
     if device.type == "cpu" and num_pairs:
         # The interpreter skips device assertions: check on the host here, in numpy (CPU tensors only;
         # no torch op, so the launch counts of the GPU path are the same).
@@ -203,11 +220,7 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     if num_pairs == 0:
         buffer.zero_()
         return alignment
-    e_bins = next_power_of_2(num_experts)
-    chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
     _align_kernel[(1,)](
-        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts,
-        max_blocks, *top_k_index.stride(),
-        BLOCK_M=block_m, E_BINS=e_bins, CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP, num_warps=ALIGN_NUM_WARPS,
+        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts, max_blocks, *top_k_index.stride(), **options,
     )
     return alignment

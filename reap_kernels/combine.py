@@ -103,9 +103,10 @@ def _combine_kernel(
 
 
 @lru_cache(maxsize=None)
-def _constants(dtypes: tuple, sizes: tuple[int, int, int], with_stats: bool, renormalize: bool | None, config) -> dict:
+def combine_options(dtypes: tuple, sizes: tuple[int, int, int], with_stats: bool, renormalize: bool | None, config) -> dict:
     """The kernel's constexprs and launch options for (y dtype, weights dtype), (k, E, H), statistics, router
-    gate (None: none; else whether renormalised) and the config (one dict per combination, built once)."""
+    gate (None: none; else whether renormalised) and the config (built once per call signature: ``fused_moe``
+    keeps it in the call's plan)."""
     top_k, num_experts, hidden_size = sizes
     return dict(
         PROD_DTYPE=_TL_DTYPES[torch.promote_types(*dtypes)],
@@ -125,7 +126,7 @@ def combine(
     top_k_weights: torch.Tensor,
     with_stats: bool,
     router: tuple | None,  # (RouterGate, top_k_index): compute the REAP gates from the router logits
-    config,  # reap_kernels.config.MoEConfig (combine block and warps)
+    options: dict,  # combine_options(...)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weighted sum of each token's k rows of y -> ``out`` (T, H) in the workspace dtype.
 
@@ -144,8 +145,6 @@ def combine(
     _combine_kernel[(num_tokens,)](
         workspace, top_k_weights, out, pairs if with_stats else out, logits, index, y_offset,
         hidden_size, top_k, logits.shape[1],
-        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(),
-        **_constants((workspace.dtype, top_k_weights.dtype), (top_k, logits.shape[1], hidden_size), with_stats,
-                     None if router is None else router[0].renormalize, config),
+        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(), **options,
     )
     return out, pairs

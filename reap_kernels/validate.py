@@ -13,7 +13,7 @@ an engine that can fall back to PyTorch should; ``ValueError`` for inputs that a
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ class Plan:
     inter_size: int
     top_k: int
     config: MoEConfig
+    launches: dict = field(default_factory=dict, compare=False, repr=False)  # moe.py's launch parameters, built once
 
 
 def _check(condition: bool, template: str, *args: object) -> None:
