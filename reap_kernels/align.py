@@ -211,7 +211,7 @@ def align_pairs(top_k_index: torch.Tensor, num_experts: int, launch: tuple[int, 
     max_blocks, length, options = launch
     buffer = torch.empty(length, dtype=torch.int32, device=device)
     alignment = Alignment(buffer, max_blocks, options["BLOCK_M"], num_pairs, num_experts)
-    if device.type == "cpu" and num_pairs:
+    if top_k_index.is_cpu and num_pairs:
         # The interpreter skips device assertions: check on the host here, in numpy (CPU tensors only;
         # no torch op, so the launch counts of the GPU path are the same).
         ids = top_k_index.detach().numpy()

@@ -112,24 +112,21 @@ class Launches:
 
 
 def _launches(plan: Plan, layout: ExpertsLayout, dtypes: tuple, has_bias: bool, gates) -> Launches:
-    """The :class:`Launches` of a call with ``plan`` (kept in the plan, per router-gate kind); ``dtypes`` is
-    (hidden_states dtype, top_k_weights dtype)."""
+    """The :class:`Launches` of a call with ``plan`` (the gate kind and renormalisation are part of its key);
+    ``dtypes`` is (hidden_states dtype, top_k_weights dtype)."""
+    config, num_pairs = plan.config, plan.num_tokens * plan.top_k
+    align = align_launch(num_pairs, plan.num_experts, config.block_m)
+    sizes = (config.block_m, align[0], plan.hidden_size, plan.inter_size)
+    dtype, upcast = dtypes[0], INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
     renormalize = gates.renormalize if isinstance(gates, RouterGate) else None
-    launches = plan.launches.get(renormalize)
-    if launches is None:
-        config, num_pairs = plan.config, plan.num_tokens * plan.top_k
-        align = align_launch(num_pairs, plan.num_experts, config.block_m)
-        sizes = (config.block_m, align[0], plan.hidden_size, plan.inter_size)
-        dtype, upcast = dtypes[0], INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
-        launches = plan.launches[renormalize] = Launches(
-            align=align,
-            gate_up=gate_up_launch(layout, has_bias, dtype, upcast, config.gate_up, sizes),
-            down=down_launch(has_bias, dtype, upcast, config.down, sizes),
-            combine=combine_options(dtypes, (plan.top_k, plan.num_experts, plan.hidden_size), gates is not None,
-                                    renormalize, config),
-            workspace=num_pairs * (plan.inter_size + plan.hidden_size),
-        )
-    return launches
+    return Launches(
+        align=align,
+        gate_up=gate_up_launch(layout, has_bias, dtype, upcast, config.gate_up, sizes),
+        down=down_launch(has_bias, dtype, upcast, config.down, sizes),
+        combine=combine_options(dtypes, (plan.top_k, plan.num_experts, plan.hidden_size), gates is not None,
+                                renormalize, config),
+        workspace=num_pairs * (plan.inter_size + plan.hidden_size),
+    )
 
 
 def run_fused_moe(
@@ -141,22 +138,26 @@ def run_fused_moe(
     accumulators: dict[str, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """:func:`fused_moe` with its tensors grouped: checks (cached per signature), then the launches."""
+    plan = plan_call(hidden_states, weights, routing, layout, config, accumulators)
     w_gate_up, w_down, b_gate_up, b_down = weights
     top_k_index, top_k_weights, gates, token_mask = routing
-    plan = plan_call(hidden_states, weights, routing, layout, config, accumulators)
-    device = hidden_states.device
     if plan.num_tokens == 0:
         stats = None
         if gates is not None:
+            device = hidden_states.device
             stats = accumulators if accumulators is not None else statistics_buffers(plan.num_experts, device, filled=True)
         return hidden_states.new_zeros(0, plan.hidden_size), stats
-    launches = _launches(plan, layout, (hidden_states.dtype, top_k_weights.dtype), b_gate_up is not None, gates)
+    launches = plan.launches
+    if launches is None:
+        launches = plan.launches = _launches(plan, layout, (hidden_states.dtype, top_k_weights.dtype),
+                                             b_gate_up is not None, gates)
+    device = hidden_states.device
     with device_guard(device):
         alignment = align_pairs(top_k_index, plan.num_experts, launches.align)
         workspace = torch.empty(launches.workspace, dtype=hidden_states.dtype, device=device)  # h | y
         gate_up_activation(hidden_states, w_gate_up, b_gate_up, alignment, workspace, layout, launches.gate_up)
         down_projection(workspace, w_down, b_down, alignment, layout.transposed, launches.down)
-        router = (gates, top_k_index) if isinstance(gates, RouterGate) else None
+        router = (gates, top_k_index) if type(gates) is RouterGate else None
         out, pairs = combine(workspace, alignment.num_pairs * plan.inter_size, top_k_weights, gates is not None, router,
                              launches.combine)
         if gates is None:

@@ -30,9 +30,10 @@ class UnsupportedInputError(ValueError):
     """Inputs the kernels cannot compute (dtypes): valid for PyTorch, so a caller may fall back to it."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Plan:
-    """What the launches need from a validated call: the layer's sizes and the block sizes."""
+    """What the launches need from a validated call: the layer's sizes and the block sizes (and, set by
+    ``moe.py`` on the first launch, the launch parameters)."""
 
     num_tokens: int
     hidden_size: int
@@ -40,7 +41,7 @@ class Plan:
     inter_size: int
     top_k: int
     config: MoEConfig
-    launches: dict = field(default_factory=dict, compare=False, repr=False)  # moe.py's launch parameters, built once
+    launches: object = field(default=None, compare=False, repr=False)  # moe.Launches, built on the first launch
 
 
 def _check(condition: bool, template: str, *args: object) -> None:
@@ -53,16 +54,16 @@ def _check_dtype(condition: bool, template: str, *args: object) -> None:
         raise UnsupportedInputError(template.format(*args))
 
 
-def _signature(tensor: torch.Tensor | RouterGate | None) -> tuple | None:
-    return None if tensor is None else (type(tensor), tensor.shape, tensor.dtype, tensor.device)
+def _signature(tensor: torch.Tensor | None) -> tuple | None:
+    return None if tensor is None else (tensor.shape, tensor.dtype, tensor.device)
 
 
-def _accumulator_signature(accumulators: dict[str, torch.Tensor] | None) -> tuple | None:
-    """The accumulator tensors by identity (they are created once per layer and updated in place); a key
-    is dropped when one of its tensors is freed, before its id can be reused (``weakref.finalize``)."""
-    if accumulators is None:
-        return None
-    return tuple(accumulators), tuple(map(id, accumulators.values()))
+def _gates_signature(gates: torch.Tensor | RouterGate | None) -> tuple | None:
+    """A gate tensor's signature, or a RouterGate's: its logits' and whether it renormalises (4 entries)."""
+    if gates is None or type(gates) is not RouterGate:
+        return _signature(gates)
+    logits = gates.logits
+    return logits.shape, logits.dtype, logits.device, gates.renormalize
 
 
 _plans: dict[tuple, Plan] = {}
@@ -81,12 +82,15 @@ def plan_call(hidden_states: torch.Tensor, weights: tuple, routing: tuple, layou
     w_gate_up, w_down, b_gate_up, b_down = weights
     top_k_index, top_k_weights, gates, token_mask = routing
     key = (  # flat: one tuple, no per-tensor tuples for the tensors every call has
-        layout, config, _accumulator_signature(accumulators),
+        layout, config, None if accumulators is None else tuple(accumulators),
+        # the accumulator tensors by identity (they are created once per layer and updated in place); a key
+        # is dropped when one of its tensors is freed, before its id can be reused (weakref.finalize below)
+        None if accumulators is None else tuple(map(id, accumulators.values())),
         hidden_states.shape, hidden_states.dtype, hidden_states.device,
         w_gate_up.shape, w_gate_up.dtype, w_gate_up.device, w_down.shape, w_down.dtype, w_down.device,
         top_k_index.shape, top_k_index.dtype, top_k_index.device,
         top_k_weights.shape, top_k_weights.dtype, top_k_weights.device,
-        _signature(b_gate_up), _signature(b_down), _signature(gates), _signature(token_mask),
+        _signature(b_gate_up), _signature(b_down), _gates_signature(gates), _signature(token_mask),
     )
     plan = _plans.get(key)
     if plan is None:
