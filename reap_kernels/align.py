@@ -61,9 +61,10 @@ BLOCKS_PER_STEP = 32  # block_expert entries computed per loop step
 class Alignment:
     """The padded, expert-sorted row order of one MoE call, in one int32 device tensor ``buffer``:
 
-    ``[sorted_pair_ids (max_blocks * BLOCK_M) | block_expert (max_blocks) | counts (E) | expert_start (E)]``
+    ``[sorted_pair_ids (max_blocks * BLOCK_M) | block_expert (max_blocks) | counts (E) | expert_start (E) | pairs (3 S)]``
 
-    (one allocation; the kernels find each part from ``max_blocks``, ``BLOCK_M`` and E).
+    (one allocation; the kernels find each part from ``max_blocks``, ``BLOCK_M`` and E). ``pairs`` is scratch
+    for the statistics: combine.py stores fp32 values there (their bits), expert_stats.py reads them.
     """
 
     buffer: torch.Tensor  # int32, see above
@@ -97,6 +98,11 @@ class Alignment:
         """(E,) first row of each expert in sorted_pair_ids."""
         start = self.num_rows + self.max_blocks + self.num_experts
         return self.buffer[start : start + self.num_experts]
+
+    @property
+    def pairs_offset(self) -> int:
+        """Where the per-pair statistics scratch (3 S fp32) starts in ``buffer``."""
+        return self.num_rows + self.max_blocks + 2 * self.num_experts
 
 
 def max_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -191,7 +197,7 @@ def align_launch(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, i
     chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
     options = dict(BLOCK_M=block_m, E_BINS=next_power_of_2(num_experts), CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP,
                    num_warps=ALIGN_NUM_WARPS)
-    return max_blocks, max_blocks * (block_m + 1) + 2 * num_experts, options
+    return max_blocks, max_blocks * (block_m + 1) + 2 * num_experts + 3 * num_pairs, options
 
 
 def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Alignment:

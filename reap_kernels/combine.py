@@ -36,10 +36,12 @@ def _combine_kernel(
     y_ptr,  # (T*k, H) fp16/bf16/fp32 from y_ptr + y_offset: unweighted expert rows, row = t*k + slot
     w_ptr,  # (T, k) float (any): routing weights top_k_weights
     out_ptr,  # (T, H) dtype of hidden_states: layer output
-    pairs_ptr,  # (3, T*k) fp32 out: ||y||, max_j y_j (when STATS) and g (when GATE_FROM_LOGITS) of each row
+    pairs_ptr,  # (3, T*k) fp32 out from pairs_ptr + pairs_offset (any pointer type, its bits are fp32): ||y||,
+    # max_j y_j (when STATS) and g (when GATE_FROM_LOGITS) of each row
     logits_ptr,  # (T, E) float: router logits (read only when GATE_FROM_LOGITS)
     index_ptr,  # (T, k) integer: top_k_index (read only when GATE_FROM_LOGITS)
     y_offset,
+    pairs_offset,
     hidden_size,
     top_k,
     num_experts,
@@ -62,6 +64,7 @@ def _combine_kernel(
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    pairs_ptr = (pairs_ptr + pairs_offset).to(tl.pointer_type(tl.float32), bitcast=True)
     slots = tl.arange(0, K_PAD)
     slot_ok = slots < top_k
     weight = tl.load(w_ptr + token * stride_wt + slots * stride_wk, mask=slot_ok, other=0.0).to(tl.float32)
@@ -124,27 +127,23 @@ def combine(
     workspace: torch.Tensor,  # 1-D, input dtype: y (S, H) from ``y_offset`` on (down_proj.py)
     y_offset: int,
     top_k_weights: torch.Tensor,
-    with_stats: bool,
+    pairs_into,  # reap_kernels.align.Alignment whose pairs scratch receives the statistics; None: no statistics
     router: tuple | None,  # (RouterGate, top_k_index): compute the REAP gates from the router logits
     options: dict,  # combine_options(...)
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Weighted sum of each token's k rows of y -> ``out`` (T, H) in the workspace dtype.
 
-    Returns ``(out, pairs)``: ``pairs`` (one fp32 allocation) holds per routed pair ||y|| at [0, S), max(y)
-    at [S, 2S) and, with ``router``, g at [2S, 3S); None without statistics. Inputs are validated by
-    ``reap_kernels.moe.fused_moe``.
+    With ``pairs_into``, per routed pair ||y|| goes to [0, S) of its pairs scratch, max(y) to [S, 2S) and,
+    with ``router``, g to [2S, 3S) (fp32). Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
     num_tokens, top_k = top_k_weights.shape
     hidden_size = (workspace.numel() - y_offset) // (num_tokens * top_k)
-    device = workspace.device
-    out = torch.empty(num_tokens, hidden_size, dtype=workspace.dtype, device=device)
-    pairs = None
-    if with_stats:
-        pairs = torch.empty((3 if router is not None else 2) * num_tokens * top_k, dtype=torch.float32, device=device)
+    out = torch.empty(num_tokens, hidden_size, dtype=workspace.dtype, device=workspace.device)
+    pairs, pairs_offset = (out, 0) if pairs_into is None else (pairs_into.buffer, pairs_into.pairs_offset)
     logits, index = (router[0].logits, router[1]) if router is not None else (out, top_k_weights)  # unread without
     _combine_kernel[(num_tokens,)](
-        workspace, top_k_weights, out, pairs if with_stats else out, logits, index, y_offset,
+        workspace, top_k_weights, out, pairs, logits, index, y_offset, pairs_offset,
         hidden_size, top_k, logits.shape[1],
         hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(), **options,
     )
-    return out, pairs
+    return out

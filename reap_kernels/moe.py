@@ -158,12 +158,12 @@ def run_fused_moe(
         gate_up_activation(hidden_states, w_gate_up, b_gate_up, alignment, workspace, layout, launches.gate_up)
         down_projection(workspace, w_down, b_down, alignment, layout.transposed, launches.down)
         router = (gates, top_k_index) if type(gates) is RouterGate else None
-        out, pairs = combine(workspace, alignment.num_pairs * plan.inter_size, top_k_weights, gates is not None, router,
-                             launches.combine)
+        out = combine(workspace, alignment.num_pairs * plan.inter_size, top_k_weights,
+                      None if gates is None else alignment, router, launches.combine)
         if gates is None:
             return out, None
         mask = None if token_mask is None else token_mask if token_mask.dim() == 1 else token_mask.reshape(-1)
-        stats = expert_statistics(alignment, pairs, None if router is not None else gates, mask, plan.top_k, accumulators)
+        stats = expert_statistics(alignment, None, None if router is not None else gates, mask, plan.top_k, accumulators)
         return out, stats
 
 
