@@ -54,14 +54,10 @@ def _check_dtype(condition: bool, template: str, *args: object) -> None:
         raise UnsupportedInputError(template.format(*args))
 
 
-def _signature(tensor: torch.Tensor | None) -> tuple | None:
-    return None if tensor is None else (tensor.shape, tensor.dtype, tensor.device)
-
-
-def _gates_signature(gates: torch.Tensor | RouterGate | None) -> tuple | None:
-    """A gate tensor's signature, or a RouterGate's: its logits' and whether it renormalises (4 entries)."""
-    if gates is None or type(gates) is not RouterGate:
-        return _signature(gates)
+def _gates_signature(gates: torch.Tensor | RouterGate) -> tuple:
+    """A gate tensor's (shape, dtype, device), or a RouterGate's: its logits' and whether it renormalises."""
+    if type(gates) is not RouterGate:
+        return gates.shape, gates.dtype, gates.device
     logits = gates.logits
     return logits.shape, logits.dtype, logits.device, gates.renormalize
 
@@ -90,7 +86,10 @@ def plan_call(hidden_states: torch.Tensor, weights: tuple, routing: tuple, layou
         w_gate_up.shape, w_gate_up.dtype, w_gate_up.device, w_down.shape, w_down.dtype, w_down.device,
         top_k_index.shape, top_k_index.dtype, top_k_index.device,
         top_k_weights.shape, top_k_weights.dtype, top_k_weights.device,
-        _signature(b_gate_up), _signature(b_down), _gates_signature(gates), _signature(token_mask),
+        None if b_gate_up is None else (b_gate_up.shape, b_gate_up.dtype, b_gate_up.device),
+        None if b_down is None else (b_down.shape, b_down.dtype, b_down.device),
+        None if gates is None else _gates_signature(gates),
+        None if token_mask is None else (token_mask.shape, token_mask.dtype, token_mask.device),
     )
     plan = _plans.get(key)
     if plan is None:
