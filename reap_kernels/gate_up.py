@@ -158,13 +158,13 @@ def _gate_up_kernel(
 
 @lru_cache(maxsize=None)
 def gate_up_launch(layout, has_bias: bool, dtype: torch.dtype, upcast: bool, gemm, sizes: tuple[int, int, int, int]):
-    """(grid, constexprs and launch options) of the kernel for ``sizes`` (block_m, max_blocks, H, I): built once per
-    call signature (``fused_moe`` keeps it in the call's plan), so a call only reads strides and launches."""
+    """(grid, constexprs in the kernel's parameter order, launch options) of the kernel for ``sizes`` (block_m,
+    max_blocks, H, I): built once per call signature (``fused_moe`` keeps it in the call's plan), so a call
+    only reads strides and launches (constexprs passed by position: no keyword binding per call)."""
     block_m, max_blocks, hidden_size, inter_size = sizes
-    options = dict(ACTIVATION=ACTIVATIONS[layout.activation], INTERLEAVED=layout.interleaved, HAS_BIAS=has_bias,
-                   UPCAST=upcast, DOT_PRECISION=dot_precision(dtype, upcast), EVEN_K=hidden_size % gemm.block_k == 0,
-                   EVEN_N=inter_size % gemm.block_n == 0, **gemm.launch_options(block_m))
-    return (max_blocks * cdiv(inter_size, gemm.block_n),), options
+    constexprs = (ACTIVATIONS[layout.activation], layout.interleaved, has_bias, upcast, hidden_size % gemm.block_k == 0,
+                  inter_size % gemm.block_n == 0, dot_precision(dtype, upcast), *gemm.tile(block_m))
+    return (max_blocks * cdiv(inter_size, gemm.block_n),), constexprs, gemm.options()
 
 
 def gate_up_activation(
@@ -186,11 +186,11 @@ def gate_up_activation(
     stride_we, stride_1, stride_2 = weight.stride()
     stride_wn, stride_wk = (stride_2, stride_1) if transposed else (stride_1, stride_2)
     stride_be, stride_bn = bias.stride() if bias is not None else (0, 0)
-    grid, options = launch
+    grid, constexprs, options = launch
     _gate_up_kernel[grid](
         hidden_states, weight, bias if bias is not None else weight, workspace, alignment.buffer,
         alignment.num_pairs, alignment.num_pairs // hidden_states.shape[0], weight.shape[0], hidden_size, inter_size,
         alignment.max_blocks, layout.alpha, layout.limit,
         *hidden_states.stride(), stride_we, stride_wn, stride_wk, stride_be, stride_bn,
-        inter_size, 1, **options,
+        inter_size, 1, *constexprs, **options,
     )
