@@ -188,16 +188,16 @@ def _align_kernel(
 
 
 @lru_cache(maxsize=256)
-def align_launch(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int, dict]:
-    """(max_blocks, buffer length, the kernel's constexprs and launch options) for S pairs, E experts and
-    ``block_m``: built once per call signature (``fused_moe`` keeps it in the call's plan)."""
+def align_launch(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int, tuple, dict]:
+    """(max_blocks, buffer length, the kernel's constexprs in its parameter order, launch options) for S pairs,
+    E experts and ``block_m``: built once per call signature (``fused_moe`` keeps it in the call's plan)."""
     if block_m <= 0 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a positive power of two, got {block_m}")
     max_blocks = max_blocks_bound(num_pairs, num_experts, block_m)
     chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
-    options = dict(BLOCK_M=block_m, E_BINS=next_power_of_2(num_experts), CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP,
-                   num_warps=ALIGN_NUM_WARPS)
-    return max_blocks, max_blocks * (block_m + 1) + 2 * num_experts + 3 * num_pairs, options
+    constexprs = (block_m, next_power_of_2(num_experts), chunk, BLOCKS_PER_STEP)  # BLOCK_M, E_BINS, CHUNK, BLOCKS_PER_STEP
+    length = max_blocks * (block_m + 1) + 2 * num_experts + 3 * num_pairs
+    return max_blocks, length, constexprs, dict(num_warps=ALIGN_NUM_WARPS)
 
 
 def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -210,13 +210,13 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     return align_pairs(top_k_index, num_experts, align_launch(top_k_index.numel(), num_experts, block_m))
 
 
-def align_pairs(top_k_index: torch.Tensor, num_experts: int, launch: tuple[int, int, dict]) -> Alignment:
+def align_pairs(top_k_index: torch.Tensor, num_experts: int, launch: tuple[int, int, tuple, dict]) -> Alignment:
     """:func:`align_by_expert` with its launch parameters given (``align_launch``; the inputs checked)."""
     device = top_k_index.device
     num_pairs = top_k_index.numel()
-    max_blocks, length, options = launch
+    max_blocks, length, constexprs, options = launch
     buffer = torch.empty(length, dtype=torch.int32, device=device)
-    alignment = Alignment(buffer, max_blocks, options["BLOCK_M"], num_pairs, num_experts)
+    alignment = Alignment(buffer, max_blocks, constexprs[0], num_pairs, num_experts)
     if top_k_index.is_cpu and num_pairs:
         # The interpreter skips device assertions: check on the host here, in numpy (CPU tensors only;
         # no torch op, so the launch counts of the GPU path are the same).
@@ -227,6 +227,6 @@ def align_pairs(top_k_index: torch.Tensor, num_experts: int, launch: tuple[int, 
         buffer.zero_()
         return alignment
     _align_kernel[(1,)](
-        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts, max_blocks, *top_k_index.stride(), **options,
+        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts, max_blocks, *top_k_index.stride(), *constexprs, **options,
     )
     return alignment

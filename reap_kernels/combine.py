@@ -106,21 +106,17 @@ def _combine_kernel(
 
 
 @lru_cache(maxsize=None)
-def combine_options(dtypes: tuple, sizes: tuple[int, int, int], with_stats: bool, renormalize: bool | None, config) -> dict:
-    """The kernel's constexprs and launch options for (y dtype, weights dtype), (k, E, H), statistics, router
-    gate (None: none; else whether renormalised) and the config (built once per call signature: ``fused_moe``
-    keeps it in the call's plan)."""
+def combine_launch(dtypes: tuple, sizes: tuple[int, int, int], with_stats: bool, renormalize: bool | None, config):
+    """(the kernel's constexprs in its parameter order, launch options) for (y dtype, weights dtype), (k, E, H),
+    statistics, router gate (None: none; else whether renormalised) and the config (built once per call
+    signature: ``fused_moe`` keeps it in the call's plan)."""
     top_k, num_experts, hidden_size = sizes
-    return dict(
-        PROD_DTYPE=_TL_DTYPES[torch.promote_types(*dtypes)],
-        STATS=with_stats,
-        GATE_FROM_LOGITS=renormalize is not None,
-        RENORMALIZE=bool(renormalize),
-        K_PAD=next_power_of_2(top_k),
-        E_PAD=next_power_of_2(num_experts) if renormalize is not None else 1,
-        BLOCK_H=min(config.combine_block_h, next_power_of_2(hidden_size)),
-        num_warps=config.combine_num_warps,
+    constexprs = (  # PROD_DTYPE, STATS, GATE_FROM_LOGITS, RENORMALIZE, K_PAD, E_PAD, BLOCK_H
+        _TL_DTYPES[torch.promote_types(*dtypes)], with_stats, renormalize is not None, bool(renormalize),
+        next_power_of_2(top_k), next_power_of_2(num_experts) if renormalize is not None else 1,
+        min(config.combine_block_h, next_power_of_2(hidden_size)),
     )
+    return constexprs, dict(num_warps=config.combine_num_warps)
 
 
 def combine(
@@ -129,7 +125,7 @@ def combine(
     top_k_weights: torch.Tensor,
     pairs_into,  # reap_kernels.align.Alignment whose pairs scratch receives the statistics; None: no statistics
     router: tuple | None,  # (RouterGate, top_k_index): compute the REAP gates from the router logits
-    options: dict,  # combine_options(...)
+    launch: tuple,  # combine_launch(...)
 ) -> torch.Tensor:
     """Weighted sum of each token's k rows of y -> ``out`` (T, H) in the workspace dtype.
 
@@ -141,9 +137,10 @@ def combine(
     out = torch.empty(num_tokens, hidden_size, dtype=workspace.dtype, device=workspace.device)
     pairs, pairs_offset = (out, 0) if pairs_into is None else (pairs_into.buffer, pairs_into.pairs_offset)
     logits, index = (router[0].logits, router[1]) if router is not None else (out, top_k_weights)  # unread without
+    constexprs, options = launch
     _combine_kernel[(num_tokens,)](
         workspace, top_k_weights, out, pairs, logits, index, y_offset, pairs_offset,
         hidden_size, top_k, logits.shape[1],
-        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(), **options,
+        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(), *constexprs, **options,
     )
     return out

@@ -196,10 +196,7 @@ def expert_statistics(
         pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
         alignment.num_rows + alignment.max_blocks, pairs_offset, alignment.num_pairs // top_k, num_experts, top_k,
         token_mask.stride(0) if token_mask is not None else 0, *gate_strides,
-        HAS_MASK=token_mask is not None,
-        GATES_IN_PAIRS=gates is None,
-        ACCUMULATE=accumulators is not None,
-        PAIRWISE=pairwise is not None,
-        BLOCK=block,
+        # constexprs by position (no keyword binding per call): HAS_MASK, GATES_IN_PAIRS, ACCUMULATE, PAIRWISE, BLOCK
+        token_mask is not None, gates is None, accumulators is not None, pairwise is not None, block,
     )
     return stats

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .align import align_launch, align_pairs
-from .combine import combine, combine_options
+from .combine import combine, combine_launch
 from .config import INTERPRET, CachedHash, MoEConfig
 from .down_proj import down_launch, down_projection
 from .expert_stats import expert_statistics, statistics_buffers
@@ -107,7 +107,7 @@ class Launches:
     align: tuple
     gate_up: tuple
     down: tuple
-    combine: dict
+    combine: tuple
     workspace: int  # elements of h | y
 
 
@@ -123,8 +123,8 @@ def _launches(plan: Plan, layout: ExpertsLayout, dtypes: tuple, has_bias: bool, 
         align=align,
         gate_up=gate_up_launch(layout, has_bias, dtype, upcast, config.gate_up, sizes),
         down=down_launch(has_bias, dtype, upcast, config.down, sizes),
-        combine=combine_options(dtypes, (plan.top_k, plan.num_experts, plan.hidden_size), gates is not None,
-                                renormalize, config),
+        combine=combine_launch(dtypes, (plan.top_k, plan.num_experts, plan.hidden_size), gates is not None,
+                              renormalize, config),
         workspace=num_pairs * (plan.inter_size + plan.hidden_size),
     )
 
