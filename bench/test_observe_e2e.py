@@ -38,7 +38,7 @@ import torch
 from reap_fast.config import ObserveConfig
 from reap_fast.data import CalibrationSet
 from reap_fast.observe.session import Observer
-from reap_fast.observe.settings import resolve_engine
+from reap_fast.observe.settings import process_settings
 from reap_fast.observe.streaming import StreamingReport, observe_streaming
 from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
@@ -91,6 +91,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _auto_engine() -> str:
+    """The engine ``--engine auto`` resolves to for the benchmark's checkpoint on DEVICE."""
+    from transformers import AutoConfig
+
+    settings = ObserveConfig(device=DEVICE, dtype=str(DTYPE).removeprefix("torch."))
+    return process_settings(settings, AutoConfig.from_pretrained(checkpoint())).engine
+
+
 def _info(variant: str, seconds: float, per_layer_sample: float, fixed_48: float) -> dict:
     projected = fixed_48 + REAL_LAYERS * REAL_SAMPLES * per_layer_sample * (REAL_LENGTH / LENGTH)
     return {
@@ -98,7 +106,7 @@ def _info(variant: str, seconds: float, per_layer_sample: float, fixed_48: float
         "device": torch.cuda.get_device_name() if CUDA else "cpu (tiny shape: timings are not meaningful)",
         "shape": dict(SHAPE, layers=LAYERS, samples=SAMPLES, tokens_per_sample=LENGTH, batch_size=BATCH),
         "dtype": str(DTYPE),
-        "engine": resolve_engine("auto", DEVICE),
+        "engine": _auto_engine(),
         "seconds": seconds,
         "seconds_per_sample": seconds / SAMPLES,
         "seconds_per_layer_sample": per_layer_sample,
@@ -117,7 +125,7 @@ def test_observe_in_memory(benchmark):
     held = {"model": AutoModelForCausalLM.from_pretrained(checkpoint(), dtype=DTYPE, device_map=DEVICE).eval()}
     _sync()
     load_s = time.perf_counter() - started
-    engine = resolve_engine("auto", DEVICE)
+    engine = _auto_engine()
 
     def run():  # observe_checkpoint's in-memory loop, without loading the model
         with Observer(held["model"], engine=engine, renormalize=True) as observer:
@@ -138,7 +146,7 @@ def test_observe_in_memory(benchmark):
 
 
 def test_observe_streaming(benchmark):
-    engine = resolve_engine("auto", DEVICE)
+    engine = _auto_engine()
     reports = []
 
     def run():

@@ -67,7 +67,7 @@ def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="{true,false}",
                         help="renormalise the router weights over the top-k where the model itself does")
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_CHOICES,
-                        help="observation engine (auto: triton on a GPU, reference on the CPU)")
+                        help="observation engine (auto: triton on a GPU where it takes every MoE layer, else reference)")
     parser.add_argument("--layerwise", action="store_const", const=True, default=defaults.layerwise,
                         help="stream one decoder layer at a time from disk (default: when the model in memory "
                         "would not fit, by the memory plan)")

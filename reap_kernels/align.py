@@ -44,6 +44,7 @@ never gives wrong numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -56,13 +57,14 @@ ALIGN_NUM_WARPS = 8
 BLOCKS_PER_STEP = 32  # block_expert entries computed per loop step
 
 
-@dataclass
+@dataclass(slots=True)
 class Alignment:
     """The padded, expert-sorted row order of one MoE call, in one int32 device tensor ``buffer``:
 
-    ``[sorted_pair_ids (max_blocks * BLOCK_M) | block_expert (max_blocks) | counts (E) | expert_start (E)]``
+    ``[sorted_pair_ids (max_blocks * BLOCK_M) | block_expert (max_blocks) | counts (E) | expert_start (E) | pairs (3 S)]``
 
-    (one allocation; the kernels find each part from ``max_blocks``, ``BLOCK_M`` and E).
+    (one allocation; the kernels find each part from ``max_blocks``, ``BLOCK_M`` and E). ``pairs`` is scratch
+    for the statistics: combine.py stores fp32 values there (their bits), expert_stats.py reads them.
     """
 
     buffer: torch.Tensor  # int32, see above
@@ -96,6 +98,11 @@ class Alignment:
         """(E,) first row of each expert in sorted_pair_ids."""
         start = self.num_rows + self.max_blocks + self.num_experts
         return self.buffer[start : start + self.num_experts]
+
+    @property
+    def pairs_offset(self) -> int:
+        """Where the per-pair statistics scratch (3 S fp32) starts in ``buffer``."""
+        return self.num_rows + self.max_blocks + 2 * self.num_experts
 
 
 def max_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -180,6 +187,19 @@ def _align_kernel(
         tl.store(block_expert_ptr + block, tl.sum(ended.to(tl.int32), axis=1), mask=block < max_blocks)
 
 
+@lru_cache(maxsize=256)
+def align_launch(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int, tuple, dict]:
+    """(max_blocks, buffer length, the kernel's constexprs in its parameter order, launch options) for S pairs,
+    E experts and ``block_m``: built once per call signature (``fused_moe`` keeps it in the call's plan)."""
+    if block_m <= 0 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a positive power of two, got {block_m}")
+    max_blocks = max_blocks_bound(num_pairs, num_experts, block_m)
+    chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
+    constexprs = (block_m, next_power_of_2(num_experts), chunk, BLOCKS_PER_STEP)  # BLOCK_M, E_BINS, CHUNK, BLOCKS_PER_STEP
+    length = max_blocks * (block_m + 1) + 2 * num_experts + 3 * num_pairs
+    return max_blocks, length, constexprs, dict(num_warps=ALIGN_NUM_WARPS)
+
+
 def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Sort the routed pairs of ``top_k_index`` (T, k) by expert, padding each expert to ``block_m`` rows.
 
@@ -187,14 +207,17 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     """
     if top_k_index.dim() != 2:
         raise ValueError(f"top_k_index must be (T, k), got shape {tuple(top_k_index.shape)}")
-    if block_m <= 0 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a positive power of two, got {block_m}")
+    return align_pairs(top_k_index, num_experts, align_launch(top_k_index.numel(), num_experts, block_m))
+
+
+def align_pairs(top_k_index: torch.Tensor, num_experts: int, launch: tuple[int, int, tuple, dict]) -> Alignment:
+    """:func:`align_by_expert` with its launch parameters given (``align_launch``; the inputs checked)."""
     device = top_k_index.device
     num_pairs = top_k_index.numel()
-    max_blocks = max_blocks_bound(num_pairs, num_experts, block_m)
-    buffer = torch.empty(max_blocks * (block_m + 1) + 2 * num_experts, dtype=torch.int32, device=device)
-    alignment = Alignment(buffer, max_blocks, block_m, num_pairs, num_experts)
-    if device.type == "cpu" and num_pairs:
+    max_blocks, length, constexprs, options = launch
+    buffer = torch.empty(length, dtype=torch.int32, device=device)
+    alignment = Alignment(buffer, max_blocks, constexprs[0], num_pairs, num_experts)
+    if top_k_index.is_cpu and num_pairs:
         # The interpreter skips device assertions: check on the host here, in numpy (CPU tensors only;
         # no torch op, so the launch counts of the GPU path are the same).
         ids = top_k_index.detach().numpy()
@@ -203,11 +226,7 @@ def align_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -
     if num_pairs == 0:
         buffer.zero_()
         return alignment
-    e_bins = next_power_of_2(num_experts)
-    chunk = min(CHUNK, max(16, next_power_of_2(num_pairs)))  # small calls sort small steps
     _align_kernel[(1,)](
-        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts,
-        max_blocks, *top_k_index.stride(),
-        BLOCK_M=block_m, E_BINS=e_bins, CHUNK=chunk, BLOCKS_PER_STEP=BLOCKS_PER_STEP, num_warps=ALIGN_NUM_WARPS,
+        top_k_index, buffer, num_pairs, top_k_index.shape[1], num_experts, max_blocks, *top_k_index.stride(), *constexprs, **options,
     )
     return alignment

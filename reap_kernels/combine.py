@@ -36,10 +36,12 @@ def _combine_kernel(
     y_ptr,  # (T*k, H) fp16/bf16/fp32 from y_ptr + y_offset: unweighted expert rows, row = t*k + slot
     w_ptr,  # (T, k) float (any): routing weights top_k_weights
     out_ptr,  # (T, H) dtype of hidden_states: layer output
-    pairs_ptr,  # (3, T*k) fp32 out: ||y||, max_j y_j (when STATS) and g (when GATE_FROM_LOGITS) of each row
+    pairs_ptr,  # (3, T*k) fp32 out from pairs_ptr + pairs_offset (any pointer type, its bits are fp32): ||y||,
+    # max_j y_j (when STATS) and g (when GATE_FROM_LOGITS) of each row
     logits_ptr,  # (T, E) float: router logits (read only when GATE_FROM_LOGITS)
     index_ptr,  # (T, k) integer: top_k_index (read only when GATE_FROM_LOGITS)
     y_offset,
+    pairs_offset,
     hidden_size,
     top_k,
     num_experts,
@@ -62,6 +64,7 @@ def _combine_kernel(
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    pairs_ptr = (pairs_ptr + pairs_offset).to(tl.pointer_type(tl.float32), bitcast=True)
     slots = tl.arange(0, K_PAD)
     slot_ok = slots < top_k
     weight = tl.load(w_ptr + token * stride_wt + slots * stride_wk, mask=slot_ok, other=0.0).to(tl.float32)
@@ -103,49 +106,41 @@ def _combine_kernel(
 
 
 @lru_cache(maxsize=None)
-def _constants(dtypes: tuple, sizes: tuple[int, int, int], with_stats: bool, renormalize: bool | None, config) -> dict:
-    """The kernel's constexprs and launch options for (y dtype, weights dtype), (k, E, H), statistics, router
-    gate (None: none; else whether renormalised) and the config (one dict per combination, built once)."""
+def combine_launch(dtypes: tuple, sizes: tuple[int, int, int], with_stats: bool, renormalize: bool | None, config):
+    """(the kernel's constexprs in its parameter order, launch options) for (y dtype, weights dtype), (k, E, H),
+    statistics, router gate (None: none; else whether renormalised) and the config (built once per call
+    signature: ``fused_moe`` keeps it in the call's plan)."""
     top_k, num_experts, hidden_size = sizes
-    return dict(
-        PROD_DTYPE=_TL_DTYPES[torch.promote_types(*dtypes)],
-        STATS=with_stats,
-        GATE_FROM_LOGITS=renormalize is not None,
-        RENORMALIZE=bool(renormalize),
-        K_PAD=next_power_of_2(top_k),
-        E_PAD=next_power_of_2(num_experts) if renormalize is not None else 1,
-        BLOCK_H=min(config.combine_block_h, next_power_of_2(hidden_size)),
-        num_warps=config.combine_num_warps,
+    constexprs = (  # PROD_DTYPE, STATS, GATE_FROM_LOGITS, RENORMALIZE, K_PAD, E_PAD, BLOCK_H
+        _TL_DTYPES[torch.promote_types(*dtypes)], with_stats, renormalize is not None, bool(renormalize),
+        next_power_of_2(top_k), next_power_of_2(num_experts) if renormalize is not None else 1,
+        min(config.combine_block_h, next_power_of_2(hidden_size)),
     )
+    return constexprs, dict(num_warps=config.combine_num_warps)
 
 
 def combine(
     workspace: torch.Tensor,  # 1-D, input dtype: y (S, H) from ``y_offset`` on (down_proj.py)
     y_offset: int,
     top_k_weights: torch.Tensor,
-    with_stats: bool,
+    pairs_into,  # reap_kernels.align.Alignment whose pairs scratch receives the statistics; None: no statistics
     router: tuple | None,  # (RouterGate, top_k_index): compute the REAP gates from the router logits
-    config,  # reap_kernels.config.MoEConfig (combine block and warps)
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    launch: tuple,  # combine_launch(...)
+) -> torch.Tensor:
     """Weighted sum of each token's k rows of y -> ``out`` (T, H) in the workspace dtype.
 
-    Returns ``(out, pairs)``: ``pairs`` (one fp32 allocation) holds per routed pair ||y|| at [0, S), max(y)
-    at [S, 2S) and, with ``router``, g at [2S, 3S); None without statistics. Inputs are validated by
-    ``reap_kernels.moe.fused_moe``.
+    With ``pairs_into``, per routed pair ||y|| goes to [0, S) of its pairs scratch, max(y) to [S, 2S) and,
+    with ``router``, g to [2S, 3S) (fp32). Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
     num_tokens, top_k = top_k_weights.shape
     hidden_size = (workspace.numel() - y_offset) // (num_tokens * top_k)
-    device = workspace.device
-    out = torch.empty(num_tokens, hidden_size, dtype=workspace.dtype, device=device)
-    pairs = None
-    if with_stats:
-        pairs = torch.empty((3 if router is not None else 2) * num_tokens * top_k, dtype=torch.float32, device=device)
+    out = torch.empty(num_tokens, hidden_size, dtype=workspace.dtype, device=workspace.device)
+    pairs, pairs_offset = (out, 0) if pairs_into is None else (pairs_into.buffer, pairs_into.pairs_offset)
     logits, index = (router[0].logits, router[1]) if router is not None else (out, top_k_weights)  # unread without
+    constexprs, options = launch
     _combine_kernel[(num_tokens,)](
-        workspace, top_k_weights, out, pairs if with_stats else out, logits, index, y_offset,
+        workspace, top_k_weights, out, pairs, logits, index, y_offset, pairs_offset,
         hidden_size, top_k, logits.shape[1],
-        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(),
-        **_constants((workspace.dtype, top_k_weights.dtype), (top_k, logits.shape[1], hidden_size), with_stats,
-                     None if router is None else router[0].renormalize, config),
+        hidden_size, 1, *top_k_weights.stride(), hidden_size, 1, *logits.stride(), *index.stride(), *constexprs, **options,
     )
-    return out, pairs
+    return out

@@ -56,15 +56,14 @@ class GemmConfig(CachedHash):
     num_stages: int = 3
     __hash__ = CachedHash.__hash__
 
-    def launch_options(self, block_m: int) -> dict[str, int]:
-        """The tile constexprs and launch options a grouped GEMM kernel takes (one cached dict per tile)."""
-        return _launch_options(self, block_m)
+    def tile(self, block_m: int) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M): the grouped GEMM kernels' last constexprs, in their order."""
+        return block_m, self.block_n, self.block_k, self.group_m
 
+    def options(self) -> dict[str, int]:
+        """The launch options (warps and pipeline stages)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
-@lru_cache(maxsize=None)
-def _launch_options(gemm: GemmConfig, block_m: int) -> dict[str, int]:
-    return dict(BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-                num_warps=gemm.num_warps, num_stages=gemm.num_stages)
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,13 @@ def _down_proj_kernel(
 
 
 @lru_cache(maxsize=None)
-def _constants(has_bias: bool, dtype: torch.dtype, upcast: bool, gemm, block_m: int) -> dict:
-    """The kernel's constexprs and launch options (one dict per combination, built once)."""
-    return dict(HAS_BIAS=has_bias, UPCAST=upcast, DOT_PRECISION=dot_precision(dtype, upcast), **gemm.launch_options(block_m))
+def down_launch(has_bias: bool, dtype: torch.dtype, upcast: bool, gemm, sizes: tuple[int, int, int, int]):
+    """(grid, constexprs in the kernel's parameter order, launch options) of the kernel for ``sizes`` (block_m,
+    max_blocks, H, I): built once per call signature (``fused_moe`` keeps it in the call's plan)."""
+    block_m, max_blocks, hidden_size, inter_size = sizes
+    constexprs = (has_bias, upcast, inter_size % gemm.block_k == 0, hidden_size % gemm.block_n == 0,
+                  dot_precision(dtype, upcast), *gemm.tile(block_m))
+    return (max_blocks * cdiv(hidden_size, gemm.block_n),), constexprs, gemm.options()
 
 
 def down_projection(
@@ -114,22 +118,17 @@ def down_projection(
     bias: torch.Tensor | None,
     alignment,  # reap_kernels.align.Alignment
     transposed: bool,
-    gemm,  # reap_kernels.config.GemmConfig
-    upcast: bool,
+    launch: tuple,  # down_launch(...)
 ) -> None:
     """Launch the grouped down projection: y (S, H) rows (= pair ids) into ``workspace`` from S * I on."""
-    num_experts = weight.shape[0]
     hidden_size, inter_size = (weight.shape[2], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[2])
     num_pairs = alignment.num_pairs
     stride_we, stride_1, stride_2 = weight.stride()
     stride_wn, stride_wk = (stride_2, stride_1) if transposed else (stride_1, stride_2)
     stride_be, stride_bn = bias.stride() if bias is not None else (0, 0)
-    grid = (alignment.max_blocks * cdiv(hidden_size, gemm.block_n),)
+    grid, constexprs, options = launch
     _down_proj_kernel[grid](
         workspace, weight, bias if bias is not None else weight, workspace, alignment.buffer, num_pairs * inter_size,
-        num_pairs, num_experts, inter_size, hidden_size, alignment.max_blocks,
-        inter_size, 1, stride_we, stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1,
-        EVEN_K=inter_size % gemm.block_k == 0,
-        EVEN_N=hidden_size % gemm.block_n == 0,
-        **_constants(bias is not None, workspace.dtype, upcast, gemm, alignment.block_m),
+        num_pairs, weight.shape[0], inter_size, hidden_size, alignment.max_blocks,
+        inter_size, 1, stride_we, stride_wn, stride_wk, stride_be, stride_bn, hidden_size, 1, *constexprs, **options,
     )

@@ -41,7 +41,8 @@ def _update(ptr, value, ACCUMULATE: tl.constexpr):
 @triton.jit
 def _expert_stats_kernel(
     sorted_pair_ids_ptr,  # int32 Alignment buffer: pair ids grouped by expert, ..., counts (E), expert_start (E)
-    pairs_ptr,  # (2 or 3, S) fp32: ||y[p]||, max_j y[p, j] (and g when GATES_IN_PAIRS), from combine
+    pairs_ptr,  # (2 or 3, S) fp32 from pairs_ptr + pairs_offset (any pointer type, its bits are fp32): ||y[p]||,
+    # max_j y[p, j] (and g when GATES_IN_PAIRS), from combine
     gates_ptr,  # float: REAP gate g of each pair (T, k), read through stride_gt, stride_gk (unless GATES_IN_PAIRS)
     mask_ptr,  # (T,) bool, any stride: True = token counted (read only when HAS_MASK)
     tokens_ptr,  # () int64 in/out: counted tokens are added (atomically)
@@ -52,6 +53,7 @@ def _expert_stats_kernel(
     max_ptr,  # (E,) fp32 out
     pairwise_ptr,  # (E, E) int64 in/out (only with PAIRWISE)
     counts_offset,  # where counts start in the Alignment buffer (expert_start follows)
+    pairs_offset,
     num_tokens,
     num_experts,
     top_k,
@@ -65,6 +67,7 @@ def _expert_stats_kernel(
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0)
+    pairs_ptr = (pairs_ptr + pairs_offset).to(tl.pointer_type(tl.float32), bitcast=True)
     # the token counter, split over the programs: each adds the counted tokens of its slice of T
     # (int64 atomics: integer sums do not depend on their order)
     per_program = tl.cdiv(num_tokens, num_experts)
@@ -165,7 +168,7 @@ def check_accumulators(accumulators: dict[str, torch.Tensor], num_experts: int, 
 
 def expert_statistics(
     alignment,  # reap_kernels.align.Alignment
-    pairs: torch.Tensor,
+    pairs: torch.Tensor | None,
     gates: torch.Tensor | None,
     token_mask: torch.Tensor | None,
     top_k: int,
@@ -174,13 +177,14 @@ def expert_statistics(
 ) -> dict[str, torch.Tensor]:
     """Reduce the per-pair norms and maxima into per-expert statistics (see the module docstring).
 
-    ``pairs`` is combine's fp32 buffer: ||y|| at [0, S), max(y) at [S, 2S) and, when ``gates`` is None,
-    the gates at [2S, 3S); else ``gates`` is (T, k) float. ``token_mask`` is (T,) bool (any stride) or None.
+    ``pairs`` holds fp32 ||y|| at [0, S), max(y) at [S, 2S) and, when ``gates`` is None, the gates at
+    [2S, 3S) (None: the alignment's pairs scratch, where combine.py wrote them); else ``gates`` is (T, k) float. ``token_mask`` is (T,) bool (any stride) or None.
     Without ``accumulators`` the statistics of this call are returned in new tensors; with them (as
     checked by :func:`check_accumulators`) they are added in, and ``accumulators`` is returned.
     Inputs are validated by ``reap_kernels.moe.fused_moe``.
     """
     num_experts = alignment.num_experts
+    pairs, pairs_offset = (alignment.buffer, alignment.pairs_offset) if pairs is None else (pairs, 0)
     stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pairs.device, filled=False)
     pairwise = stats.get("pairwise")
     gate_strides = (top_k, 1) if gates is None else gates.stride()
@@ -190,12 +194,9 @@ def expert_statistics(
         stats["tokens"], stats["count"], stats["ean_sum"], stats["weighted_ean_sum"], stats["gate_sum"],
         stats["max_activation"],
         pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
-        alignment.num_rows + alignment.max_blocks, alignment.num_pairs // top_k, num_experts, top_k,
+        alignment.num_rows + alignment.max_blocks, pairs_offset, alignment.num_pairs // top_k, num_experts, top_k,
         token_mask.stride(0) if token_mask is not None else 0, *gate_strides,
-        HAS_MASK=token_mask is not None,
-        GATES_IN_PAIRS=gates is None,
-        ACCUMULATE=accumulators is not None,
-        PAIRWISE=pairwise is not None,
-        BLOCK=block,
+        # constexprs by position (no keyword binding per call): HAS_MASK, GATES_IN_PAIRS, ACCUMULATE, PAIRWISE, BLOCK
+        token_mask is not None, gates is None, accumulators is not None, pairwise is not None, block,
     )
     return stats

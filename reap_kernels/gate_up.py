@@ -157,11 +157,14 @@ def _gate_up_kernel(
 
 
 @lru_cache(maxsize=None)
-def _constants(activation: str, interleaved: bool, has_bias: bool, dtype: torch.dtype, upcast: bool, gemm,
-               block_m: int) -> dict:
-    """The kernel's constexprs and launch options (one dict per combination, built once)."""
-    return dict(ACTIVATION=ACTIVATIONS[activation], INTERLEAVED=interleaved, HAS_BIAS=has_bias, UPCAST=upcast,
-                DOT_PRECISION=dot_precision(dtype, upcast), **gemm.launch_options(block_m))
+def gate_up_launch(layout, has_bias: bool, dtype: torch.dtype, upcast: bool, gemm, sizes: tuple[int, int, int, int]):
+    """(grid, constexprs in the kernel's parameter order, launch options) of the kernel for ``sizes`` (block_m,
+    max_blocks, H, I): built once per call signature (``fused_moe`` keeps it in the call's plan), so a call
+    only reads strides and launches (constexprs passed by position: no keyword binding per call)."""
+    block_m, max_blocks, hidden_size, inter_size = sizes
+    constexprs = (ACTIVATIONS[layout.activation], layout.interleaved, has_bias, upcast, hidden_size % gemm.block_k == 0,
+                  inter_size % gemm.block_n == 0, dot_precision(dtype, upcast), *gemm.tile(block_m))
+    return (max_blocks * cdiv(inter_size, gemm.block_n),), constexprs, gemm.options()
 
 
 def gate_up_activation(
@@ -171,29 +174,23 @@ def gate_up_activation(
     alignment,  # reap_kernels.align.Alignment
     workspace: torch.Tensor,  # 1-D, input dtype: h is written at [0, S * I) as (S, I) rows
     layout,  # reap_kernels.moe.ExpertsLayout
-    gemm,  # reap_kernels.config.GemmConfig
-    upcast: bool,
+    launch: tuple,  # gate_up_launch(...)
 ) -> None:
     """Launch the fused gate_up + activation kernel: the (S, I) intermediate h into ``workspace``.
 
     Inputs are validated by ``reap_kernels.moe.fused_moe``; this launcher only derives strides.
     """
-    hidden_size = hidden_states.shape[1]
     transposed = layout.transposed
-    two_i = weight.shape[2] if transposed else weight.shape[1]
-    inter_size = two_i // 2
+    hidden_size = hidden_states.shape[1]
+    inter_size = (weight.shape[2] if transposed else weight.shape[1]) // 2
     stride_we, stride_1, stride_2 = weight.stride()
     stride_wn, stride_wk = (stride_2, stride_1) if transposed else (stride_1, stride_2)
     stride_be, stride_bn = bias.stride() if bias is not None else (0, 0)
-    grid = (alignment.max_blocks * cdiv(inter_size, gemm.block_n),)
+    grid, constexprs, options = launch
     _gate_up_kernel[grid](
         hidden_states, weight, bias if bias is not None else weight, workspace, alignment.buffer,
         alignment.num_pairs, alignment.num_pairs // hidden_states.shape[0], weight.shape[0], hidden_size, inter_size,
         alignment.max_blocks, layout.alpha, layout.limit,
         *hidden_states.stride(), stride_we, stride_wn, stride_wk, stride_be, stride_bn,
-        inter_size, 1,
-        EVEN_K=hidden_size % gemm.block_k == 0,
-        EVEN_N=inter_size % gemm.block_n == 0,
-        **_constants(layout.activation, layout.interleaved, bias is not None, hidden_states.dtype, upcast, gemm,
-                     alignment.block_m),
+        inter_size, 1, *constexprs, **options,
     )

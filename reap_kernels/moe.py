@@ -21,15 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .align import align_by_expert
-from .combine import combine
+from .align import align_launch, align_pairs
+from .combine import combine, combine_launch
 from .config import INTERPRET, CachedHash, MoEConfig
-from .down_proj import down_projection
+from .down_proj import down_launch, down_projection
 from .expert_stats import expert_statistics, statistics_buffers
-from .gate_up import gate_up_activation
+from .gate_up import gate_up_activation, gate_up_launch
 from .router_gate import RouterGate
 from .registered import ACCUMULATOR_NAMES, STATS_NAMES, config_to_ints, fused_moe_op, layout_to_str
-from .validate import SUPPORTED_DTYPES, UnsupportedInputError, plan_call  # noqa: F401 (re-exported)
+from .validate import SUPPORTED_DTYPES, Plan, UnsupportedInputError, plan_call  # noqa: F401 (re-exported)
 
 
 
@@ -100,6 +100,35 @@ def _call_registered(hidden_states, weights, routing, layout, config, accumulato
     return out, accumulators if accumulators is not None else dict(zip(STATS_NAMES, stats))
 
 
+@dataclass(frozen=True)
+class Launches:
+    """The launch parameters of one call signature (grids, constexprs, buffer sizes), built on its first call."""
+
+    align: tuple
+    gate_up: tuple
+    down: tuple
+    combine: tuple
+    workspace: int  # elements of h | y
+
+
+def _launches(plan: Plan, layout: ExpertsLayout, dtypes: tuple, has_bias: bool, gates) -> Launches:
+    """The :class:`Launches` of a call with ``plan`` (the gate kind and renormalisation are part of its key);
+    ``dtypes`` is (hidden_states dtype, top_k_weights dtype)."""
+    config, num_pairs = plan.config, plan.num_tokens * plan.top_k
+    align = align_launch(num_pairs, plan.num_experts, config.block_m)
+    sizes = (config.block_m, align[0], plan.hidden_size, plan.inter_size)
+    dtype, upcast = dtypes[0], INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
+    renormalize = gates.renormalize if isinstance(gates, RouterGate) else None
+    return Launches(
+        align=align,
+        gate_up=gate_up_launch(layout, has_bias, dtype, upcast, config.gate_up, sizes),
+        down=down_launch(has_bias, dtype, upcast, config.down, sizes),
+        combine=combine_launch(dtypes, (plan.top_k, plan.num_experts, plan.hidden_size), gates is not None,
+                              renormalize, config),
+        workspace=num_pairs * (plan.inter_size + plan.hidden_size),
+    )
+
+
 def run_fused_moe(
     hidden_states: torch.Tensor,
     weights: tuple,  # (w_gate_up, w_down, b_gate_up | None, b_down | None)
@@ -109,33 +138,38 @@ def run_fused_moe(
     accumulators: dict[str, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """:func:`fused_moe` with its tensors grouped: checks (cached per signature), then the launches."""
+    plan = plan_call(hidden_states, weights, routing, layout, config, accumulators)
     w_gate_up, w_down, b_gate_up, b_down = weights
     top_k_index, top_k_weights, gates, token_mask = routing
-    plan = plan_call(hidden_states, weights, routing, layout, config, accumulators)
-    num_tokens, hidden_size, num_experts, top_k, config = (
-        plan.num_tokens, plan.hidden_size, plan.num_experts, plan.top_k, plan.config)
-    dtype, device = hidden_states.dtype, hidden_states.device
-    if num_tokens == 0:
+    if plan.num_tokens == 0:
         stats = None
         if gates is not None:
-            stats = accumulators if accumulators is not None else statistics_buffers(num_experts, device, filled=True)
-        return hidden_states.new_zeros(0, hidden_size), stats
+            device = hidden_states.device
+            stats = accumulators if accumulators is not None else statistics_buffers(plan.num_experts, device, filled=True)
+        return hidden_states.new_zeros(0, plan.hidden_size), stats
+    launches = plan.launches
+    if launches is None:
+        launches = plan.launches = _launches(plan, layout, (hidden_states.dtype, top_k_weights.dtype),
+                                             b_gate_up is not None, gates)
+    device = hidden_states.device
     with device_guard(device):
-        upcast = INTERPRET  # the interpreter's bf16 math is wrong: compute on fp32 tiles there
-        alignment = align_by_expert(top_k_index, num_experts, config.block_m)
-        num_pairs = alignment.num_pairs
-        workspace = torch.empty(num_pairs * (plan.inter_size + hidden_size), dtype=dtype, device=device)  # h | y
-        gate_up_activation(hidden_states, w_gate_up, b_gate_up, alignment, workspace, layout, config.gate_up, upcast)
-        down_projection(workspace, w_down, b_down, alignment, layout.transposed, config.down, upcast)
-        router = (gates, top_k_index) if isinstance(gates, RouterGate) else None
-        out, pairs = combine(workspace, num_pairs * plan.inter_size, top_k_weights, gates is not None, router, config)
+        alignment = align_pairs(top_k_index, plan.num_experts, launches.align)
+        workspace = torch.empty(launches.workspace, dtype=hidden_states.dtype, device=device)  # h | y
+        gate_up_activation(hidden_states, w_gate_up, b_gate_up, alignment, workspace, layout, launches.gate_up)
+        down_projection(workspace, w_down, b_down, alignment, layout.transposed, launches.down)
+        router = (gates, top_k_index) if type(gates) is RouterGate else None
+        out = combine(workspace, alignment.num_pairs * plan.inter_size, top_k_weights,
+                      None if gates is None else alignment, router, launches.combine)
         if gates is None:
             return out, None
         mask = None if token_mask is None else token_mask if token_mask.dim() == 1 else token_mask.reshape(-1)
-        stats = expert_statistics(alignment, pairs, None if router is not None else gates, mask, top_k, accumulators)
+        stats = expert_statistics(alignment, None, None if router is not None else gates, mask, plan.top_k, accumulators)
         return out, stats
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: nothing to enter off CUDA
 
 
 def device_guard(device: torch.device):
     """Make ``device`` the current CUDA device for the launches (Triton launches on the current one)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_GUARD

@@ -13,7 +13,7 @@ an engine that can fall back to PyTorch should; ``ValueError`` for inputs that a
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,9 +30,10 @@ class UnsupportedInputError(ValueError):
     """Inputs the kernels cannot compute (dtypes): valid for PyTorch, so a caller may fall back to it."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Plan:
-    """What the launches need from a validated call: the layer's sizes and the block sizes."""
+    """What the launches need from a validated call: the layer's sizes and the block sizes (and, set by
+    ``moe.py`` on the first launch, the launch parameters)."""
 
     num_tokens: int
     hidden_size: int
@@ -40,6 +41,7 @@ class Plan:
     inter_size: int
     top_k: int
     config: MoEConfig
+    launches: object = field(default=None, compare=False, repr=False)  # moe.Launches, built on the first launch
 
 
 def _check(condition: bool, template: str, *args: object) -> None:
@@ -52,16 +54,12 @@ def _check_dtype(condition: bool, template: str, *args: object) -> None:
         raise UnsupportedInputError(template.format(*args))
 
 
-def _signature(tensor: torch.Tensor | RouterGate | None) -> tuple | None:
-    return None if tensor is None else (type(tensor), tensor.shape, tensor.dtype, tensor.device)
-
-
-def _accumulator_signature(accumulators: dict[str, torch.Tensor] | None) -> tuple | None:
-    """The accumulator tensors by identity (they are created once per layer and updated in place); a key
-    is dropped when one of its tensors is freed, before its id can be reused (``weakref.finalize``)."""
-    if accumulators is None:
-        return None
-    return tuple(accumulators), tuple(map(id, accumulators.values()))
+def _gates_signature(gates: torch.Tensor | RouterGate) -> tuple:
+    """A gate tensor's (shape, dtype, device), or a RouterGate's: its logits' and whether it renormalises."""
+    if type(gates) is not RouterGate:
+        return gates.shape, gates.dtype, gates.device
+    logits = gates.logits
+    return logits.shape, logits.dtype, logits.device, gates.renormalize
 
 
 _plans: dict[tuple, Plan] = {}
@@ -80,12 +78,18 @@ def plan_call(hidden_states: torch.Tensor, weights: tuple, routing: tuple, layou
     w_gate_up, w_down, b_gate_up, b_down = weights
     top_k_index, top_k_weights, gates, token_mask = routing
     key = (  # flat: one tuple, no per-tensor tuples for the tensors every call has
-        layout, config, _accumulator_signature(accumulators),
+        layout, config, None if accumulators is None else tuple(accumulators),
+        # the accumulator tensors by identity (they are created once per layer and updated in place); a key
+        # is dropped when one of its tensors is freed, before its id can be reused (weakref.finalize below)
+        None if accumulators is None else tuple(map(id, accumulators.values())),
         hidden_states.shape, hidden_states.dtype, hidden_states.device,
         w_gate_up.shape, w_gate_up.dtype, w_gate_up.device, w_down.shape, w_down.dtype, w_down.device,
         top_k_index.shape, top_k_index.dtype, top_k_index.device,
         top_k_weights.shape, top_k_weights.dtype, top_k_weights.device,
-        _signature(b_gate_up), _signature(b_down), _signature(gates), _signature(token_mask),
+        None if b_gate_up is None else (b_gate_up.shape, b_gate_up.dtype, b_gate_up.device),
+        None if b_down is None else (b_down.shape, b_down.dtype, b_down.device),
+        None if gates is None else _gates_signature(gates),
+        None if token_mask is None else (token_mask.shape, token_mask.dtype, token_mask.device),
     )
     plan = _plans.get(key)
     if plan is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .checks import ConfigError, DEFAULT_SEED, check_choice, check_range
 
 DEFAULT_MODEL_MAX_LENGTH = 2048  # tokens per packed sequence; upstream ObserverArgs.model_max_length
-ENGINE_CHOICES = ("auto", "reference", "triton")  # auto: triton on a GPU, reference on the CPU
+ENGINE_CHOICES = ("auto", "reference", "triton")  # auto: triton on a GPU where it takes the model, else reference
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # auto: the checkpoint's own dtype
 # No model reap-fast supports reads sequences this long; a longer --model-max-length is a typo, refused
 # before the calibration set is built (the memory of a length is checked against the model: observe/limits).
