@@ -8,14 +8,16 @@
 #   OUT=/tmp/x bash bench/gpu_check.sh --dry-run        # anywhere: walks every step with its budget, runs
 #                                                       # a mock (true) instead of the command, states the total
 #
-# Steps (name, budget s): env 10, install 20, gpu_tests 60 (real-shape bf16/fp16 tests, CUDA-graph capture of
-# an observed layer, no host sync), kernel_tests 45 (the tiny-shape suite compiled), tune 110 (bench/tune.py
+# Steps (name, budget s): env 10, install 20, gpu_tests 50 (real-shape bf16/fp16 tests, CUDA-graph capture of
+# an observed layer, no host sync), kernel_tests 35 (the tiny-shape suite compiled), tune 110 (bench/tune.py
 # over T = 256..16384 with its own --budget-s 95, merged into reap_kernels/configs/<device>.json), compile_check
-# 30 (the configs this GPU uses: registers, spills, shared memory), bench 130 (one Qwen3-30B-A3B layer at
+# 30 (the configs this GPU uses: registers, spills, shared memory), bench 115 (one Qwen3-30B-A3B layer at
 # T = 2048 and 8192: upstream's own observer.py hook when a snapshot is given, the HF eager experts loop,
 # grouped_mm, batched_mm where it fits memory, Liger-Kernel's fused MoE if installed, the reference engine,
 # the Triton kernels with and without statistics; ms, GB/s, TFLOPS and the roofline fraction per variant),
-# bench_targets 15, e2e 50 (GPU_CHECK_E2E=0 skips it). Exit status: the number of failed steps.
+# bench_targets 15, merge_check 45 (bench/gpu_merge_check.py: upstream's five merging statistics through the
+# Triton path at the real layer shape against float64, and the time and peak memory they add on a 2-layer
+# model), e2e 40 (GPU_CHECK_E2E=0 skips it). Exit status: the number of failed steps.
 set -u
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
@@ -29,8 +31,8 @@ failed=0
 spent=0
 
 STEPS=(  # name budget_s
-    "env 10" "install 20" "gpu_tests 60" "kernel_tests 45" "tune 110" "compile_check 30" "bench 130"
-    "bench_targets 15" "e2e 50"
+    "env 10" "install 20" "gpu_tests 50" "kernel_tests 35" "tune 110" "compile_check 30" "bench 115"
+    "bench_targets 15" "merge_check 45" "e2e 40"
 )
 total=0
 for entry in "${STEPS[@]}"; do total=$((total + ${entry#* })); done
@@ -114,6 +116,7 @@ step compile_check "$PYTHON" -m reap_kernels.compile_check --arch "${arch:-90}" 
 step bench "${PYTEST[@]}" bench/test_moe_layer.py --benchmark-json="$OUT/bench_moe_layer.json" \
     --benchmark-columns=min,median,rounds
 REAP_FAST_BENCH_JSON="$OUT/bench_moe_layer.json" step bench_targets "${PYTEST[@]}" tests/test_bench_targets.py
+step merge_check "$PYTHON" bench/gpu_merge_check.py --samples 2 --json "$OUT/merge_check.json"
 if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
     REAP_FAST_BENCH_LAYERS=2 REAP_FAST_BENCH_SAMPLES=4 step e2e "${PYTEST[@]}" bench/test_observe_e2e.py \
         --benchmark-json="$OUT/bench_observe_e2e.json" --benchmark-columns=min,median,rounds

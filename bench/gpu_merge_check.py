@@ -1,8 +1,8 @@
 """GPU check of the merging statistics (upstream's default command): numbers, time and memory, one script.
 
-For ``bench/gpu_check.sh`` (a separate step the lead wires in), e.g.::
+The ``merge_check`` step of ``bench/gpu_check.sh``::
 
-    step merge_check 120 "$PYTHON" bench/gpu_merge_check.py --json "$OUT/merge_check.json"
+    step merge_check "$PYTHON" bench/gpu_merge_check.py --samples 2 --json "$OUT/merge_check.json"
 
 1. **Numbers**: one Qwen3-30B-A3B MoE layer (E=128, k=8, H=2048, I=768, bf16, random weights) observed
    through the Triton engine with merging statistics on ``--check-tokens`` tokens (a few padded); the five

@@ -15,7 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ["env", "install", "gpu_tests", "kernel_tests", "tune", "compile_check", "bench", "bench_targets", "e2e"]
+STEPS = ["env", "install", "gpu_tests", "kernel_tests", "tune", "compile_check", "bench", "bench_targets", "merge_check",
+         "e2e"]
 
 
 def dry_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
