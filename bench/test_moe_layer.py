@@ -1,9 +1,19 @@
-"""One MoE layer, five ways: what REAP observation costs on top of the plain forward.
+"""One MoE layer, several ways: what REAP observation costs on top of the plain forward.
 
 Variants (all on the same routed inputs, statistics mask with ~10 % padding):
 
     upstream_hook      the stock forward + Cerebras REAP's observer hook (every expert on every token
                        into an (E, T, H) fp32 buffer, then a Python loop over experts with host syncs)
+    upstream_observer  upstream REAP's own src/reap/observer.py (MoETransformerObserver, Qwen3 hook config as
+                       its default command sets it: cosine, renormalised router weights, merging statistics
+                       recorded) hooked on a transformers-4.55-shaped stand-in block (bench/upstream_observer.py:
+                       router + ModuleList of SwiGLU experts viewing the same fused weights; its output is
+                       asserted equal to the fused layer's before timing). Upstream's code is exported from
+                       the git snapshot at run time (REAP_UPSTREAM_GIT); skipped when there is none. Timed:
+                       the stand-in's eager forward + upstream's hook (pruning and merging statistics).
+    liger_fused        Liger-Kernel's fused MoE (liger_kernel.ops.fused_moe.LigerFusedMoEFunction, Triton,
+                       no observation); skipped when liger_kernel does not import or its kernels do not run
+                       (GPU only: under the CPU interpreter Triton finds no driver)
     hf_fastest         transformers' fastest experts implementation, no observation (grouped_mm where
                        available, else batched_mm, else the module's eager loop)
     hf_eager           the experts module's own eager per-expert loop (transformers' default forward)
@@ -21,8 +31,7 @@ With REAP_BENCH_REAL_SHAPE=1 on a CPU, the real layer shape at T=256 in fp32 is 
 PyTorch variants only (upstream hook, transformers, reference engine): ratios, not GPU figures.
 
 Each result's ``extra_info`` carries the achieved GB/s and TFLOP/s of the routed work and its fraction of
-the device's roofline (``bench/roofline.py``). Not here yet: upstream's own observer.py (it needs
-transformers 4.55's MoE block outputs) and Liger-Kernel's fused MoE.
+the device's roofline (``bench/roofline.py``).
 
 Run: ``pytest bench/test_moe_layer.py --benchmark-json=bench/results/moe_layer.json``. Without
 pytest-benchmark: ``python bench/test_moe_layer.py --json out.json`` (a simple timer, same variants).
@@ -56,7 +65,7 @@ if CUDA:
     SHAPE = dict(E=128, k=8, H=2048, I=768)
     TOKENS = [2048, 8192]
     DTYPE = torch.bfloat16
-    ROUNDS = {"upstream_hook": 3}
+    ROUNDS = {"upstream_hook": 3, "upstream_observer": 3}
     DEFAULT_ROUNDS = 20
 else:
     SHAPE = dict(E=8, k=2, H=64, I=32)
@@ -65,16 +74,17 @@ else:
     ROUNDS = {}
     DEFAULT_ROUNDS = 2
 DEVICE = "cuda" if CUDA else "cpu"
-VARIANTS = ["upstream_hook", "hf_fastest", "hf_eager", "grouped_mm", "batched_mm", "reference_stats", "triton_stats",
+VARIANTS = ["upstream_hook", "upstream_observer", "liger_fused", "hf_fastest", "hf_eager", "grouped_mm", "batched_mm", "reference_stats", "triton_stats",
             "triton_plain"]
 if not CUDA and os.environ.get("REAP_BENCH_REAL_SHAPE") == "1":
     # The real layer shape on the CPU, PyTorch variants only (interpreted Triton says nothing about speed):
     # measures what routed-only observation saves over upstream's all-experts hook, as a ratio.
     SHAPE = dict(E=128, k=8, H=2048, I=768)
     TOKENS = [256]
-    ROUNDS = {"upstream_hook": 2}
+    ROUNDS = {"upstream_hook": 2, "upstream_observer": 2}
     DEFAULT_ROUNDS = 3
-    VARIANTS = [variant for variant in VARIANTS if not variant.startswith("triton") and not variant.endswith("_mm")]
+    VARIANTS = [variant for variant in VARIANTS
+                if not variant.startswith(("triton", "liger")) and not variant.endswith("_mm")]
 
 
 @lru_cache(maxsize=None)
@@ -93,6 +103,17 @@ def layer():
 
 @lru_cache(maxsize=None)
 def inputs(num_tokens: int):
+    return draw(num_tokens)[:6]
+
+
+@lru_cache(maxsize=None)
+def router_weight(num_tokens: int) -> torch.Tensor:
+    """The (E, H) router the inputs were routed with (the stand-in block's ``gate`` for upstream_observer)."""
+    return draw(num_tokens)[6]
+
+
+@lru_cache(maxsize=None)
+def draw(num_tokens: int):
     generator = torch.Generator(device=DEVICE).manual_seed(1)
     x = torch.randn(num_tokens, SHAPE["H"], device=DEVICE, generator=generator)
     router = torch.randn(SHAPE["E"], SHAPE["H"], device=DEVICE, generator=generator) * SHAPE["H"] ** -0.5
@@ -100,7 +121,7 @@ def inputs(num_tokens: int):
     weights, index = torch.softmax(logits, -1).topk(SHAPE["k"], dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     mask = torch.rand(num_tokens, device=DEVICE, generator=generator) > 0.1
-    return x.to(DTYPE), index, weights.to(DTYPE), weights.float(), mask, logits.to(DTYPE)
+    return x.to(DTYPE), index, weights.to(DTYPE), weights.float(), mask, logits.to(DTYPE), router.to(DTYPE)
 
 
 def hf_fastest_name(experts, x, index, weights) -> str:
@@ -168,13 +189,72 @@ def unavailable(variant: str, experts, inputs_: tuple) -> str | None:
     return None
 
 
+def liger_unavailable(experts, x, index, weights) -> str | None:
+    """Why Liger-Kernel's fused MoE cannot run here (None: it can)."""
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except ImportError as error:
+        return f"Liger-Kernel's fused MoE not importable: {type(error).__name__}: {str(error)[:100]}"
+    try:
+        LigerFusedMoEFunction.apply(x[:4], experts.gate_up_proj, experts.down_proj, index[:4], weights[:4])
+    except Exception as error:  # its Triton kernels need a GPU driver (the CPU interpreter finds none)
+        return f"Liger-Kernel's fused MoE (Triton) does not run here: {type(error).__name__}: {str(error)[:100]}"
+    return None
+
+
+def liger_forward(experts, x, index, weights):
+    """Liger-Kernel's fused MoE forward (``LigerFusedMoEFunction``: same (E, 2I, H) / (E, H, I) layout)."""
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+    return LigerFusedMoEFunction.apply(x, experts.gate_up_proj, experts.down_proj, index, weights)
+
+
+def upstream_observer_call(experts, num_tokens: int, hf_name: str):
+    """Upstream's observer.py hooked on the 4.55-shaped stand-in block (``bench/upstream_observer.py``).
+
+    Before timing, the stand-in's output is asserted equal to the fused experts' output (same weights, the
+    stand-in's own routing) within fp32 / bf16 tolerance, and its router logits to the inputs' logits."""
+    import upstream_observer
+
+    reason = upstream_observer.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    x, index, weights, gates, mask, logits = inputs(num_tokens)
+    model, observer = upstream_observer.observed_layer(experts, router_weight(num_tokens), SHAPE["k"])
+    block = model.layers[0]
+    tolerance = 1e-4 if DTYPE == torch.float32 else 3e-2
+    with torch.no_grad():
+        for hook in observer.hooks:  # the check runs the block alone, then the hooks go back on
+            hook.remove()
+        out, block_logits = block(x[None])
+        block_weights, block_index = block.route(block_logits, x.dtype)
+        expected = hf_forward(hf_name, experts, x, block_index, block_weights)
+        error = ((out[0].float() - expected.float()).norm() / expected.float().norm()).item()
+        assert error < tolerance, f"stand-in block differs from the fused experts: relative error {error:.2e}"
+        logit_error = ((block_logits.float() - logits.float()).norm() / logits.float().norm()).item()
+        assert logit_error < tolerance, f"stand-in router differs from the inputs' router: {logit_error:.2e}"
+    observer.hooks.clear()
+    observer._hook_model()
+    mask_2d = mask.view(1, -1)
+
+    def call():
+        with observer.set_attention_mask(mask_2d):
+            return block(x[None])
+
+    return call
+
+
 def make_call(variant: str, num_tokens: int):
     experts = layer()
     x, index, weights, gates, mask, logits = inputs(num_tokens)
     hf_name = hf_fastest_name(experts, x, index, weights)
     reason = unavailable(variant, experts, (x, index, weights))
+    if variant == "liger_fused":
+        reason = liger_unavailable(experts, x, index, weights)
     if reason is not None:
         pytest.skip(reason)
+    if variant == "upstream_observer":
+        observed = upstream_observer_call(experts, num_tokens, hf_name)
     calls = {
         "hf_eager": lambda: hf_forward("eager", experts, x, index, weights),
         "grouped_mm": lambda: hf_forward("grouped_mm", experts, x, index, weights),
@@ -184,6 +264,8 @@ def make_call(variant: str, num_tokens: int):
         "reference_stats": lambda: reference_experts_forward(experts, x, index, weights, gates, mask),
         "triton_stats": lambda: triton_experts_forward(experts, x, index, weights, gates, mask),
         "triton_plain": lambda: triton_experts_forward(experts, x, index, weights),
+        "upstream_observer": lambda: observed(),
+        "liger_fused": lambda: liger_forward(experts, x, index, weights),
     }
     call = calls[variant]
 
