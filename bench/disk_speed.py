@@ -1,7 +1,7 @@
 """Loading at disk speed, streaming that hides I/O, and the drop-in against upstream REAP, on the two-layer
 real-shape checkpoint (``bench/realshape.py DIR --layers 2 --vocab 32768``, 2.49 GiB bf16), page cache warm.
 
-    python bench/disk_speed.py DIR [--only load,stream,dropin] [--json bench/results/disk_speed.json]
+    python bench/disk_speed.py DIR [--only dropin,load,stream] [--json bench/results/disk_speed.json]
 
 * ``load``: ``load_model`` (the fast loader) and ``from_pretrained(device_map="cpu")`` in fresh processes,
   imports and model-class set-up done before the clock starts; GB/s = weight bytes / seconds.
@@ -105,7 +105,7 @@ def bench_dropin(folder: Path, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--only", default="load,stream,dropin")
+    parser.add_argument("--only", default="dropin,load,stream")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report = {"machine": machine(), "checkpoint_gb": round(_weight_bytes(args.folder) / 1e9, 2)}
