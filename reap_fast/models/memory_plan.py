@@ -162,7 +162,9 @@ class ObservationPlan:
     peaks: dict[str, Peak]
 
 
-def choose_path(peaks: dict[str, Peak], requested: bool | str, budget: MemoryBudget, stream_refusal: str | None = None) -> ObservationPlan:
+def choose_path(
+    peaks: dict[str, Peak], requested: bool | str, budget: MemoryBudget, stream_refusal: str | None = None
+) -> ObservationPlan:
     """In memory or streamed, for ``requested`` True / False / 'auto'; :class:`MemoryPlanError` when it cannot fit.
 
     ``stream_refusal`` is why this checkpoint cannot stream (None: it can); with 'auto' and a model that does
@@ -183,7 +185,9 @@ def choose_path(peaks: dict[str, Peak], requested: bool | str, budget: MemoryBud
             raise MemoryPlanError(f"{in_memory}, and layer streaming cannot read it: {stream_refusal}")
         return ObservationPlan(False, f"in memory: {in_memory}", peaks)
     if not fits(streamed, budget, headroom=0.0):
-        raise MemoryPlanError(f"not enough memory even for layer streaming: {layered}; free memory or lower the batch size")
+        raise MemoryPlanError(
+            f"not enough memory even for layer streaming: {layered}; free memory or lower the batch size"
+        )
     why = "as asked" if requested is True else f"{in_memory}, more than fits"
     return ObservationPlan(True, f"layer streaming ({why}): {layered}", peaks)
 

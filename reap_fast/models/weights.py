@@ -66,7 +66,9 @@ class CheckpointTensors:
         """Read tensor ``key`` into the contiguous CPU tensor ``out`` (same dtype and element count)."""
         entry = self.entries[key]
         if out.dtype != entry.dtype or out.numel() != entry.numel or not out.is_contiguous():
-            raise CheckpointLayoutError(f"{key}: cannot read {entry.dtype} {entry.shape} into {out.dtype} {tuple(out.shape)}")
+            raise CheckpointLayoutError(
+                f"{key}: cannot read {entry.dtype} {entry.shape} into {out.dtype} {tuple(out.shape)}"
+            )
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
         fd, done = self._fd(entry.file), 0
         while done < entry.nbytes:
@@ -252,7 +254,8 @@ def layer_tensors(
             key = prefix + groups[0][0]
             if tuple(reader.entries[key].shape) != shapes[name]:
                 raise CheckpointLayoutError(
-                    f"checkpoint tensor {key} has shape {tuple(reader.entries[key].shape)}, the model expects {shapes[name]}"
+                    f"checkpoint tensor {key} has shape {tuple(reader.entries[key].shape)}, "
+                    f"the model expects {shapes[name]}"
                 )
             if mapped:
                 tensors[name] = reader.mapped(key)
