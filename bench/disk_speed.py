@@ -102,6 +102,27 @@ def bench_dropin(folder: Path, work: Path) -> dict:
     return results
 
 
+def table(report: dict) -> str:
+    """The README table of whichever parts ran."""
+    lines = [f"Checkpoint: 2 layers at the Qwen3-30B-A3B layer shape, {report['checkpoint_gb']} GB bf16, in the page "
+             f"cache; machine: {report['machine']}.", "", "| measurement | result |", "|---|---|"]
+    if "load" in report:
+        load = report["load"]
+        for name, label in (("fast", "`load_model` (fast loader)"), ("from_pretrained", "`from_pretrained`")):
+            lines.append(f"| {label} | {load[name]['seconds']} s, {load[name]['gb_per_s']} GB/s, "
+                         f"peak RSS {load[name]['peak_rss_gib']} GiB |")
+    if "stream" in report:
+        stream = report["stream"]
+        lines.append(f"| `reap-fast observe`, 8 x 512 tokens: streamed / in memory | {stream['layerwise']['wall_s']} s / "
+                     f"{stream['no-layerwise']['wall_s']} s = {stream['streamed_over_in_memory']} |")
+    if "dropin" in report and "skipped" not in report["dropin"]:
+        dropin = report["dropin"]
+        lines.append(f"| upstream `prune.py --record_pruning_metrics_only true` / drop-in `python -m reap_fast.prune`, "
+                     f"2 x 2 x 256 tokens | {dropin['upstream']['wall_s']} s / {dropin['dropin']['wall_s']} s = "
+                     f"{dropin['upstream_over_dropin']}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -121,6 +142,7 @@ def main() -> None:
             print(json.dumps({name: report[name]}), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
 
 
 if __name__ == "__main__":
