@@ -88,7 +88,7 @@ def bench_dropin(folder: Path, work: Path) -> dict:
     results = {}
     for name, build in (("upstream", lambda cwd: _upstream_command(upstream, cwd, argv, False)),
                         ("dropin", lambda cwd: _dropin_command(cwd, argv, False))):
-        cwd = work / name
+        cwd = work / f"run-{name}"
         cwd.mkdir()
         write_datasets(cwd, rows=400)
         command, env = build(cwd)

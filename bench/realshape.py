@@ -111,9 +111,14 @@ def make(folder: Path, layers: int, seed: int = 0, vocab: int = QWEN3_30B_A3B["v
 
 def _readable_by_upstream(folder: Path) -> None:
     """Config and tokenizer spellings transformers 4.55 (upstream REAP's) reads too: ``torch_dtype`` next to
-    ``dtype``, the tokenizer class both name, special tokens as 4.55 lists them."""
+    ``dtype``, ``num_experts`` and ``rope_theta`` next to 5.x's names, the tokenizer class both name, special
+    tokens as 4.55 lists them."""
     config = json.loads((folder / "config.json").read_text())
-    config["torch_dtype"] = "bfloat16"
+    config["torch_dtype"] = config.get("dtype", "bfloat16")
+    if "num_local_experts" in config:  # transformers 5 spells Qwen3-MoE's num_experts so
+        config.setdefault("num_experts", config["num_local_experts"])
+    if "rope_parameters" in config:
+        config.setdefault("rope_theta", config["rope_parameters"]["rope_theta"])
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"
