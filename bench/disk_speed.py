@@ -8,8 +8,8 @@ real-shape checkpoint (``bench/realshape.py DIR --layers 2 --vocab 32768``, 2.49
 * ``stream``: ``reap-fast observe`` with ``--layerwise`` and with ``--no-layerwise`` (8 x 512 tokens, batch 1),
   whole commands timed; the ratio streamed / in memory.
 * ``dropin``: upstream's ``prune.py --record_pruning_metrics_only true`` (its own venv, tests/upstream_oracle.py)
-  and the drop-in ``python -m reap_fast.prune`` with the same flags (2 x 2 x 256 tokens), one after the other,
-  each after an untimed warm-up run (compiled modules cached for both, see ``realshape.measure``).
+  and the drop-in ``python -m reap_fast.prune`` with the same flags (2 x 2 x 256 tokens), one after the other;
+  compiled modules cached for both (``realshape.measure``; ``--warmup`` fills that cache on a first use).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def bench_stream(folder: Path, work: Path) -> dict:
     return results
 
 
-def bench_dropin(folder: Path, work: Path) -> dict:
+def bench_dropin(folder: Path, work: Path, warmup: bool = False) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from upstream_oracle import _dropin_command, _upstream_command, find_upstream, write_datasets
 
@@ -92,8 +92,9 @@ def bench_dropin(folder: Path, work: Path) -> dict:
         cwd.mkdir()
         write_datasets(cwd, rows=400)
         command, env = build(cwd)
-        measure(command, cwd=cwd, env=env)  # warm-up: compiled modules cached, the page cache filled
-        shutil.rmtree(cwd / "artifacts", ignore_errors=True)
+        if warmup:  # compiled modules cached (a first use of the cache compiles them)
+            measure(command, cwd=cwd, env=env)
+            shutil.rmtree(cwd / "artifacts", ignore_errors=True)
         warm(folder)
         results[name] = measure(command, cwd=cwd, env=env)
         assert results[name]["returncode"] == 0, results[name]["tail"]
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--only", default="dropin,load,stream")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--warmup", action="store_true", help="run each drop-in comparison command once untimed first")
     args = parser.parse_args()
     report = {"machine": machine(), "checkpoint_gb": round(_weight_bytes(args.folder) / 1e9, 2)}
     with tempfile.TemporaryDirectory(prefix="reap-fast-disk-speed-") as work:
@@ -135,7 +137,7 @@ def main() -> None:
             target = Path(work) / name
             target.mkdir()
             report[name] = {"load": lambda: bench_load(args.folder), "stream": lambda: bench_stream(args.folder, target),
-                            "dropin": lambda: bench_dropin(args.folder, target)}[name]()
+                            "dropin": lambda: bench_dropin(args.folder, target, args.warmup)}[name]()
             for value in report[name].values():
                 if isinstance(value, dict):
                     value.pop("tail", None)
