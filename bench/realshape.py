@@ -183,6 +183,7 @@ def measure(argv: list[str], cwd: Path | None = None, env: dict | None = None, t
         "wall_s": round(time.perf_counter() - began, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
         "read_gb": round(rchar / 1e9, 2), "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 2),
         "returncode": process.returncode, "tail": "".join(output)[-3000:],
+        "plan": [line.strip() for line in output if "memory plan:" in line],
     }  # fmt: skip
 
 
