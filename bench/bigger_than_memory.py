@@ -56,7 +56,8 @@ def run(folder: Path, work: Path, layers: int, free_disk_gb: float | None) -> di
     observe = [sys.executable, "-m", "reap_fast", "observe", "--model", str(folder), "--dataset", f"{data}:8",
                "--model-max-length", "512", "--batch-size", "1"]
     report["observe"] = measure(observe + ["--output", str(work / "obs.pt")], cwd=REPO)
-    report["observe"]["streamed_automatically"] = "memory plan: layer streaming" in report["observe"]["tail"]
+    report["observe"]["streamed_automatically"] = any("memory plan: layer streaming" in line
+                                                      for line in report["observe"]["plan"])
     report["no_layerwise"] = measure(observe + ["--output", str(work / "refused.pt"), "--no-layerwise"], cwd=REPO)
     report["prune"] = measure([sys.executable, "-m", "reap_fast", "prune", "--model", str(folder), "--metrics",
                                str(work / "obs.pt"), "--output", str(work / "pruned"), "--compression-ratio", "0.5"],

@@ -1,14 +1,15 @@
 """Loading at disk speed, streaming that hides I/O, and the drop-in against upstream REAP, on the two-layer
 real-shape checkpoint (``bench/realshape.py DIR --layers 2 --vocab 32768``, 2.49 GiB bf16), page cache warm.
 
-    python bench/disk_speed.py DIR [--only load,stream,dropin] [--json bench/results/disk_speed.json]
+    python bench/disk_speed.py DIR [--only dropin,load,stream] [--json bench/results/disk_speed.json]
 
 * ``load``: ``load_model`` (the fast loader) and ``from_pretrained(device_map="cpu")`` in fresh processes,
   imports and model-class set-up done before the clock starts; GB/s = weight bytes / seconds.
 * ``stream``: ``reap-fast observe`` with ``--layerwise`` and with ``--no-layerwise`` (8 x 512 tokens, batch 1),
   whole commands timed; the ratio streamed / in memory.
 * ``dropin``: upstream's ``prune.py --record_pruning_metrics_only true`` (its own venv, tests/upstream_oracle.py)
-  and the drop-in ``python -m reap_fast.prune`` with the same flags (2 x 2 x 256 tokens), one after the other.
+  and the drop-in ``python -m reap_fast.prune`` with the same flags (2 x 2 x 256 tokens), one after the other;
+  compiled modules cached for both (``realshape.measure``; ``--warmup`` fills that cache on a first use).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def bench_stream(folder: Path, work: Path) -> dict:
     return results
 
 
-def bench_dropin(folder: Path, work: Path) -> dict:
+def bench_dropin(folder: Path, work: Path, warmup: bool = False) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from upstream_oracle import _dropin_command, _upstream_command, find_upstream, write_datasets
 
@@ -87,10 +88,13 @@ def bench_dropin(folder: Path, work: Path) -> dict:
     results = {}
     for name, build in (("upstream", lambda cwd: _upstream_command(upstream, cwd, argv, False)),
                         ("dropin", lambda cwd: _dropin_command(cwd, argv, False))):
-        cwd = work / name
+        cwd = work / f"run-{name}"
         cwd.mkdir()
         write_datasets(cwd, rows=400)
         command, env = build(cwd)
+        if warmup:  # compiled modules cached (a first use of the cache compiles them)
+            measure(command, cwd=cwd, env=env)
+            shutil.rmtree(cwd / "artifacts", ignore_errors=True)
         warm(folder)
         results[name] = measure(command, cwd=cwd, env=env)
         assert results[name]["returncode"] == 0, results[name]["tail"]
@@ -99,11 +103,33 @@ def bench_dropin(folder: Path, work: Path) -> dict:
     return results
 
 
+def table(report: dict) -> str:
+    """The README table of whichever parts ran."""
+    lines = [f"Checkpoint: 2 layers at the Qwen3-30B-A3B layer shape, {report['checkpoint_gb']} GB bf16, in the page "
+             f"cache; machine: {report['machine']}.", "", "| measurement | result |", "|---|---|"]
+    if "load" in report:
+        load = report["load"]
+        for name, label in (("fast", "`load_model` (fast loader)"), ("from_pretrained", "`from_pretrained`")):
+            lines.append(f"| {label} | {load[name]['seconds']} s, {load[name]['gb_per_s']} GB/s, "
+                         f"peak RSS {load[name]['peak_rss_gib']} GiB |")
+    if "stream" in report:
+        stream = report["stream"]
+        lines.append(f"| `reap-fast observe`, 8 x 512 tokens: streamed / in memory | {stream['layerwise']['wall_s']} s / "
+                     f"{stream['no-layerwise']['wall_s']} s = {stream['streamed_over_in_memory']} |")
+    if "dropin" in report and "skipped" not in report["dropin"]:
+        dropin = report["dropin"]
+        lines.append(f"| upstream `prune.py --record_pruning_metrics_only true` / drop-in `python -m reap_fast.prune`, "
+                     f"2 x 2 x 256 tokens | {dropin['upstream']['wall_s']} s / {dropin['dropin']['wall_s']} s = "
+                     f"{dropin['upstream_over_dropin']}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--only", default="load,stream,dropin")
+    parser.add_argument("--only", default="dropin,load,stream")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--warmup", action="store_true", help="run each drop-in comparison command once untimed first")
     args = parser.parse_args()
     report = {"machine": machine(), "checkpoint_gb": round(_weight_bytes(args.folder) / 1e9, 2)}
     with tempfile.TemporaryDirectory(prefix="reap-fast-disk-speed-") as work:
@@ -111,13 +137,14 @@ def main() -> None:
             target = Path(work) / name
             target.mkdir()
             report[name] = {"load": lambda: bench_load(args.folder), "stream": lambda: bench_stream(args.folder, target),
-                            "dropin": lambda: bench_dropin(args.folder, target)}[name]()
+                            "dropin": lambda: bench_dropin(args.folder, target, args.warmup)}[name]()
             for value in report[name].values():
                 if isinstance(value, dict):
                     value.pop("tail", None)
             print(json.dumps({name: report[name]}), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
 
 
 if __name__ == "__main__":

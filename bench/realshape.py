@@ -25,6 +25,9 @@ QWEN3_30B_A3B = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=12
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
                      vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096)
 _POOL = 1 << 25
+# Every measured command caches its compiled modules here (this machine sets PYTHONDONTWRITEBYTECODE, so
+# otherwise each start recompiles torch, transformers and datasets: ~15 s), for reap-fast and upstream alike.
+PYCACHE = "/tmp/reap-fast-bench-pycache"
 
 
 class _Values:
@@ -108,9 +111,14 @@ def make(folder: Path, layers: int, seed: int = 0, vocab: int = QWEN3_30B_A3B["v
 
 def _readable_by_upstream(folder: Path) -> None:
     """Config and tokenizer spellings transformers 4.55 (upstream REAP's) reads too: ``torch_dtype`` next to
-    ``dtype``, the tokenizer class both name, special tokens as 4.55 lists them."""
+    ``dtype``, ``num_experts`` and ``rope_theta`` next to 5.x's names, the tokenizer class both name, special
+    tokens as 4.55 lists them."""
     config = json.loads((folder / "config.json").read_text())
-    config["torch_dtype"] = "bfloat16"
+    config["torch_dtype"] = config.get("dtype", "bfloat16")
+    if "num_local_experts" in config:  # transformers 5 spells Qwen3-MoE's num_experts so
+        config.setdefault("num_experts", config["num_local_experts"])
+    if "rope_parameters" in config:
+        config.setdefault("rope_theta", config["rope_parameters"]["rope_theta"])
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -144,7 +152,11 @@ def warm(folder: Path) -> None:
 
 def measure(argv: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 7200) -> dict:
     """Run ``argv``; its wall time, peak RSS (``ru_maxrss`` of the child), bytes it read through read calls
-    (``rchar``, polled from /proc) and from the disk (``ru_inblock``), exit status and stderr tail."""
+    (``rchar``, polled from /proc) and from the disk (``ru_inblock``), exit status and output tail.
+    Compiled modules are cached in ``PYCACHE`` (the first run of a command fills it: warm up before timing)."""
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # compiled modules cached as an installed package has them
+    env.setdefault("PYTHONPYCACHEPREFIX", PYCACHE)
     began = time.perf_counter()
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -171,6 +183,7 @@ def measure(argv: list[str], cwd: Path | None = None, env: dict | None = None, t
         "wall_s": round(time.perf_counter() - began, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
         "read_gb": round(rchar / 1e9, 2), "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 2),
         "returncode": process.returncode, "tail": "".join(output)[-3000:],
+        "plan": [line.strip() for line in output if "memory plan:" in line],
     }  # fmt: skip
 
 

@@ -367,6 +367,18 @@ def test_error_texts_too_short(small_source, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_error_not_enough_memory_for_the_whole_model(small_source, tmp_path, monkeypatch):
+    """AutoRound holds the whole model on the host: refused in one line before it is constructed."""
+    from reap_fast.memory import MemoryBudget
+
+    _no_auto_round(monkeypatch)
+    monkeypatch.setattr(autoround, "free_memory", lambda device: MemoryBudget(host_free=1 << 20))
+    with pytest.raises(q.QuantizationError, match=r"AutoRound \(the whole model on the host\) needs about") as info:
+        q.quantize_w4a16(small_source, tmp_path / "out", calibration_texts(), seqlen=SEQLEN)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_error_missing_model_folder(tmp_path, monkeypatch):
     _no_auto_round(monkeypatch)
     with pytest.raises(q.QuantizationError, match="model folder not found"):

@@ -5,7 +5,8 @@ fused ``experts.*`` tensors and router tensors indexed by expert on dim 0) keep 
 plus the side files (tokenizer, configs). W{bits}A16 model: each quantized weight (a matrix of a decoder layer,
 routers excluded, as AutoRound quantizes them) becomes ``numel·bits/8`` of packed codes plus, per group of
 ``group_size`` inputs, a 16-bit scale and a packed ``bits``-bit zero point; every other tensor keeps its bytes.
-``HEADER_BYTES`` per written tensor and ``ESTIMATE_MARGIN`` are added on top (headers, index, alignment): an estimate, not a 2x over-estimate.
+``HEADER_BYTES`` per written tensor and ``ESTIMATE_MARGIN`` are added on top (headers, index, alignment):
+an estimate, not a 2x over-estimate.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ from .weights import CheckpointLayoutError, CheckpointTensors, build_skeleton, d
 logger = logging.getLogger(__name__)
 
 
-def _place(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Put ``tensors`` into ``module``'s meta parameters / buffers, in each one's own dtype."""
+def _place(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put ``tensors`` into ``module``'s meta parameters / buffers on ``device``, in each one's own dtype."""
     for name, tensor in tensors.items():
         path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(path) if path else module
         current = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
-        value = tensor.to(current.dtype) if tensor.is_floating_point() else tensor
+        value = tensor.to(device=device, dtype=current.dtype if tensor.is_floating_point() else tensor.dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
         else:
@@ -53,16 +53,21 @@ def _outside_layers(model: nn.Module, layers_name: str) -> dict[str, tuple[int, 
     return shapes
 
 
-def _read_model(model: nn.Module, reader: CheckpointTensors, layout) -> None:
-    """Fill every persistent tensor of the meta-device ``model`` from ``reader``."""
+def _read_model(model: nn.Module, reader: CheckpointTensors, layout, device: torch.device) -> None:
+    """Fill every persistent tensor of the meta-device ``model`` from ``reader``, layer by layer onto ``device``
+    (on a GPU the host holds one layer at a time)."""
     model.tie_weights()  # tied tensors are one parameter: read once
     _, layers, layers_name = decoder_layers(model)
     for index, layer in enumerate(layers):
-        _place(layer, layer_tensors(reader, f"{layers_name}.{index}.", layer, layout, mapped=True))
+        _place(layer, layer_tensors(reader, f"{layers_name}.{index}.", layer, layout, mapped=True), device)
     shapes = _outside_layers(model, layers_name)
     remaining = {key for key in reader.entries if not key.startswith(layers_name + ".")}
     plan = tensor_plan(_Subset(remaining), "", shapes, layout)
-    _place(model, {name: reader.mapped(groups[0][0]) for name, groups in plan.items()})
+    _place(model, {name: reader.mapped(groups[0][0]) for name, groups in plan.items()}, device)
+    for module in model.modules():  # buffers computed at construction (rotary frequencies)
+        for leaf, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
+                module._buffers[leaf] = buffer.to(device)
     model.tie_weights()  # placing replaced the tied parameter: tie its users to the new one
 
 
@@ -76,8 +81,8 @@ class _Subset:
         return {key[len(prefix):] for key in self._keys if key.startswith(prefix)}
 
 
-def load_weights(path: str | os.PathLike, config, dtype: torch.dtype) -> nn.Module | None:
-    """The model of the local safetensors checkpoint ``path`` on the CPU in ``dtype``, or None where the fast
+def load_weights(path: str | os.PathLike, config, dtype: torch.dtype, device: str = "cpu") -> nn.Module | None:
+    """The model of the local safetensors checkpoint ``path`` on ``device`` in ``dtype``, or None where the fast
     path does not apply (the caller falls back to ``from_pretrained``)."""
     folder = Path(str(path)).expanduser()
     layout = get_adapter(config).streaming
@@ -88,7 +93,7 @@ def load_weights(path: str | os.PathLike, config, dtype: torch.dtype) -> nn.Modu
     reader = CheckpointTensors(folder)
     try:
         model = build_skeleton(config, dtype)
-        _read_model(model, reader, layout)
+        _read_model(model, reader, layout, torch.device(device))
     except CheckpointLayoutError as exc:
         logger.info("fast loader: %s; loading with from_pretrained", exc)
         return None

@@ -86,9 +86,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
     model = None
     if device_map == device and is_path_like(path):  # one device, a local folder: read at disk speed
-        model = load_weights(path, config, torch_dtype)
-        if model is not None and device != "cpu":
-            model = model.to(device)
+        model = load_weights(path, config, torch_dtype, device)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -162,7 +162,9 @@ class ObservationPlan:
     peaks: dict[str, Peak]
 
 
-def choose_path(peaks: dict[str, Peak], requested: bool | str, budget: MemoryBudget, stream_refusal: str | None = None) -> ObservationPlan:
+def choose_path(
+    peaks: dict[str, Peak], requested: bool | str, budget: MemoryBudget, stream_refusal: str | None = None
+) -> ObservationPlan:
     """In memory or streamed, for ``requested`` True / False / 'auto'; :class:`MemoryPlanError` when it cannot fit.
 
     ``stream_refusal`` is why this checkpoint cannot stream (None: it can); with 'auto' and a model that does

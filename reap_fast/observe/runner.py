@@ -48,7 +48,8 @@ def observe_checkpoint(
 
     ``config`` (default: :class:`ObserveConfig`'s defaults) with keyword ``overrides`` of its fields
     says how (see :class:`~reap_fast.config.ObserveConfig`): batch size, engine, device, dtype,
-    ``layerwise`` streaming (default 'auto': the memory plan decides), torchrun sharding (``distributed``), ``checkpoint_dir`` / ``resume``.
+    ``layerwise`` streaming (default 'auto': the memory plan decides), torchrun sharding (``distributed``),
+    ``checkpoint_dir`` / ``resume``.
 
     * ``dataset``: a calibration spec (built with reap-fast's defaults) or an already built
       :class:`~reap_fast.data.CalibrationSet` (``samples_per_category`` and ``seed`` then only label the run).
