@@ -87,9 +87,9 @@ test-latest: $(STAMP)
 	$(LATEST_VENV)/bin/uv pip install -q --python $(LATEST_VENV)/bin/python --no-deps --no-build-isolation -e .
 	$(MAKE) venv-upstream || echo "make venv-upstream failed: the tests that need transformers 4.55 will skip"
 	$(LATEST_VENV)/bin/pytest -q
-	@echo "test-latest passed with: $$($(LATEST_VENV)/bin/python -c "$$VERSIONS"); not in the lock:" \
-		"$$(comm -13 <(grep -o '^[a-z0-9_.-]*==[^ ]*' $(LOCK) | sort) <(grep -o '^[a-z0-9_.-]*==[^ ]*' $(LATEST_VENV)/latest.txt | sort) \
-		| tr '\n' ' ' | sed 's/^$$/nothing/')"
+	@diff=$$(comm -13 <(grep -o '^[a-z0-9_.-]*==[^ ]*' $(LOCK) | sort) \
+		<(grep -o '^[a-z0-9_.-]*==[^ ]*' $(LATEST_VENV)/latest.txt | sort) | tr '\n' ' '); \
+	echo "test-latest passed with: $$($(LATEST_VENV)/bin/python -c "$$VERSIONS"); not in the lock: $${diff:-nothing}"
 
 # The quality study (README "Does the pruned model stay good?"); not part of CI. Resumes when interrupted.
 study: $(STAMP)
