@@ -86,8 +86,8 @@ def bench_dropin(folder: Path, work: Path, warmup: bool = False) -> dict:
         "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
     ]  # fmt: skip
     results = {}
-    for name, build in (("upstream", lambda cwd: _upstream_command(upstream, cwd, argv, False)),
-                        ("dropin", lambda cwd: _dropin_command(cwd, argv, False))):
+    for name, build in (("upstream", lambda cwd: _upstream_command(upstream, cwd, argv, "reap.prune")),
+                        ("dropin", lambda cwd: _dropin_command(cwd, argv, layerwise=False))):
         cwd = work / f"run-{name}"
         cwd.mkdir()
         write_datasets(cwd, rows=400)
