@@ -56,7 +56,7 @@ def expert_statistics(
     gates: torch.Tensor,
     valid: torch.Tensor,
     num_experts: int,
-    tokens: torch.Tensor,
+    total_tokens: torch.Tensor,
 ) -> BatchStats:
     """Per-expert REAP sums over the rows ``y`` (S, H) of routed pairs; ``valid`` excludes padding."""
     norms = torch.linalg.vector_norm(y.float(), dim=-1)  # (S,) fp32, as upstream's fp32 activations
@@ -65,16 +65,18 @@ def expert_statistics(
     gates64 = gates.to(torch.float64) * weight
     zeros = torch.zeros(num_experts, dtype=torch.float64, device=y.device)
     row_max = torch.where(valid, y.float().amax(dim=-1), float("-inf"))
-    max_activation = torch.full((num_experts,), float("-inf"), device=y.device).scatter_reduce_(
+    max_activations = torch.full((num_experts,), float("-inf"), device=y.device).scatter_reduce_(
         0, expert_ids, row_max, reduce="amax"
     )
     return BatchStats(
-        tokens=tokens,
-        count=torch.zeros(num_experts, dtype=torch.int64, device=y.device).index_add_(0, expert_ids, valid.long()),
+        total_tokens=total_tokens,
+        expert_frequency=torch.zeros(num_experts, dtype=torch.int64, device=y.device).index_add_(
+            0, expert_ids, valid.long()
+        ),
         ean_sum=zeros.clone().index_add_(0, expert_ids, norms64),
         weighted_ean_sum=zeros.clone().index_add_(0, expert_ids, norms64 * gates64),
-        gate_sum=zeros.clone().index_add_(0, expert_ids, gates64),
-        max_activation=max_activation,
+        weighted_expert_frequency_sum=zeros.clone().index_add_(0, expert_ids, gates64),
+        max_activations=max_activations,
     )
 
 
