@@ -10,13 +10,16 @@ in token order), so program e walks exactly those rows, drops the pairs of maske
 * ``weighted_ean_sum[e]``              sum g * ||y||      (fp64)
 * ``weighted_expert_frequency_sum[e]`` sum g              (fp64)
 * ``max_activations[e]``               max over the rows of max_j y_j (fp32; -inf when no pair is counted;
-                                        NaN when a counted row holds a NaN, as torch's ``amax`` / ``maximum`` propagate it)
+                                        NaN when a counted row holds a NaN, as torch's ``amax`` /
+                                        ``maximum`` propagate it)
+
+(upstream's observation-file keys, the names every caller uses).
 
 Every program also counts the counted tokens of a 1/E slice of T into ``total_tokens`` (() int64, by an
 integer atomic add; without ``accumulators`` it starts from a zeroed tensor). With ``ACCUMULATE``
 the kernel adds its results into running totals instead (``max_activations``: the maximum), e.g. the
-accumulators of a layer, and adds ``expert_frequency[i] + expert_frequency[j]`` into the (E, E) ``pairwise_expert_frequency``
-totals, so one launch does the whole statistics update of a MoE call.
+accumulators of a layer, and adds ``expert_frequency[i] + expert_frequency[j]`` into the (E, E)
+``pairwise_expert_frequency`` totals, so one launch does the whole statistics update of a MoE call.
 
 No floating-point atomics: every float output element is written by one program, and the summation
 order depends only on the routing, so the statistics are bitwise reproducible from run to run. (The
