@@ -259,6 +259,22 @@ def test_alignment_edge_cases_match_a_pairwise_construction(num_tokens, top_k, n
     assert alignment.counts.cpu().tolist() == counts and alignment.expert_start.cpu().tolist() == starts
 
 
+def test_statistics_are_named_and_typed_as_the_observation_file_keys():
+    """One vocabulary: the kernels' statistics and running totals, BatchStats and the accumulator's totals carry
+    the file's keys and dtypes, so no engine translates names."""
+    from dataclasses import fields
+
+    from reap_fast.metrics import METRIC_DTYPES, BatchStats
+    from reap_kernels.registered import ACCUMULATOR_NAMES, STATS_NAMES
+
+    assert set(STATS_NAMES) == {field.name for field in fields(BatchStats)}
+    totals = LayerAccumulator(4).reap_tensors()
+    assert tuple(sorted(totals)) == tuple(sorted(ACCUMULATOR_NAMES))
+    assert {name: tensor.dtype for name, tensor in totals.items()} == {name: METRIC_DTYPES[name] for name in totals}
+    for name, dtype in reap_kernels.expert_stats.STATISTICS_DTYPES.items():
+        assert METRIC_DTYPES[name] == dtype, name
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_expert_statistics_reduce_pairs_exactly(masked):
     """The per-expert reduction against float64 index_add over the same per-pair values.
