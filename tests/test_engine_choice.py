@@ -9,7 +9,7 @@ import torch
 from reap_fast.cli import main
 from reap_fast.config import ObserveConfig
 from reap_fast.errors import EngineUnavailableError
-from reap_fast.lab.tiny import build_model, make_tiny_checkpoint, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, make_tiny_checkpoint, tiny_qwen3_moe_config
 from reap_fast.models import find_moe_layers
 from reap_fast.observe import observe_checkpoint, settings
 from reap_fast.observe.engine_choice import choose_engine

@@ -15,12 +15,12 @@ import torch
 from gate_table import NATIVE_RENORMALISED, ROUTERS, gates64, limit_to_groups, renormalised, route64
 from oracle import assert_metrics_close, merge_oracle, oracle_layer_stats
 
-from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import LayerAccumulator
 from reap_fast.models import find_moe_layers
 from reap_fast.observe import Observer
 from reap_fast.observe.reference import expert_statistics
-from reap_fast.lab.tiny import build_model
+from reap_lab.tiny import build_model
 
 GROUPED = {"n_group": 4, "topk_group": 2}
 # (family, top-k, config overrides): every row of the table with each norm_topk_prob value it reads

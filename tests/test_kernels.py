@@ -31,13 +31,13 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import reap_kernels
-from reap_fast.lab.families_tiny import tiny_family_config
+from reap_lab.families_tiny import tiny_family_config
 from reap_fast.metrics import LayerAccumulator
 from reap_fast.observe.engines import EngineUnavailableError, register_engine
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.session import Observer
 from reap_fast.observe.triton_engine import triton_experts_forward
-from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the same tests run compiled kernels
 STAT_KEYS = ("expert_frequency", "ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum", "max_activations")

@@ -34,7 +34,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.triton_engine import triton_experts_forward
-from reap_fast.lab.tiny import tiny_qwen3_moe_config
+from reap_lab.tiny import tiny_qwen3_moe_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -216,7 +216,7 @@ def test_gpt_oss_layout_bf16():
     """The transposed, biased, interleaved gpt-oss layout at a small shape in bf16, seeded, pair by pair."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    from reap_fast.lab.families_tiny import tiny_family_config
+    from reap_lab.families_tiny import tiny_family_config
 
     config = tiny_family_config("gpt_oss", num_experts=32, top_k=4)
     config.hidden_size, config.intermediate_size = 512, 384
@@ -262,7 +262,7 @@ def test_whole_model_bf16_observation_matches_reference():
     kept half of the experts (by REAP score) must overlap in at least 7 of 8.
     """
     from reap_fast.observe import Observer
-    from reap_fast.lab.tiny import build_model
+    from reap_lab.tiny import build_model
 
     config = tiny_qwen3_moe_config(hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
                                    num_experts=16, num_experts_per_tok=4)

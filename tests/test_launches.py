@@ -24,7 +24,7 @@ from triton.runtime.jit import JITFunction
 import reap_kernels
 from reap_kernels import moe as kernels_moe
 from reap_fast.observe.session import Observer
-from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAUNCHER = InterpretedFunction if reap_kernels.INTERPRET else JITFunction  # whose .run launches a kernel
