@@ -59,7 +59,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("always_renormalizes ignored (Mixtral, Qwen3.5, gpt-oss)", BASE,
            "if self.always_renormalizes:", "if False:", GATES + ("-k", "observation and (mixtral or gpt_oss)")),
     Mutant("norm_topk_prob ignored", BASE,
-           "return bool(getattr(self.text_config(config), self.renormalize_key, False))", "return False",
+           "return bool(getattr(text_config(config), self.renormalize_key, False))", "return False",
            GATES + ("-k", "observation and qwen3_moe")),
     Mutant("routed_scaling_factor not divided out", BASE,
            "return _model_weight_gate(self.routed_scaling_factor(config), renormalize)",

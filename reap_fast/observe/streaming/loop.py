@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from ...config import ObserveConfig
 from ...metrics import LayerAccumulator
+from ...models import text_config
 from ...models.loading import DTYPES
 from ..checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators
 from ..progress import TokenRate
@@ -57,7 +58,6 @@ def observe_streaming(
     layout = streaming_supported(config)
     settings = process_settings(settings, config)
     batch_size, device, dtype = settings.batch_size, torch.device(settings.device), DTYPES[settings.dtype]
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     reader = CheckpointTensors(model_path)
     model = build_skeleton(config, dtype)
     base, layers, layers_name = decoder_layers(model)
@@ -66,7 +66,7 @@ def observe_streaming(
     report.layer_bytes = [sum(p.numel() for p in layer.parameters()) * element for layer in real_layers]
 
     count, length = calibration.input_ids.shape
-    hidden = int(text_config.hidden_size)
+    hidden = int(text_config(config).hidden_size)
     store_bytes = count * length * hidden * element
     budget = memory_budget if memory_budget is not None else free_memory(device)
     reserve = 2 * max(report.layer_bytes) + activation_bytes(config, batch_size, length, element) + GiB // 2
