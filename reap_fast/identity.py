@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "architectures")
 
 
-class ModelIdentityError(ReapFastError):
+class ModelIdentityError(ReapFastError, ValueError):
     """The observation file was recorded on another model than the one being pruned."""
 
 

@@ -42,7 +42,7 @@ RUNTIME_BYTES = GiB  # measured 0.6-0.9 GiB on the CPU before any weight is read
 HEADROOM = 0.10  # fraction of the free memory a plan leaves unused
 
 
-class MemoryPlanError(ReapFastError):
+class MemoryPlanError(ReapFastError, RuntimeError):
     """The requested path cannot fit in the free memory (refused before anything is loaded)."""
 
 
