@@ -2,10 +2,11 @@
 :func:`run_quantize_subprocess` runs :func:`~reap_fast.quantize.autoround.quantize_w4a16` in
 ``python -m reap_fast.quantize.worker REQUEST.json`` and this process's classes stay untouched.
 
-The request is a JSON file written into a scratch folder beside the output (model, output, texts file,
-the :class:`~reap_fast.config.QuantConfig` as a dictionary: :func:`reap_fast.children.write_request`); a failure comes back through the child-process
-error protocol (:func:`reap_fast.children.call_child`): a :class:`QuantizationError` (exit code
-:data:`EXIT_QUANT_ERROR`) as one line, anything else as :class:`~reap_fast.children.ChildCrashed`.
+The request (:func:`reap_fast.children.write_request`) is a JSON file written into a scratch folder beside
+the output (model, output, texts file, the :class:`~reap_fast.config.QuantConfig` as a dictionary); a failure
+comes back through the child-process error protocol (:func:`reap_fast.children.call_child`): a
+:class:`QuantizationError` (exit code :data:`EXIT_QUANT_ERROR`) as one line, anything else as
+:class:`~reap_fast.children.ChildCrashed`.
 """
 
 from __future__ import annotations
