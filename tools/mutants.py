@@ -195,6 +195,12 @@ MUTANTS: tuple[Mutant, ...] = (
            'fd, tmp = tempfile.mkstemp(prefix=work_prefix(path, "tmp"), suffix=".tmp", dir=path.parent)',
            "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), path",
            ("tests/test_atomic_outputs.py",)),
+    Mutant("texts file {\"texts\": [...]} taken as the list itself", ("reap_fast/fileio.py",),
+           'texts = data.get("texts") if isinstance(data, dict) else data', "texts = data",
+           ("tests/test_atomic_outputs.py", "-k", "texts_file")),
+    Mutant("a child's SIGTERM handler is never put back", ("reap_fast/children.py",),
+           "return lambda: signal.signal(signal.SIGTERM, previous)", "return lambda: None",
+           ("tests/test_children.py", "-k", "sigterm")),
 )
 
 
