@@ -1,11 +1,14 @@
 """Child processes (quantization, evaluation, generation) that never outlive the reap-fast process
-that started them, and the one way their failures come back.
+that started them, the one way they are asked for work, and the one way their failures come back.
 
 Each child runs in its own process group, which is terminated when the parent leaves the call for any
 reason (error, Ctrl-C, SIGTERM turned into ``SystemExit``). On Linux the child also asks the kernel for
 SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), which covers a parent killed with SIGKILL.
-A child started here turns SIGTERM into ``SystemExit`` (:func:`exit_on_sigterm`), so its ``finally``
-blocks remove its temporary files.
+A child started here turns SIGTERM into ``SystemExit`` (:func:`sigterm_raises_system_exit`, which the
+``reap-fast`` command uses too), so its ``finally`` blocks remove its temporary files.
+
+Request: the parent writes what a child is to do as one JSON file (:func:`write_request`) and starts
+``python -m MODULE REQUEST.json`` (:func:`child_argv`); the child reads it with :func:`read_request`.
 
 Error protocol (:func:`call_child` in the parent, :func:`child_main` in the child): the parent names a
 file in the environment variable ``REAP_FAST_CHILD_ERROR_FILE``; a child that stops on an exception
@@ -18,6 +21,7 @@ followed by the last lines of the child's stderr (its stderr still reaches the t
 
 from __future__ import annotations
 
+import argparse
 import collections
 import ctypes
 import ctypes.util
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import EXIT_CANNOT_WRITE, ReapFastError, one_line
+from .fileio import atomic_write_json
 from .outputs import LOCATION_ERRNOS, describe_os_error
 
 PR_SET_PDEATHSIG = 1
@@ -73,15 +78,29 @@ class ErrorRecord:
 
     def write(self, path: str | os.PathLike) -> None:
         """Write the record atomically (a reader never sees half of it)."""
-        target = Path(path)
-        scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(asdict(self)), encoding="utf-8")
-        os.replace(scratch, target)
+        atomic_write_json(asdict(self), path)
 
 
 # `python -m package.module` of a module its package already imported warns "found in sys.modules" (runpy):
 # harmless for our children, which are always started that way.
 QUIET_RUNPY = ("-W", "ignore::RuntimeWarning:runpy")
+
+
+def write_request(folder: str | os.PathLike, request: dict[str, Any]) -> Path:
+    """Write a child's request as ``folder/request.json`` (atomically); returns the file's path."""
+    return atomic_write_json(request, Path(folder) / "request.json")
+
+
+def child_argv(module: str, request_file: str | os.PathLike, python: str | None = None) -> list[str]:
+    """The command line ``python -m module REQUEST.json`` (``python``: this interpreter by default)."""
+    return [python or sys.executable, *QUIET_RUNPY, "-m", module, str(request_file)]
+
+
+def read_request(argv: Sequence[str] | None, prog: str, description: str) -> dict[str, Any]:
+    """The request of a child: its one argument names the JSON file :func:`write_request` wrote."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("request", help="the JSON request file written by the parent process")
+    return json.loads(Path(parser.parse_args(argv).request).read_text(encoding="utf-8"))
 
 
 def _parent_death_hook() -> Callable[[], None] | None:
@@ -221,7 +240,7 @@ def child_main(work: Callable[[], int | None], prog: str) -> int:
     its exit code returned; any other
     exception is recorded (kind ``bug``, exit code 1) and raised again, so its traceback reaches stderr.
     """
-    exit_on_sigterm()
+    restore_sigterm = sigterm_raises_system_exit()
     try:
         return work() or 0
     except ReapFastError as error:
@@ -239,6 +258,8 @@ def child_main(work: Callable[[], int | None], prog: str) -> int:
     except Exception as error:
         _record(ErrorRecord("bug", type(error).__name__, f"{type(error).__name__}: {one_line(error)}", EXIT_BUG))
         raise
+    finally:
+        restore_sigterm()
 
 
 def _record(record: ErrorRecord) -> None:
@@ -247,10 +268,12 @@ def _record(record: ErrorRecord) -> None:
         record.write(path)
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into ``SystemExit(143)`` so cleanup code runs (call at a child's start)."""
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+def sigterm_raises_system_exit() -> Callable[[], None]:
+    """Turn SIGTERM into ``SystemExit(143)``, so ``finally`` blocks run (locks released, children stopped,
+    temporary files removed); returns the function that puts the previous handler back."""
+    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    return lambda: signal.signal(signal.SIGTERM, previous)

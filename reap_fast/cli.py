@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +14,7 @@ from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
 from .config.quantize import QUANT_DTYPE_CHOICES
 from .config.evaluate import EvalConfig, HarnessSettings
 from .config.prune import DEFAULT_COMPRESSION_RATIO
+from .children import sigterm_raises_system_exit
 from .errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, ReapFastError, UsageError
 from .logs import configure_logging, quiet_libraries
 from .metrics import format_expert_table
@@ -389,10 +389,6 @@ COMMANDS = {
 }
 
 
-def _raise_system_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reap-fast`` console script."""
     args = build_parser().parse_args(argv)
@@ -400,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     debug = args.debug or bool(os.environ.get("REAP_FAST_DEBUG"))
     # SIGTERM unwinds like an exception, so locks are released and child processes stopped.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_system_exit)
+    restore_sigterm = sigterm_raises_system_exit()
     try:
         return COMMANDS[args.command](args)
     except ReapFastError as exc:
@@ -419,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reap-fast {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        restore_sigterm()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
 """One base class for every error that means "the user's input or situation prevents this".
 
 The command lines (``reap-fast`` and the upstream drop-in) print such an error as one line and exit
-with its :attr:`ReapFastError.exit_code`; anything else is a bug and keeps its traceback. Subclasses
-may also derive from a built-in (``ValueError``, ``FileExistsError``) so callers that caught those
-keep working.
+with its :attr:`ReapFastError.exit_code`; anything else is a bug and keeps its traceback.
+
+Which built-in a subclass also derives from, exactly one of them (``tests/test_errors.py`` checks it):
+
+* ``ValueError``: the error is about something the caller passed: a setting, an argument, a flag
+  combination, or a file or folder they named and what it holds (a model folder, an observation file,
+  calibration or texts files). Most errors are of this kind.
+* ``RuntimeError``: the error is about the machine or the moment: memory, an engine or package that
+  cannot run here, another process holding the output, a disk that cannot take the write.
+* an ``OSError`` kind where one names the situation exactly (``FileExistsError``: an output in the way).
+
+An error re-raised as another type keeps the original's type: it is raised again unchanged, or as a
+subclass of it.
 """
 
 from __future__ import annotations

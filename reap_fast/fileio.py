@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: atomic JSON writes, checksums, sizes on disk."""
+"""Small file helpers shared by the stages: atomic (JSON) writes, texts files, checksums, sizes on disk."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from .errors import UsageError
 from .outputs import apply_umask, work_prefix
 
 
@@ -35,6 +36,21 @@ def atomic_write_json(data: Any, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented JSON atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def load_texts_file(path: str | os.PathLike) -> list[str]:
+    """The texts of a JSON file holding a list of strings or ``{"texts": [...]}``; :class:`UsageError` otherwise."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"texts file not found: {file}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"texts file is not valid JSON: {file}: {error}") from None
+    texts = data.get("texts") if isinstance(data, dict) else data
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise UsageError(f'texts file must hold a JSON list of strings or {{"texts": [...]}}: {file}')
+    return texts
 
 
 def publish_folder(staging: str | os.PathLike, output_dir: str | os.PathLike) -> Path:

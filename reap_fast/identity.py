@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import ReapFastError
 from .metrics import LayerMetrics, Observation
-from .models import get_adapter
+from .models import get_adapter, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "architectures")
 
 
-class ModelIdentityError(ReapFastError):
+class ModelIdentityError(ReapFastError, ValueError):
     """The observation file was recorded on another model than the one being pruned."""
 
 
@@ -72,13 +72,13 @@ def weights_digest(model_path: str | os.PathLike) -> str | None:
 def model_identity(config: Any, model_path: str | os.PathLike) -> dict[str, Any]:
     """The identity record of a model (its path, family, layer and expert counts, config and weights digests)."""
     adapter = get_adapter(config)
-    text_config = adapter.text_config(config)
+    text = text_config(config)
     local = Path(model_path).expanduser()
     return {
         "model": str(local.resolve()) if local.exists() else str(model_path),
-        "model_type": str(getattr(text_config, "model_type", getattr(config, "model_type", ""))),
-        "num_layers": int(getattr(text_config, "num_hidden_layers")),
-        "num_experts": int(getattr(text_config, adapter.num_experts_key)),
+        "model_type": str(getattr(text, "model_type", getattr(config, "model_type", ""))),
+        "num_layers": int(getattr(text, "num_hidden_layers")),
+        "num_experts": int(getattr(text, adapter.num_experts_key)),
         "config_sha256": config_digest(config),
         "weights_sha256": weights_digest(model_path),
     }

@@ -55,11 +55,11 @@ class OutputError(ReapFastError, FileExistsError):
     """An output that may not be written (it overlaps an input, or holds files reap-fast must keep)."""
 
 
-class OutputInUseError(ReapFastError):
+class OutputInUseError(ReapFastError, RuntimeError):
     """Another live reap-fast process holds the output's lock."""
 
 
-class OutputLocationError(ReapFastError):
+class OutputLocationError(ReapFastError, RuntimeError):
     """An output location that cannot be written or has no room for the stage's files."""
 
 

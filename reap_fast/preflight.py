@@ -21,7 +21,7 @@ SPACE_MARGIN_BYTES = 64 << 20
 _MAX_HEADER_BYTES = 100 << 20
 
 
-class ModelFolderError(ReapFastError):
+class ModelFolderError(ReapFastError, ValueError):
     """A model folder that is missing, incomplete or corrupt."""
 
 

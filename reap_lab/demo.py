@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
-from reap_fast.children import call_child
+from reap_fast.children import call_child, write_request
 from reap_fast.errors import ReapFastError
 from .corpus import write_jsonl
 
@@ -27,12 +28,14 @@ PROMPT = "def read_json(path):\n    \"\"\"Return the "
 GENERATE = """
 import json, sys
 import torch
-from reap_fast.children import child_main
+from reap_fast.children import child_main, read_request
 from reap_fast.quantize import load_quantized
 
+request = read_request(None, "reap-fast demo (generation)", "Greedy continuation by a W4A16 folder.")
+
 def generate():
-    model, tokenizer = load_quantized(sys.argv[1])
-    ids = tokenizer(sys.argv[2], return_tensors="pt").input_ids
+    model, tokenizer = load_quantized(request["model_dir"])
+    ids = tokenizer(request["prompt"], return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=48, do_sample=False, repetition_penalty=1.2)
     print(json.dumps(tokenizer.decode(out[0, ids.shape[1]:])))
@@ -62,8 +65,10 @@ def prepare_demo_inputs(folder: Path, steps: int) -> tuple[Path, str, str]:
 
 def generate_with_quantized(model_dir: Path, prompt: str = PROMPT) -> str:
     """Greedy continuation of ``prompt`` by a W4A16 folder, computed in a child process."""
-    completed = call_child([sys.executable, "-c", GENERATE, str(model_dir), prompt], ReapFastError,
-                           f"reloading {model_dir}", capture_output=True)
+    with tempfile.TemporaryDirectory(prefix="reap-fast-demo-") as scratch:
+        request_file = write_request(scratch, {"model_dir": str(model_dir), "prompt": prompt})
+        completed = call_child([sys.executable, "-c", GENERATE, str(request_file)], ReapFastError,
+                               f"reloading {model_dir}", capture_output=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

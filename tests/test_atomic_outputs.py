@@ -1,11 +1,13 @@
-"""Outputs are replaced atomically: a write that fails half-way leaves the previous file untouched."""
+"""Outputs are replaced atomically: a write that fails half-way leaves the previous file untouched. fileio's texts
+file loader (the children's texts files)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reap_fast.fileio import atomic_write, atomic_write_json
+from reap_fast.errors import UsageError
+from reap_fast.fileio import atomic_write, atomic_write_json, load_texts_file
 from reap_fast.metrics import load_metrics, save_metrics
 
 
@@ -52,3 +54,20 @@ def test_failed_observation_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert torch.equal(load_metrics(path)[0]["reap"], metrics[0]["reap"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["obs.pt"]
+
+
+def test_texts_file_is_a_json_list_or_an_object_with_texts(tmp_path):
+    assert load_texts_file(atomic_write_json(["a", "b c"], tmp_path / "list.json")) == ["a", "b c"]
+    assert load_texts_file(atomic_write_json({"texts": ["d"], "note": 1}, tmp_path / "object.json")) == ["d"]
+    (tmp_path / "broken.json").write_text('["a", ')
+    refusals = {
+        tmp_path / "missing.json": "texts file not found: ",
+        tmp_path / "broken.json": "texts file is not valid JSON: ",
+        atomic_write_json(["a", 1], tmp_path / "mixed.json"): "texts file must hold a JSON list of strings",
+        atomic_write_json({"rows": ["a"]}, tmp_path / "no-texts.json"): "texts file must hold a JSON list of strings",
+        atomic_write_json("a", tmp_path / "string.json"): "texts file must hold a JSON list of strings",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(UsageError) as raised:
+            load_texts_file(path)
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value), path

@@ -1,11 +1,23 @@
 """The child-process error protocol (reap_fast.children): a user error comes back as one line with the child's
-exit code, a bug or a crash as "crashed with exit N" and the last lines of the child's stderr."""
+exit code, a bug or a crash as "crashed with exit N" and the last lines of the child's stderr; the one request
+format (a JSON file); SIGTERM turned into SystemExit."""
 
+import os
+import signal
 import sys
 
 import pytest
 
-from reap_fast.children import ChildCrashed, ErrorRecord, STDERR_TAIL_LINES, call_child
+from reap_fast.children import (
+    ChildCrashed,
+    ErrorRecord,
+    STDERR_TAIL_LINES,
+    call_child,
+    read_request,
+    run_child,
+    sigterm_raises_system_exit,
+    write_request,
+)
 from reap_fast.errors import ReapFastError
 
 
@@ -95,3 +107,37 @@ def test_a_broken_record_counts_as_none(tmp_path):
     ErrorRecord("user", "X", "a line", 4).write(path)
     assert ErrorRecord.read(path) == ErrorRecord("user", "X", "a line", 4)
     assert [p.name for p in tmp_path.iterdir()] == ["error.json"]
+
+
+def test_a_child_reads_the_request_file_its_parent_wrote(tmp_path):
+    request = write_request(tmp_path, {"numbers": [2, 3, 5], "name": "sum"})
+    assert request == tmp_path / "request.json" and sorted(p.name for p in tmp_path.iterdir()) == ["request.json"]
+    assert read_request([str(request)], "test-child", "a test") == {"numbers": [2, 3, 5], "name": "sum"}
+    body = ("from reap_fast.children import read_request\nrequest = read_request(None, 'test-child', 'a test')\n"
+            "def work():\n    print(request['name'], sum(request['numbers']))")
+    completed = call_child(_child(body) + [str(request)], ParentError, "the test step", capture_output=True)
+    assert completed.stdout == "sum 10\n"
+    with pytest.raises(SystemExit) as raised:  # a child started without its request file: argparse's usage error
+        read_request([], "test-child", "a test")
+    assert raised.value.code == 2
+
+
+def test_sigterm_raises_system_exit_until_restored():
+    previous = signal.getsignal(signal.SIGTERM)
+    restore = sigterm_raises_system_exit()
+    try:
+        with pytest.raises(SystemExit) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 5)  # the handler runs at the next bytecode; this is never reached
+        assert raised.value.code == 128 + signal.SIGTERM
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_child_stopped_by_sigterm_runs_its_finally_blocks(tmp_path):
+    marker = tmp_path / "cleaned"
+    body = (f"import os, signal\ndef work():\n    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"        signal.sigtimedwait([], 5)\n    finally:\n        open({str(marker)!r}, 'w').close()")
+    completed = run_child(_child(body), capture_output=True)
+    assert completed.returncode == 128 + signal.SIGTERM and marker.exists()

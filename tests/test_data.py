@@ -40,13 +40,13 @@ def ids(text: str) -> list[int]:
     return list(text.encode())
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
 def texts_file(tmp_path: Path, texts: list[str], name: str = "docs.jsonl") -> str:
-    return str(write_jsonl(tmp_path / name, [{"text": t} for t in texts]))
+    return str(write_rows(tmp_path / name, [{"text": t} for t in texts]))
 
 
 def category(name: str, **kwargs) -> CategorySpec:
@@ -209,7 +209,7 @@ CHAT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n
 
 
 def test_messages_column_goes_through_chat_template(tmp_path, tok):
-    path = write_jsonl(
+    path = write_rows(
         tmp_path / "chat.jsonl",
         [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "text": "ignored"}],
     )
@@ -217,25 +217,25 @@ def test_messages_column_goes_through_chat_template(tmp_path, tok):
 
 
 def test_sharegpt_conversations_pairs_and_multipart_content(tmp_path, tok):
-    sharegpt = write_jsonl(
+    sharegpt = write_rows(
         tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
     )
     assert load_documents(category(str(sharegpt)), tok) == [CHAT]
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "hi", "output": "hello"}])
+    pairs = write_rows(tmp_path / "pairs.jsonl", [{"instruction": "hi", "output": "hello"}])
     assert load_documents(category(str(pairs)), tok) == [CHAT]
-    parts = write_jsonl(
+    parts = write_rows(
         tmp_path / "parts.jsonl",
         [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "hello"}]}],
     )
     assert load_documents(category(str(parts)), tok) == [CHAT]
-    as_string = write_jsonl(
+    as_string = write_rows(
         tmp_path / "str.jsonl", [{"messages": json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])}]
     )
     assert load_documents(category(str(as_string)), tok) == [CHAT]
 
 
 def test_explicit_and_fallback_columns(tmp_path, tok):
-    path = write_jsonl(tmp_path / "cols.jsonl", [{"body": "the body", "prompt": "the prompt", "n": 1}])
+    path = write_rows(tmp_path / "cols.jsonl", [{"body": "the body", "prompt": "the prompt", "n": 1}])
     assert load_documents(category(str(path)), tok) == ["the prompt"]  # prompt comes before body
     assert load_documents(category(str(path), column="body"), tok) == ["the body"]
     texts = calibration_texts(str(path), tok, 1, column="body")
@@ -245,10 +245,10 @@ def test_explicit_and_fallback_columns(tmp_path, tok):
 
 
 def test_no_usable_column_and_missing_chat_template(tmp_path, tok):
-    path = write_jsonl(tmp_path / "numbers.jsonl", [{"a": 1, "b": 2}])
+    path = write_rows(tmp_path / "numbers.jsonl", [{"a": 1, "b": 2}])
     with pytest.raises(CalibrationDataError, match=r"no text or chat column found; columns are \['a', 'b'\]"):
         load_documents(category(str(path)), tok)
-    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    chat = write_rows(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     plain = byte_tokenizer()
     plain.chat_template = None
     with pytest.raises(CalibrationDataError, match="'messages' holds chats but the tokenizer has no chat template"):
@@ -544,7 +544,7 @@ def test_without_the_datasets_package_reading_data_is_a_one_line_error(tmp_path,
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
-    path = write_jsonl(tmp_path / "calib.jsonl", [{"text": "some calibration text"}] * 4)
+    path = write_rows(tmp_path / "calib.jsonl", [{"text": "some calibration text"}] * 4)
     with pytest.raises(CalibrationDataError, match="reading calibration data needs the 'datasets' package") as info:
         build_calibration_set(f"{path}:2", tok, model_max_length=8)
     assert "\n" not in str(info.value)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
-from reap_fast.models import ADAPTERS, UnsupportedModelError, find_moe_layers
+from reap_fast.models import ADAPTERS, UnsupportedModelError, find_moe_layers, text_config
 from reap_fast.observe.input_scaled import TransposedExpertsView
 from reap_fast.observe.streaming import STREAMING_FAMILIES, build_skeleton, streaming_supported
 from reap_fast.observe.triton_engine import experts_layout
@@ -99,7 +99,7 @@ def test_pruned_config_keys_answer_from_the_entry(family, new_count):
     config = tiny_family_config(family, num_experts=8, top_k=2)
     source = json.loads(config.to_json_string())  # what save_pretrained writes
     edited = pruned_config(source, 8, new_count)
-    reread = adapter.text_config(type(config).from_dict(edited))
+    reread = text_config(type(config).from_dict(edited))
     assert getattr(reread, adapter.num_experts_key) == new_count
     assert getattr(reread, adapter.top_k_key) == min(2, new_count)
     changed = {key for key in source if source[key] != edited[key]}

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from fixtures.make_upstream_metrics import upstream_metrics
 from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import METRIC_DTYPES, load_metrics, save_metrics
-from reap_fast.models import find_moe_layers, get_adapter
+from reap_fast.models import find_moe_layers, get_adapter, text_config
 from reap_fast.models.base import router_tensor
 from reap_fast.prune import (
     KeepIndexError,
@@ -355,7 +355,7 @@ def test_pruned_family_loads_generates_and_matches(family, ratio, tmp_path):
     assert generated.shape == (1, ids.shape[1] + 4)
 
     adapter = get_adapter(pruned.config)
-    text = adapter.text_config(pruned.config)
+    text = text_config(pruned.config)
     kept = E - len(removed[layers[0]])
     assert getattr(text, adapter.num_experts_key) == kept
     assert getattr(text, adapter.top_k_key) == 2

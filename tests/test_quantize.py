@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from reap_fast import quantize as q
 from reap_fast.fileio import sha256_file
-from reap_fast.outputs import write_marker
+from reap_fast.models.memory_plan import MemoryPlanError
+from reap_fast.outputs import OutputError, write_marker
+from reap_fast.preflight import ModelFolderError
 from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 from reap_fast.quantize import autoround, worker
 
@@ -373,7 +375,7 @@ def test_error_not_enough_memory_for_the_whole_model(small_source, tmp_path, mon
 
     _no_auto_round(monkeypatch)
     monkeypatch.setattr(autoround, "free_memory", lambda device: MemoryBudget(host_free=1 << 20))
-    with pytest.raises(q.QuantizationError, match=r"AutoRound \(the whole model on the host\) needs about") as info:
+    with pytest.raises(MemoryPlanError, match=r"AutoRound \(the whole model on the host\) needs about") as info:
         q.quantize_w4a16(small_source, tmp_path / "out", calibration_texts(), seqlen=SEQLEN)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
@@ -384,7 +386,7 @@ def test_error_missing_model_folder(tmp_path, monkeypatch):
     with pytest.raises(q.QuantizationError, match="model folder not found"):
         q.quantize_w4a16(tmp_path / "nope", tmp_path / "out", calibration_texts())
     (tmp_path / "empty").mkdir()
-    with pytest.raises(q.QuantizationError, match="no config.json"):
+    with pytest.raises(ModelFolderError, match="no config.json"):
         q.quantize_w4a16(tmp_path / "empty", tmp_path / "out", calibration_texts())
 
 
@@ -392,16 +394,16 @@ def test_error_existing_output(small_source, tmp_path, monkeypatch):
     _no_auto_round(monkeypatch)
     existing = save_checkpoint(build_model(grid_config(), seed=3), byte_tokenizer(), tmp_path / "done")
     # a model reap-fast did not write is never replaced, not even with overwrite
-    with pytest.raises(q.QuantizationError, match="not written by reap-fast"):
+    with pytest.raises(OutputError, match="not written by reap-fast"):
         q.quantize_w4a16(small_source, existing, calibration_texts(), seqlen=SEQLEN, overwrite=True)
     write_marker(existing, "w4a16")
-    with pytest.raises(q.QuantizationError, match="output folder .* already holds a model; pass --overwrite"):
+    with pytest.raises(OutputError, match="output folder .* already holds a model; pass --overwrite"):
         q.quantize_w4a16(small_source, existing, calibration_texts(), seqlen=SEQLEN)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
-    with pytest.raises(q.QuantizationError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         q.quantize_w4a16(small_source, tmp_path / "junk", calibration_texts(), seqlen=SEQLEN)
-    with pytest.raises(q.QuantizationError, match="is the model folder"):
+    with pytest.raises(OutputError, match="is the model folder"):
         q.quantize_w4a16(small_source, small_source, calibration_texts(), seqlen=SEQLEN, overwrite=True)
     assert (existing / "config.json").exists()
 

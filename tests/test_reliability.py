@@ -184,20 +184,18 @@ def test_case2_one_process_per_output_and_stale_locks_are_taken_over(setup, tmp_
 # A parent that runs a child through run_child (as the pipeline runs quantization and evaluation).
 PARENT = """
 import sys
-from reap_fast.children import run_child
-from reap_fast.cli import _raise_system_exit
-import signal
-signal.signal(signal.SIGTERM, _raise_system_exit)
+from reap_fast.children import run_child, sigterm_raises_system_exit
+sigterm_raises_system_exit()
 run_child([sys.executable, "-c", "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)",
            sys.argv[1]])
 """
 
 # A parent that runs the quantization child with a stand-in interpreter that only sleeps.
 QUANT_PARENT = """
-import signal, sys
-from reap_fast.cli import _raise_system_exit
+import sys
+from reap_fast.children import sigterm_raises_system_exit
 from reap_fast.quantize import run_quantize_subprocess
-signal.signal(signal.SIGTERM, _raise_system_exit)  # as the reap-fast CLI does
+sigterm_raises_system_exit()  # as the reap-fast CLI does
 run_quantize_subprocess(sys.argv[1], sys.argv[2], ["some text"], python=sys.argv[3])
 """
 
@@ -863,8 +861,9 @@ def test_i24_case12_clutter_is_silenced_and_files_follow_the_umask(setup, tmp_pa
                            capture_output=True, text=True)
     loud = subprocess.run([sys.executable, "-m", "reap_fast.evaluate.harness", "--help"], capture_output=True, text=True)
     assert "RuntimeWarning" in loud.stderr and "RuntimeWarning" not in quiet.stderr
-    for module in ("evaluate/heldout.py", "evaluate/harness.py", "quantize/child.py"):
-        assert "*QUIET_RUNPY, \"-m\"" in (REPO / "reap_fast" / module).read_text(), module
+    assert children.child_argv("m", "r.json", "python") == ["python", *children.QUIET_RUNPY, "-m", "m", "r.json"]
+    for module in ("evaluate/heldout.py", "evaluate/harness.py", "quantize/child.py"):  # every -m child uses it
+        assert "child_argv(" in (REPO / "reap_fast" / module).read_text(), module
     if find_spec("lm_eval") is not None:  # lm-eval asks git for the commit of the current folder
         import lm_eval
         import lm_eval.evaluator
@@ -923,11 +922,16 @@ WRITER_MODULES = {
     "quantize/checks.py": {"quantized folder"},
     "quantize/autoround.py": {"quantized folder", "scratch"},
     "evaluate/comparison.py": {"eval json", "run folder"},
-    "evaluate/harness.py": {"scratch"},  # the child's result, in the parent's temporary folder
+    "evaluate/harness.py": {"scratch"},  # the child's request and result, in the parent's temporary folder
+    "evaluate/heldout.py": {"scratch"},  # the same
+    "quantize/child.py": {"scratch"},  # the worker's request and texts, in a scratch folder beside the output
+    "demo.py": {"scratch"},  # the generation child's request
+    "children.py": {"scratch"},  # a child's request and error record
+    "observe/streaming/memory.py": {"checkpoint dir"},  # the hidden-states snapshot of a checkpoint
     "pipeline.py": {"run folder"},
 }
 WRITE_CALLS = {"atomic_write", "atomic_write_json", "atomic_torch_save", "save_metrics", "publish_folder", "rmtree",
-               "write_marker", "claim_output", "claim_scratch_dir", "remove_scratch_dir"}
+               "write_marker", "claim_output", "claim_scratch_dir", "remove_scratch_dir", "write_request"}
 
 
 def test_i24_every_writer_goes_through_the_rule_and_has_a_test():

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from reap_lab.families_tiny import tiny_family_config
-from reap_fast.models import find_moe_layers
+from reap_fast.models import find_moe_layers, text_config
 from reap_fast.observe import Observer
 from reap_fast.prune import prune_model, save_pruned
 from reap_lab.tiny import build_model, byte_tokenizer
@@ -154,5 +154,5 @@ def test_multimodal_llama4_config_uses_its_text_config():
 
     config = Llama4Config(text_config=tiny_family_config("llama4", num_experts=16, top_k=1).to_dict())
     adapter = get_adapter(config)
-    assert adapter.family == "llama4" and adapter.text_config(config).num_local_experts == 16
+    assert adapter.family == "llama4" and text_config(config).num_local_experts == 16
     assert check_prune_budget(config, compression_ratio=0.5) == 8

@@ -59,7 +59,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("always_renormalizes ignored (Mixtral, Qwen3.5, gpt-oss)", BASE,
            "if self.always_renormalizes:", "if False:", GATES + ("-k", "observation and (mixtral or gpt_oss)")),
     Mutant("norm_topk_prob ignored", BASE,
-           "return bool(getattr(self.text_config(config), self.renormalize_key, False))", "return False",
+           "return bool(getattr(text_config(config), self.renormalize_key, False))", "return False",
            GATES + ("-k", "observation and qwen3_moe")),
     Mutant("routed_scaling_factor not divided out", BASE,
            "return _model_weight_gate(self.routed_scaling_factor(config), renormalize)",
@@ -196,6 +196,12 @@ MUTANTS: tuple[Mutant, ...] = (
            'fd, tmp = tempfile.mkstemp(prefix=work_prefix(path, "tmp"), suffix=".tmp", dir=path.parent)',
            "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), path",
            ("tests/test_atomic_outputs.py",)),
+    Mutant("texts file {\"texts\": [...]} taken as the list itself", ("reap_fast/fileio.py",),
+           'texts = data.get("texts") if isinstance(data, dict) else data', "texts = data",
+           ("tests/test_atomic_outputs.py", "-k", "texts_file")),
+    Mutant("a child's SIGTERM handler is never put back", ("reap_fast/children.py",),
+           "return lambda: signal.signal(signal.SIGTERM, previous)", "return lambda: None",
+           ("tests/test_children.py", "-k", "sigterm")),
 )
 
 

@@ -11,14 +11,13 @@ Results of one model (``evaluate_model``) keep lm-eval's own keys, e.g.
 ``{"results": {"arc_easy": {"acc,none": 0.71, "acc_stderr,none": 0.01, ...}}, "n-shot": ..., ...}``;
 :mod:`reap_fast.evaluate.comparison` compares several models' results.
 
-Command line of the child (also usable by hand)::
-
-    python -m reap_fast.evaluate.harness --model DIR --settings settings.json --json result.json
+The child is ``python -m reap_fast.evaluate.harness REQUEST.json``: the request names the model folder,
+the :class:`~reap_fast.config.HarnessSettings` fields and the result file
+(:func:`reap_fast.children.write_request`).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -29,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..children import QUIET_RUNPY, call_child, child_main
+from ..children import call_child, child_argv, child_main, read_request, write_request
 from ..config.evaluate import HarnessError, HarnessSettings
 from ..errors import ReapFastError, one_line
 from ..fileio import atomic_write_json
@@ -161,12 +160,9 @@ def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -
     (:func:`reap_fast.children.call_child`).
     """
     with tempfile.TemporaryDirectory(prefix="reap-fast-lm-eval-") as scratch:
-        settings_file = Path(scratch) / "settings.json"
         result_file = Path(scratch) / "result.json"
-        settings_file.write_text(json.dumps(asdict(settings)))
-        command = [sys.executable, *QUIET_RUNPY, "-m", MODULE, "--model", str(model_dir),
-                   "--settings", str(settings_file), "--json", str(result_file)]
-        call_child(command, HarnessError, f"lm-eval on {model_dir}")
+        request = {"model_dir": str(model_dir), "settings": asdict(settings), "result_file": str(result_file)}
+        call_child(child_argv(MODULE, write_request(scratch, request)), HarnessError, f"lm-eval on {model_dir}")
         return json.loads(result_file.read_text())
 
 
@@ -174,22 +170,18 @@ def evaluate_in_child(model_dir: str | os.PathLike, settings: HarnessSettings) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model folder")
-    parser.add_argument("--settings", required=True, help="JSON file holding the HarnessSettings fields")
-    parser.add_argument("--json", required=True, help="where the result is written")
-    args = parser.parse_args(argv)
+    request = read_request(argv, f"python -m {MODULE}", __doc__.split("\n\n")[0])
     configure_logging("%(message)s")
 
     def work() -> None:
-        settings = HarnessSettings(**json.loads(Path(args.settings).read_text()))
+        settings = HarnessSettings(**request["settings"])
         try:
-            result = evaluate_model(args.model, settings)
+            result = evaluate_model(request["model_dir"], settings)
         except ReapFastError:
             raise
         except Exception as error:  # lm-eval failing on the user's task or model: one line, as lm-eval said it
             raise HarnessError(f"{type(error).__name__}: {one_line(error)}") from error
-        atomic_write_json(result, args.json)
+        atomic_write_json(result, request["result_file"])
 
     return child_main(work, f"python -m {MODULE}")
 

@@ -1,25 +1,25 @@
 """Held-out perplexity of saved model folders, each scored in a child process.
 
 Loading an auto-round W4A16 checkpoint patches transformers' MoE classes process-wide, so the pipeline
-never scores a model in its own process: :func:`perplexity_in_child` runs this module's command line
-and reads its JSON result; a failure comes back through :func:`reap_fast.children.call_child`. By hand::
-
-    python -m reap_fast.evaluate.heldout --model DIR --texts-file docs.json [--texts-file code.json ...] \\
-        [--seq-len 512] [--quantized] [--json out.json]
+never scores a model in its own process: :func:`perplexity_in_child` writes a request file
+(:func:`reap_fast.children.write_request`), runs ``python -m reap_fast.evaluate.heldout REQUEST.json``
+and reads the JSON result the child writes; a failure comes back through
+:func:`reap_fast.children.call_child`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..children import QUIET_RUNPY, call_child, child_main
+from ..children import call_child, child_argv, child_main, read_request, write_request
 from ..config.evaluate import EvalConfig
+from ..fileio import atomic_write_json, load_texts_file
 from ..outputs import work_prefix
 from .scoring import EvalError, combine_results, perplexity
 
@@ -31,70 +31,41 @@ def perplexity_in_child(
 ) -> dict[str, Any]:
     """Perplexity of ``model_dir`` on the texts in ``texts_file`` (``config.max_length`` tokens per row),
     computed in a child process; :class:`EvalError` names the model when the child refuses."""
-    result_file = texts_file.with_name(f"{work_prefix(texts_file, 'scratch')}{Path(model_dir).name}.json")
-    command = [sys.executable, *QUIET_RUNPY, "-m", MODULE, "--model", model_dir, "--texts-file", str(texts_file),
-               "--seq-len", str(config.max_length), "--batch-size", str(config.batch_size), "--json", str(result_file)]
-    if quantized:
-        command.append("--quantized")
-    try:
-        call_child(command, EvalError, f"evaluation of {model_dir}", capture_output=True)
+    with tempfile.TemporaryDirectory(prefix=work_prefix(texts_file, "scratch"), dir=texts_file.parent) as scratch:
+        result_file = Path(scratch) / "result.json"
+        request = {"model_dir": str(model_dir), "texts_files": [str(texts_file)], "seq_len": config.max_length,
+                   "batch_size": config.batch_size, "quantized": quantized, "result_file": str(result_file)}
+        call_child(child_argv(MODULE, write_request(scratch, request)), EvalError, f"evaluation of {model_dir}",
+                   capture_output=True)
         return json.loads(result_file.read_text())
-    finally:
-        result_file.unlink(missing_ok=True)
 
 
-def load_texts(path: str) -> list[str]:
-    """Texts of a JSON list, ``{"texts": [...]}``, or a .jsonl of ``{"text": ...}`` rows."""
-    file = Path(path)
-    if file.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    data = json.loads(file.read_text(encoding="utf-8"))
-    texts = data["texts"] if isinstance(data, dict) else data
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise EvalError(f"{path}: expected a JSON list of strings or {{'texts': [...]}}, or a .jsonl of {{'text': ...}}")
-    return texts
-
-
-def _score_files(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quantized:
+def _score_files(request: dict[str, Any]) -> None:
+    model_dir = request["model_dir"]
+    if request["quantized"]:
         from ..quantize import load_quantized
 
-        model, tokenizer = load_quantized(args.model, device="cpu")
+        model, tokenizer = load_quantized(model_dir, device="cpu")
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     parts = {
-        Path(name).stem: perplexity(model, tokenizer, load_texts(name), args.seq_len, args.batch_size)
-        for name in args.texts_file
+        Path(name).stem: perplexity(model, tokenizer, load_texts_file(name), request["seq_len"], request["batch_size"])
+        for name in request["texts_files"]
     }
     result = combine_results(parts)
-    result["model"] = str(args.model)
-    result["quantized"] = bool(args.quantized)
+    result["model"] = str(model_dir)
+    result["quantized"] = bool(request["quantized"])
     result["first_param_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    atomic_write_json(result, request["result_file"])
 
 
 def main(argv: list[str] | None = None) -> int:
     """The child's command line (module docstring); returns its exit code."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model folder")
-    parser.add_argument("--texts-file", required=True, action="append",
-                        help="JSON list of texts, {'texts': [...]}, or .jsonl; repeat it to pack sets separately and "
-                        "combine them token-weighted (each file is one category, named by its stem)")
-    parser.add_argument("--seq-len", type=int, default=EvalConfig.max_length)
-    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
-    parser.add_argument("--quantized", action="store_true", help="load with reap_fast.quantize.load_quantized")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None, help="write the result here as well as to stdout")
-    args = parser.parse_args(argv)
-    return child_main(lambda: _score_files(args), f"python -m {MODULE}")
+    request = read_request(argv, f"python -m {MODULE}", __doc__.split("\n\n")[0])
+    return child_main(lambda: _score_files(request), f"python -m {MODULE}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Model-family adapters: where the MoE blocks are and how each family routes."""
 
-from .base import KernelLayout, MoEAdapter, MoELayer, StreamingLayout, UnsupportedModelError, find_moe_layers
+from .base import KernelLayout, MoEAdapter, MoELayer, StreamingLayout, UnsupportedModelError, find_moe_layers, text_config
 from .families import (
     ADAPTERS,
     adapter_for_model_types,
@@ -23,4 +23,5 @@ __all__ = [
     "kernel_layout",
     "streaming_families",
     "supported_model_types",
+    "text_config",
 ]

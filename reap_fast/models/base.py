@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,11 @@ from ..errors import ReapFastError
 GateMode = Literal["softmax", "model_weights"]
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def text_config(config: Any) -> Any:
+    """The config that holds the MoE keys: the nested text config of a multimodal wrapper, else ``config``."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class UnsupportedModelError(ReapFastError, ValueError):
@@ -146,22 +151,18 @@ class MoEAdapter:
         """The config keys holding the top-k."""
         return (self.top_k_key, *self.extra_top_k_keys)
 
-    def text_config(self, config):
-        """The config that holds the MoE keys (nested text config for multimodal wrappers)."""
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
-
     def model_renormalizes(self, config) -> bool:
         """Whether the model itself renormalises its top-k weights."""
         if self.always_renormalizes:
             return True
         if self.renormalize_key is None:
             return False
-        return bool(getattr(self.text_config(config), self.renormalize_key, False))
+        return bool(getattr(text_config(config), self.renormalize_key, False))
 
     def routed_scaling_factor(self, config) -> float:
         if self.scaling_factor_key is None:
             return 1.0
-        return float(getattr(self.text_config(config), self.scaling_factor_key, 1.0) or 1.0)
+        return float(getattr(text_config(config), self.scaling_factor_key, 1.0) or 1.0)
 
     def gate_function(self, layer: MoELayer, config, renormalize: bool) -> Callable[..., torch.Tensor]:
         """A function (hidden_states, top_k_index, top_k_weights) -> g as fp32 (T, k)."""

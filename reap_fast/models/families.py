@@ -7,7 +7,7 @@ its checkpoints (``streaming``) and what the Triton kernels compute for its expe
 
 from __future__ import annotations
 
-from .base import KernelLayout, MoEAdapter, StreamingLayout, UnsupportedModelError
+from .base import KernelLayout, MoEAdapter, StreamingLayout, UnsupportedModelError, text_config
 
 ADAPTERS: tuple[MoEAdapter, ...] = (
     MoEAdapter(family="qwen3_moe", model_types=("qwen3_moe",), num_experts_key="num_experts"),
@@ -120,9 +120,7 @@ def supported_model_types() -> list[str]:
 
 def get_adapter(config) -> MoEAdapter:
     """The adapter for a transformers config (outer or text config), or a clear error."""
-    candidates = [getattr(config, "model_type", None)]
-    if hasattr(config, "get_text_config"):
-        candidates.append(getattr(config.get_text_config(), "model_type", None))
+    candidates = [getattr(config, "model_type", None), getattr(text_config(config), "model_type", None)]
     return adapter_for_model_types(candidates)
 
 

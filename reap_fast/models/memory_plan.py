@@ -35,13 +35,14 @@ import torch
 from ..errors import ReapFastError
 from ..memory import GiB, MemoryBudget
 from .checkpoint_index import CheckpointIndexError, TensorEntry, checkpoint_entries, layer_of
+from .base import text_config
 from .families import get_adapter
 
 RUNTIME_BYTES = GiB  # measured 0.6-0.9 GiB on the CPU before any weight is read
 HEADROOM = 0.10  # fraction of the free memory a plan leaves unused
 
 
-class MemoryPlanError(ReapFastError):
+class MemoryPlanError(ReapFastError, RuntimeError):
     """The requested path cannot fit in the free memory (refused before anything is loaded)."""
 
 
@@ -51,12 +52,12 @@ def activation_bytes(config, batch: int, length: int, element: int) -> int:
     The expert count and top-k are read under the keys the family's adapter entry names.
     """
     adapter = get_adapter(config)
-    text_config = adapter.text_config(config)
-    hidden = int(text_config.hidden_size)
-    heads = int(getattr(text_config, "num_attention_heads", 1))
-    head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
-    top_k = int(getattr(text_config, adapter.top_k_key, 1) or 1)
-    experts = int(getattr(text_config, adapter.num_experts_key, 1) or 1)
+    text = text_config(config)
+    hidden = int(text.hidden_size)
+    heads = int(getattr(text, "num_attention_heads", 1))
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    top_k = int(getattr(text, adapter.top_k_key, 1) or 1)
+    experts = int(getattr(text, adapter.num_experts_key, 1) or 1)
     tokens = batch * length
     return tokens * ((6 + 3 * top_k) * hidden + 2 * heads * head_dim) * element + tokens * experts * 4
 

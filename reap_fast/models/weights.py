@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ReapFastError
-from .base import StreamingLayout
+from .base import StreamingLayout, text_config
 from .checkpoint_index import CheckpointIndexError, TensorEntry, checkpoint_entries
 
 _CHUNK = 256 << 20  # bytes per read call (the kernel returns at most ~2 GiB per call)
@@ -283,8 +283,7 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
     """(base model that runs the layers, its layer list, the layers' name prefix, e.g. 'model.layers')."""
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    count = int(text_config.num_hidden_layers)
+    count = int(text_config(model.config).num_hidden_layers)
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) == count:
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model

@@ -13,16 +13,15 @@ import logging
 from typing import Any
 
 from ..config import ConfigError, ObserveConfig
-from ..models import get_adapter
+from ..models import text_config
 
 logger = logging.getLogger(__name__)
 
 
 def check_sequence_length(model_config: Any, settings: ObserveConfig) -> None:
     """Refuse a length above the model's positions (one line, before the calibration set is built)."""
-    text_config = get_adapter(model_config).text_config(model_config)
     length = settings.model_max_length
-    positions = getattr(text_config, "max_position_embeddings", None)
+    positions = getattr(text_config(model_config), "max_position_embeddings", None)
     if not positions or length <= int(positions):
         return
     if not settings.allow_longer_than_model:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config.observe import RENORMALIZE_ALWAYS  # Observer(renormalize=...): g renormalised for every family
 from ..metrics import LayerAccumulator, LayerMetrics
-from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter
+from ..models import MoEAdapter, MoELayer, UnsupportedModelError, find_moe_layers, get_adapter, text_config
 from .engines import get_engine, register_engine
 from .input_scaled import input_scaled_moe_forward
 from .merging import add_merging_statistics, router_logits
@@ -98,7 +98,7 @@ class Observer:
         else:
             raise ValueError(f"renormalize must be True, False or {RENORMALIZE_ALWAYS!r}, got {renormalize!r}")
         device = self.layers[0].experts.down_proj.device
-        self.hidden_size = int(self.adapter.text_config(model.config).hidden_size) if merging else None
+        self.hidden_size = int(text_config(model.config).hidden_size) if merging else None
         self.accumulators = {
             layer.layer_index: self.new_accumulator(layer, layer.experts.down_proj.device) for layer in self.layers
         }

@@ -26,7 +26,7 @@ from ..config.prune import PruneConfig
 from ..errors import ReapFastError
 from ..identity import check_identity
 from ..metrics import LayerMetrics, load_metrics
-from ..models import get_adapter
+from ..models import get_adapter, text_config
 from ..models.disk_estimate import written_bytes
 from ..outputs import OutputLock, clean_leftovers
 from ..preflight import check_model_folder, check_output_location, weights_bytes
@@ -90,7 +90,7 @@ def model_routing(model_or_config) -> dict[str, Any]:
     """Top-k and group-limited routing of a model or config: ``{"top_k": k, "groups": (n_group, topk_group) | None}``."""
     full_config = getattr(model_or_config, "config", model_or_config)
     adapter = get_adapter(full_config)
-    config = adapter.text_config(full_config)
+    config = text_config(full_config)
     top_k = getattr(config, adapter.top_k_key, None)
     groups = None
     if adapter.group_keys is not None:
@@ -110,7 +110,7 @@ def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: 
     """
     pruning = resolve(PruneConfig, pruning, overrides)
     adapter = get_adapter(config)
-    num_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
+    num_experts = int(getattr(text_config(config), adapter.num_experts_key))
     routing = model_routing(config)
     count = experts_to_prune(num_experts, pruning, None if pruning.global_ranking else routing["top_k"])
     if pruning.global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
@@ -133,7 +133,7 @@ def pruned_size(model_path: str | os.PathLike, model_config, removed: int,
     (bits, group size): estimated from the source's headers (:mod:`reap_fast.models.disk_estimate`), else from
     its weight files (a pruned model is at most as large; 4 bits of 16 about half)."""
     adapter = get_adapter(model_config)
-    experts = int(getattr(adapter.text_config(model_config), adapter.num_experts_key))
+    experts = int(getattr(text_config(model_config), adapter.num_experts_key))
     estimate = written_bytes(model_path, pruning=(experts, experts - removed), quantization=quantization)
     if estimate is None:
         return weights_bytes(model_path) // (1 if quantization is None else 2)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ReapFastError
-from ..models import MoELayer, find_moe_layers, get_adapter
+from ..models import MoELayer, find_moe_layers, get_adapter, text_config
 from ..models.base import expert_dim, router_tensor
 
 logger = logging.getLogger(__name__)
@@ -124,11 +124,11 @@ def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven
     :func:`reap_fast.prune.save_pruned` to list the removed experts).
     """
     adapter = get_adapter(model.config)
-    text_config = adapter.text_config(model.config)
+    text = text_config(model.config)
     layers = find_moe_layers(model)
     if not layers:
         raise ValueError(f"no MoE layers with fused experts found in {model.__class__.__name__}")
-    top_k = getattr(text_config, adapter.top_k_key, None)
+    top_k = getattr(text, adapter.top_k_key, None)
     checked = _check_keep(layers, keep, top_k)
     counts = {layer: int(indices.numel()) for layer, indices in checked.items()}
     if len(set(counts.values())) > 1 and not allow_uneven:
@@ -156,9 +156,9 @@ def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven
                 _set_counts(module, old_count, new_count, top_k)
     new_count = max(counts.values())
     for key in adapter.count_keys:
-        setattr(text_config, key, new_count)
+        setattr(text, key, new_count)
     if top_k is not None and top_k > min(counts.values()):
-        setattr(text_config, adapter.top_k_key, min(counts.values()))
+        setattr(text, adapter.top_k_key, min(counts.values()))
     setattr(model, ORIGINAL_COUNTS_ATTRIBUTE, original)
     logger.info("pruned %s to %s experts per layer", adapter.family, sorted(set(counts.values())))
     return model

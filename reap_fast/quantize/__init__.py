@@ -3,9 +3,10 @@
 The heavy lifting is done by the ``auto-round`` library (``pip install 'reap-fast[quant]'``); this
 package adds what a pruning pipeline needs around it:
 
-* ``checks``: pre-checks that fail fast with a one-line :class:`QuantizationError` *before* AutoRound is
-  constructed (library missing, model folder missing, output folder already holding a model, layer
-  in-features not divisible by the group size, calibration texts too short for ``seqlen``);
+* ``checks``: pre-checks that fail fast with a one-line error *before* AutoRound is constructed: a
+  :class:`QuantizationError` (library missing, model folder missing, layer in-features not divisible by
+  the group size, calibration texts too short for ``seqlen``), or the shared checks' own errors
+  (``ModelFolderError``, ``OutputError`` for an output folder already holding a model, ``MemoryPlanError``);
 * ``autoround``: the run itself, routers (``mlp.gate``) and shared-expert gates (``shared_expert_gate``)
   kept in 16 bit, written into a hidden sibling folder that is renamed into place only once complete;
 * ``output``: the saved checkpoint checked (quantization_config, 16-bit routers) and
@@ -32,7 +33,7 @@ from .checks import (
     quantize_texts,
     token_lengths,
 )
-from .child import EXIT_QUANT_ERROR, load_texts_file, run_quantize_subprocess
+from .child import EXIT_QUANT_ERROR, run_quantize_subprocess
 from .output import MARKER_FILE, MARKER_FORMAT, PACKING_FORMAT, is_complete_output, read_marker, verify_saved
 from .reload import load_quantized
 
@@ -50,7 +51,6 @@ __all__ = [
     "check_texts",
     "is_complete_output",
     "load_quantized",
-    "load_texts_file",
     "quantize_texts",
     "quantize_w4a16",
     "read_marker",

@@ -18,7 +18,6 @@ from typing import Any
 from ..config.checks import resolve
 from ..config.quantize import QuantConfig
 from ..devices import resolve_device
-from ..errors import ReapFastError
 from ..fileio import publish_folder, sha256_file
 from ..logs import tame_logger
 from ..outputs import OutputLock, clean_leftovers, work_prefix, write_marker
@@ -77,12 +76,9 @@ def quantize_w4a16(
         usable = check_texts(tokenizer, texts, config.seqlen, nsamples=config.nsamples, min_samples=config.min_samples)
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            estimate = written_bytes(model_path, quantization=(config.bits, config.group_size))
-            check_output_location(out, weights_bytes(model_path) // 2 if estimate is None else estimate)
-            check_fits(whole_model_peak(model_path, None), free_memory("cpu"), "AutoRound (the whole model on the host)")
-        except ReapFastError as error:
-            raise QuantizationError(str(error)) from None
+        estimate = written_bytes(model_path, quantization=(config.bits, config.group_size))
+        check_output_location(out, weights_bytes(model_path) // 2 if estimate is None else estimate)
+        check_fits(whole_model_peak(model_path, None), free_memory("cpu"), "AutoRound (the whole model on the host)")
         staging = Path(tempfile.mkdtemp(prefix=work_prefix(out, "partial"), dir=out.parent))
         workspace = Path(tempfile.mkdtemp(prefix=work_prefix(out, "ar-work"), dir=out.parent))
         previous_workspace = os.environ.get("AR_WORK_SPACE")

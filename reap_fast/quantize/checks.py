@@ -58,19 +58,13 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
             f"model folder not found: {model_dir} (quantize reads a local folder; for a hub model, download it first, "
             "e.g. with huggingface_hub.snapshot_download)"
         )
-    try:
-        check_model_folder(str(Path(model_dir).expanduser()), need_tokenizer=True)
-    except ReapFastError as error:
-        raise QuantizationError(str(error)) from None
+    check_model_folder(str(Path(model_dir).expanduser()), need_tokenizer=True)
     return Path(model_dir).expanduser()
 
 
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, model_dir: Path | None = None) -> Path:
     """The output folder as a Path, checked against the output rule (:func:`reap_fast.outputs.claim_output`)."""
-    try:
-        return claim_output(output_dir, "quantized folder", {"model folder": model_dir}, overwrite)
-    except ReapFastError as error:
-        raise QuantizationError(str(error)) from None
+    return claim_output(output_dir, "quantized folder", {"model folder": model_dir}, overwrite)
 
 
 def is_router_name(name: str) -> bool:

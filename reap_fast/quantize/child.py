@@ -2,26 +2,26 @@
 :func:`run_quantize_subprocess` runs :func:`~reap_fast.quantize.autoround.quantize_w4a16` in
 ``python -m reap_fast.quantize.worker REQUEST.json`` and this process's classes stay untouched.
 
-The request is a JSON file written into a scratch folder beside the output (model, output, texts file,
-the :class:`~reap_fast.config.QuantConfig` as a dictionary); a failure comes back through the child-process
-error protocol (:func:`reap_fast.children.call_child`): a :class:`QuantizationError` (exit code
-:data:`EXIT_QUANT_ERROR`) as one line, anything else as :class:`~reap_fast.children.ChildCrashed`.
+The request (:func:`reap_fast.children.write_request`) is a JSON file written into a scratch folder beside
+the output (model, output, texts file, the :class:`~reap_fast.config.QuantConfig` as a dictionary); a failure
+comes back through the child-process error protocol (:func:`reap_fast.children.call_child`): a
+:class:`QuantizationError` (exit code :data:`EXIT_QUANT_ERROR`) as one line, anything else as
+:class:`~reap_fast.children.ChildCrashed`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..children import QUIET_RUNPY, call_child
+from ..children import call_child, child_argv, write_request
 from ..config.checks import resolve
 from ..config.quantize import QuantConfig
+from ..fileio import atomic_write_json
 from ..outputs import work_prefix
 from .checks import QuantizationError
 
@@ -62,17 +62,14 @@ def run_quantize_subprocess(
         if texts is not None:
             if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
                 raise QuantizationError("calibration texts must be a list of strings")
-            texts_file = scratch_path / "texts.json"
-            texts_file.write_text(json.dumps(list(texts)))
+            texts_file = atomic_write_json(list(texts), scratch_path / "texts.json")
         request = {
             "model_dir": str(model_dir),
             "output_dir": str(output_dir),
             "texts_file": str(texts_file),
             "config": asdict(config),
         }
-        request_file = scratch_path / "request.json"
-        request_file.write_text(json.dumps(request))
-        argv = [python or sys.executable, *QUIET_RUNPY, "-m", WORKER_MODULE, str(request_file)]
+        argv = child_argv(WORKER_MODULE, write_request(scratch_path, request), python)
         child_env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         child_env["PYTHONPATH"] = os.pathsep.join(
@@ -82,18 +79,3 @@ def run_quantize_subprocess(
                    capture_output=capture_output)
         return Path(output_dir)
 
-
-def load_texts_file(path: str | os.PathLike) -> list[str]:
-    """Calibration texts from a JSON file: a list of strings or ``{"texts": [...]}``."""
-    file = Path(path)
-    if not file.exists():
-        raise QuantizationError(f"texts file not found: {file}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise QuantizationError(f"texts file is not valid JSON: {file}: {error}") from error
-    if isinstance(data, dict):
-        data = data.get("texts")
-    if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
-        raise QuantizationError(f'texts file must hold a JSON list of strings or {{"texts": [...]}}: {file}')
-    return data

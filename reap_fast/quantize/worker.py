@@ -3,22 +3,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from ..children import child_main
+from ..children import child_main, read_request
 from ..config.quantize import QuantConfig
+from ..fileio import load_texts_file
 from ..logs import configure_logging
 from .autoround import quantize_w4a16
-from .child import load_texts_file
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the request in the JSON file ``argv[0]``; returns the exit code (0, or a ReapFastError's: 2 for a
     QuantizationError)."""
-    (request_path,) = sys.argv[1:] if argv is None else argv
-    request = json.loads(Path(request_path).read_text())
+    request = read_request(argv, "python -m reap_fast.quantize.worker", "The quantization child of reap-fast.")
     configure_logging("%(levelname)s %(name)s: %(message)s")
 
     def work() -> None:

@@ -225,7 +225,7 @@ YAML_SECTIONS = (
 )
 
 
-class CliError(ReapFastError):
+class CliError(ReapFastError, ValueError):
     """A user error reported as one line with exit status 1."""
 
 

@@ -206,7 +206,7 @@ def _prune(parsed: dict[str, Any], pruning: PruneConfig, metrics: dict, obs_path
 
 def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     """Parse, observe (or reuse the observation), prune, save and evaluate, as upstream's ``main``."""
-    from ..models import get_adapter
+    from ..models import get_adapter, text_config
     from ..models.loading import load_config
     from ..prune import check_prune_budget, holds_model
     from ..prune.select import experts_to_prune
@@ -252,7 +252,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
 
     total = int(metrics[min(metrics)]["expert_frequency"].shape[0])
     adapter = get_adapter(config)
-    model_experts = int(getattr(adapter.text_config(config), adapter.num_experts_key))
+    model_experts = int(getattr(text_config(config), adapter.num_experts_key))
     if total != model_experts:
         raise CliError(
             f"{obs_path}: metrics file of another model: expert counts differ ({total} in the file vs "

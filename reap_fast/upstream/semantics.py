@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config.observe import RENORMALIZE_ALWAYS
+from ..models.base import text_config
 
 # Score keys upstream's prune() sets to +inf for super experts (``prune.py``); other methods ignore
 # --perserve_super_experts / --perserve_outliers. reap-fast's names for the same keys.
@@ -55,7 +56,7 @@ def observer_renormalize(config: Any, flag: bool, layerwise: bool, rule: str) ->
 def family_note(config: Any) -> str | None:
     """The line naming how upstream's observer differs for this model family, if it does."""
     model_type = getattr(config, "model_type", None)
-    text_type = getattr(config.get_text_config(), "model_type", None) if hasattr(config, "get_text_config") else None
+    text_type = getattr(text_config(config), "model_type", None)
     return _FAMILY_NOTES.get(model_type) or _FAMILY_NOTES.get(text_type)
 
 

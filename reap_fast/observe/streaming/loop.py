@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from ...config import ObserveConfig
 from ...metrics import LayerAccumulator
+from ...models import text_config
 from ...models.loading import DTYPES
 from ..checkpointing import ObservationCheckpointer, accumulator_states, restore_accumulators
 from ..progress import TokenRate
@@ -94,9 +95,8 @@ class _LayerStream:
     def plan_tier(self, memory_budget: MemoryBudget | None) -> str:
         """Where every sequence's hidden states live (device, host or disk), from the free memory; logged."""
         config, report = self.config, self.report
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         count, length = self.calibration.input_ids.shape
-        self.hidden_shape = (count, length, int(text_config.hidden_size))
+        self.hidden_shape = (count, length, int(text_config(config).hidden_size))
         store_bytes = count * length * self.hidden_shape[2] * self.element
         budget = memory_budget if memory_budget is not None else free_memory(self.device)
         batch_bytes = activation_bytes(config, self.settings.batch_size, length, self.element)

@@ -11,10 +11,11 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
+from ...fileio import atomic_write
 from ...memory import GiB, MemoryBudget, free_memory, host_available_bytes
 from ...models.memory_plan import activation_bytes
 from .errors import StreamingError
@@ -81,14 +82,13 @@ class HiddenStore:
         """Write the buffer to ``path`` as raw bytes (chunked: bounded extra memory); return its description."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
+
+        def write(handle: BinaryIO) -> None:
             for start in range(0, self.shape[0], rows_per_chunk):
                 chunk = self.buffer[start : start + rows_per_chunk].detach().to("cpu").contiguous()
                 handle.write(chunk.view(torch.uint8).numpy().tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+
+        atomic_write(path, write)
         return {"shape": list(self.shape), "dtype": str(self.dtype)}
 
     def restore(self, path: Path, description: dict[str, Any], rows_per_chunk: int = 16) -> None:
