@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .sizes import cdiv
-from .tiles import grouped_tile
+from .tiles import accumulate_k, grouped_tile
 
 from .gate_up import dot_precision
 
@@ -75,23 +75,8 @@ def _down_proj_kernel(
     h_ptrs = h_ptr + tl.where(row_ok, pair64, 0)[:, None] * stride_hs + offs_k[None, :] * stride_hi
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, inter_size, BLOCK_K):
-        if EVEN_K:  # I % BLOCK_K == 0: no K masks
-            a = tl.load(h_ptrs)
-            if EVEN_N:  # H % BLOCK_N == 0: no masks at all
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < inter_size - k_start
-            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_K * stride_hi
-        w_ptrs += BLOCK_K * stride_wk
+    acc = accumulate_k(h_ptrs, w_ptrs, acc, inter_size, col_ok, stride_hi, stride_wk, UPCAST, EVEN_K, EVEN_N,
+                       DOT_PRECISION, BLOCK_K)
 
     io_dtype = y_ptr.dtype.element_ty
     y = acc.to(io_dtype)

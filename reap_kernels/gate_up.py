@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .sizes import cdiv
-from .tiles import grouped_tile
+from .tiles import accumulate_k, grouped_tile
 
 ACTIVATIONS = {"silu": 0, "gpt_oss_swiglu": 1}
 
@@ -109,23 +109,8 @@ def _gate_up_kernel(
     w_ptrs = w_base + offs_k[:, None] * stride_wk + w_col[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, hidden_size, BLOCK_K):
-        if EVEN_K:  # H % BLOCK_K == 0: no K masks
-            a = tl.load(x_ptrs)
-            if EVEN_N:  # I % BLOCK_N == 0: no masks at all
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=w_col_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < hidden_size - k_start
-            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & w_col_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xh
-        w_ptrs += BLOCK_K * stride_wk
+    acc = accumulate_k(x_ptrs, w_ptrs, acc, hidden_size, w_col_ok, stride_xh, stride_wk, UPCAST, EVEN_K, EVEN_N,
+                       DOT_PRECISION, BLOCK_K)
     acc_gate, acc_up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
 
     io_dtype = out_ptr.dtype.element_ty
