@@ -9,12 +9,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from .config import ObserveConfig, PruneConfig, QuantConfig
-from .config.observe import DTYPE_CHOICES, ENGINE_CHOICES
-from .config.quantize import QUANT_DTYPE_CHOICES
-from .config.evaluate import EvalConfig, HarnessSettings
-from .config.prune import DEFAULT_COMPRESSION_RATIO
 from .children import sigterm_raises_system_exit
+from .config import ConfigError, EvalConfig, HarnessSettings, ObserveConfig, PruneConfig, QuantConfig
+from .config.flags import SettingFlags
+from .config.quantize import QUANT_SCHEMES
 from .errors import EXIT_CANNOT_WRITE, EXIT_INTERRUPTED, ReapFastError, UsageError
 from .logs import configure_logging, quiet_libraries
 from .metrics import format_expert_table
@@ -38,115 +36,6 @@ DESCRIPTION = (
 )
 
 
-def parse_bool(text: str) -> bool:
-    """'true'/'false' (and 1/0, yes/no) for flags written as upstream's HfArgumentParser accepts them."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "y"):
-        return True
-    if lowered in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _add_observe_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = ObserveConfig
-    parser.add_argument("--model", required=True, help="local Hugging Face folder (or hub name)")
-    parser.add_argument("--dataset", required=True, help='calibration spec, e.g. "data.jsonl:64,name[subset](split):32"')
-    parser.add_argument("--samples-per-category", type=int, default=defaults.samples_per_category,
-                        help="samples per category without :N (default: 1024, upstream's)")
-    parser.add_argument("--model-max-length", type=int, default=defaults.model_max_length,
-                        help="tokens per packed sequence (at most the model's max_position_embeddings)")
-    parser.add_argument("--allow-longer-than-model", action="store_true",
-                        help="accept a --model-max-length above the model's max_position_embeddings (a warning)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per forward pass")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the calibration sampling")
-    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPE_CHOICES,
-                        help="dtype the model is loaded in (auto: the checkpoint's own)")
-    parser.add_argument("--renormalize-router-weights", type=parse_bool, default=defaults.renormalize,
-                        metavar="{true,false}",
-                        help="renormalise the router weights over the top-k where the model itself does")
-    parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_CHOICES,
-                        help="observation engine (auto: triton on a GPU where it takes every MoE layer, else reference)")
-    parser.add_argument("--layerwise", action="store_const", const=True, default=defaults.layerwise,
-                        help="stream one decoder layer at a time from disk (default: when the model in memory "
-                        "would not fit, by the memory plan)")
-    parser.add_argument("--no-layerwise", dest="layerwise", action="store_const", const=False,
-                        help="load the whole model (refused before loading when it cannot fit)")
-    parser.add_argument("--merging-statistics", action="store_true",
-                        help="also record upstream's five merging statistics (all experts on every token)")
-    parser.add_argument("--checkpoint-every", type=float, default=defaults.checkpoint_every,
-                        help="seconds between checkpoints")
-
-
-def observe_config(args: argparse.Namespace, **settings) -> ObserveConfig:
-    """The :class:`ObserveConfig` of the flags :func:`_add_observe_arguments` adds, plus ``settings``."""
-    return ObserveConfig(
-        samples_per_category=args.samples_per_category, model_max_length=args.model_max_length,
-        batch_size=args.batch_size, seed=args.seed, engine=args.engine, renormalize=args.renormalize_router_weights,
-        device=args.device, dtype=args.dtype, layerwise=args.layerwise, checkpoint_every=args.checkpoint_every,
-        allow_longer_than_model=args.allow_longer_than_model, merging_statistics=args.merging_statistics,
-        **settings,
-    )  # fmt: skip
-
-
-def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .prune import METHOD_CHOICES
-
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--compression-ratio", type=float, default=PruneConfig.compression_ratio,
-                        help=f"fraction of experts removed per layer (default {DEFAULT_COMPRESSION_RATIO} without "
-                        "--n-experts-to-prune)")
-    budget.add_argument("--n-experts-to-prune", type=int, default=PruneConfig.n_experts_to_prune,
-                        help="experts removed per layer")
-    parser.add_argument("--method", default=PruneConfig.method, choices=sorted(METHOD_CHOICES), help="saliency score")
-    parser.add_argument("--global", dest="global_ranking", action="store_true",
-                        help="rank layer-normalised scores across layers (per-layer counts: refused for every "
-                        "supported family, whose config holds one count)")
-    parser.add_argument("--min-experts-per-layer", type=int, default=PruneConfig.min_experts_per_layer,
-                        help="refuse a budget that leaves fewer experts per layer")
-    parser.add_argument("--preserve-super-experts", action="store_true", help="never remove super experts")
-    if not any(action.dest == "seed" for action in parser._actions):
-        parser.add_argument("--seed", type=int, default=PruneConfig.seed, help="seed of the 'random' method")
-
-
-def _prune_config(args: argparse.Namespace, **settings: object) -> PruneConfig:
-    """The prune stage's settings from the flags of ``prune`` and ``run`` (``settings``: the rest)."""
-    return PruneConfig(
-        method=args.method, compression_ratio=args.compression_ratio, n_experts_to_prune=args.n_experts_to_prune,
-        seed=args.seed, global_ranking=args.global_ranking, min_experts_per_layer=args.min_experts_per_layer,
-        preserve_super_experts=args.preserve_super_experts, device=args.device, dtype=args.dtype, **settings,
-    )
-
-
-def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--iters", type=int, default=QuantConfig.iters, help="AutoRound tuning iterations (0 = RTN)")
-    parser.add_argument("--nsamples", type=int, default=None,
-                        help=f"AutoRound calibration texts (default: {QuantConfig.nsamples}, or all the data holds when "
-                        "fewer, with a warning)")
-    parser.add_argument("--seqlen", type=int, default=QuantConfig.seqlen, help="AutoRound calibration length in tokens")
-
-
-def _add_harness_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
-    """lm-eval's options; ``prefix`` is "" for ``eval`` (lm-eval's spellings too) and "eval-" for ``run``."""
-
-    def names(name: str) -> list[str]:
-        spellings = [f"--{prefix}{name}"]
-        if not prefix and "-" in name:
-            spellings.append("--" + name.replace("-", "_"))
-        return spellings
-
-    parser.add_argument(*names("include-path"), dest="include_path", default=None,
-                        help="folder of extra lm-eval task YAML files (lm-eval's --include_path)")
-    parser.add_argument(*names("limit"), dest="limit", type=float, default=None,
-                        help="examples per task (below 1: a fraction), as lm-eval's --limit")
-    parser.add_argument(*names("num-fewshot"), dest="num_fewshot", type=int, default=None,
-                        help="few-shot examples (default: each task's own)")
-    parser.add_argument(*names("batch-size"), dest="harness_batch_size", default=HarnessSettings.batch_size,
-                        metavar="BATCH_SIZE",
-                        help="lm-eval batch size: an integer, auto or auto:N")
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's default in --help (flags without a help text get one: the tests require it)."""
 
@@ -166,69 +55,56 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class())
 
     observe = commands.add_parser("observe", help="compute REAP statistics and save the observation .pt")
-    _add_observe_arguments(observe)
+    _add_model_and_data(observe)
     observe.add_argument("--output", required=True, help="observation file to write (.pt)")
-    observe.add_argument("--resume", action="store_true", help="continue an interrupted observation")
-    observe.add_argument("--checkpoint-dir", default=None, help="partial statistics (default: OUTPUT.partial)")
     observe.add_argument("--overwrite", action="store_true", help="replace an existing observation file")
     observe.add_argument("--top", type=int, default=3, help="experts shown per layer in the summary table (at least 1)")
+    _settings(observe, "observe", ObserveConfig)
 
     prune = commands.add_parser("prune", help="remove the lowest-scoring experts and save the smaller model")
     prune.add_argument("--model", required=True, help="the checkpoint the observation was made on")
     prune.add_argument("--metrics", required=True, help="observation .pt (reap-fast's or upstream REAP's)")
     prune.add_argument("--output", required=True, help="folder for the pruned model")
-    _add_prune_arguments(prune)
-    prune.add_argument("--device", default=PruneConfig.device,
-                       help="where weights are loaded when they must be (auto | cpu | cuda | cuda:N)")
-    prune.add_argument("--dtype", default=PruneConfig.dtype, choices=DTYPE_CHOICES,
-                       help="dtype of the saved weights (auto: the checkpoint's own)")
-    prune.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
+    _settings(prune, "prune", PruneConfig)
 
     quantize = commands.add_parser("quantize", help="AutoRound W4A16 quantization of a (pruned) model")
     quantize.add_argument("--model", required=True, help="model folder to quantize")
     quantize.add_argument("--output", required=True, help="folder for the quantized model")
     quantize.add_argument("--dataset", required=True, help="calibration spec (local files work offline)")
-    _add_quantize_arguments(quantize)
-    quantize.add_argument("--batch-size", type=int, default=QuantConfig.batch_size, help="AutoRound batch size")
-    quantize.add_argument("--seed", type=int, default=QuantConfig.seed, help="seed of sampling and AutoRound")
-    quantize.add_argument("--device", default=QuantConfig.device, help="auto | cpu | cuda | cuda:N")
-    quantize.add_argument("--dtype", default=QuantConfig.dtype, choices=QUANT_DTYPE_CHOICES,
-                          help="dtype of the saved model's unquantized tensors and config (auto: the source's; "
-                          "the group scales stay float16)")
-    quantize.add_argument("--overwrite", action="store_true", help="replace a model reap-fast saved in --output before")
+    _settings(quantize, "quantize", QuantConfig)
 
     run = commands.add_parser("run", help="observe -> prune -> [quantize] -> [eval], resumable")
-    _add_observe_arguments(run)
-    _add_prune_arguments(run)
+    _add_model_and_data(run)
     run.add_argument("--output", required=True, help="folder for every stage's outputs")
-    run.add_argument("--quantize", choices=["w4a16"], default=None, help="quantize the pruned model")
-    _add_quantize_arguments(run)
-    run.add_argument("--quant-batch-size", type=int, default=QuantConfig.batch_size, help="AutoRound batch size")
+    run.add_argument("--quantize", choices=list(QUANT_SCHEMES), default=None, help="quantize the pruned model")
     run.add_argument("--eval", action="store_true", help="perplexity of original, pruned and quantized models")
-    run.add_argument("--eval-dataset", default=None, help="held-out text spec for --eval (implies --eval)")
-    run.add_argument("--eval-samples", type=int, default=EvalConfig.samples,
-                     help="held-out documents drawn from --eval-dataset (each cut to --eval-max-length tokens)")
-    run.add_argument("--eval-max-length", type=int, default=EvalConfig.max_length, help="tokens per held-out sequence")
     run.add_argument("--eval-tasks", default=None,
                      help="lm-eval tasks (comma-separated) on the original, pruned and W4A16 models")
-    _add_harness_arguments(run, "eval-")
     run.add_argument("--overwrite", action="store_true", help="start over in an --output holding another reap-fast run")
+    _settings(run, "run", ObserveConfig, PruneConfig, QuantConfig, EvalConfig, HarnessSettings)
 
     evaluate = commands.add_parser("eval", help="lm-evaluation-harness tasks on one or more models, compared")
     evaluate.add_argument("--model", required=True, action="append",
                           help="model folder, or NAME=FOLDER; repeat it to compare (ratios are to the first)")
     evaluate.add_argument("--tasks", required=True, help="lm-eval tasks, comma-separated")
-    _add_harness_arguments(evaluate, "")
-    evaluate.add_argument("--seed", type=int, default=None, help="all of lm-eval's seeds (default: lm-eval's own)")
-    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    evaluate.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                          help="dtype the models are loaded in (auto: each checkpoint's own)")
     evaluate.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace a results file reap-fast wrote before")
+    _settings(evaluate, "eval", HarnessSettings)
 
     demo = commands.add_parser("demo", help="run the pipeline end to end on the built-in tiny model")
     demo.add_argument("--output", default="demo_out", help="folder for the demo's files")
     return parser
+
+
+def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
+    """The model folder and calibration spec of observe and run."""
+    parser.add_argument("--model", required=True, help="local Hugging Face folder (or hub name)")
+    parser.add_argument("--dataset", required=True, help='calibration spec, e.g. "data.jsonl:64,name[subset](split):32"')
+
+
+def _settings(parser: argparse.ArgumentParser, command: str, *configs: type) -> None:
+    """The stage configs' own flags (generated from their declarations), kept for the command to build them."""
+    parser.set_defaults(setting_flags=SettingFlags(parser, command, configs))
 
 
 def _subparser_class() -> type[argparse.ArgumentParser]:
@@ -248,13 +124,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError(f"--top must be at least 1 (experts shown per layer), got {args.top}")
     output = Path(args.output)
+    checkpoint_dir = getattr(args, "checkpoint_dir", None) or f"{output}.partial"
+    config = args.setting_flags.build(args, ObserveConfig, checkpoint_dir=checkpoint_dir)
     inputs = {"model folder": args.model}
     claim_output(args.output, "observation", inputs, args.overwrite, ours=looks_like_observation)
-    checkpoint_dir = args.checkpoint_dir or f"{output}.partial"
     claim_output(checkpoint_dir, "checkpoint dir", {**inputs, "observation file": output})
     for written in (output, Path(checkpoint_dir) / "state.pt"):  # before the lock: one line, not a traceback
         check_output_location(written, 0)
-    config = observe_config(args, resume=args.resume, checkpoint_dir=checkpoint_dir)
     with output_lock(output):
         clean_leftovers(output)
         claim_output(args.output, "observation", inputs, args.overwrite, ours=looks_like_observation)
@@ -278,12 +154,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .picture import check_picture, write_pruning_picture
     from .prune import prune_checkpoint
 
+    config = args.setting_flags.build(args, PruneConfig)
     inputs = {"model folder": args.model, "observation file": args.metrics}
-    check_picture(args.output, inputs, args.overwrite)  # before the model is written, not after
+    check_picture(args.output, inputs, config.overwrite)  # before the model is written, not after
     check_output_location(args.output, 0)
-    folder = prune_checkpoint(args.model, args.metrics, args.output, _prune_config(args, overwrite=args.overwrite))
+    folder = prune_checkpoint(args.model, args.metrics, args.output, config)
     print(f"pruned model saved to {folder}")
-    picture = write_pruning_picture(args.metrics, folder, overwrite=args.overwrite)
+    picture = write_pruning_picture(args.metrics, folder, overwrite=config.overwrite)
     if picture is not None:
         print(f"picture of the pruning: {picture}")
     return 0
@@ -292,14 +169,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import check_model_dir, check_output_dir, quantize_w4a16, quantize_texts
 
-    config = QuantConfig(
-        iters=args.iters, nsamples=QuantConfig.nsamples if args.nsamples is None else args.nsamples, seqlen=args.seqlen,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-    )  # fmt: skip
+    config = args.setting_flags.build(args, QuantConfig)
     check_model_dir(args.model)
-    check_output_dir(args.output, overwrite=args.overwrite, model_dir=Path(args.model))  # before reading any data
+    check_output_dir(args.output, overwrite=config.overwrite, model_dir=Path(args.model))  # before reading any data
     check_output_location(args.output, 0)
-    texts, config = quantize_texts(args.model, args.dataset, config, explicit=args.nsamples is not None)
+    explicit = "nsamples" in args.setting_flags.given(args, QuantConfig)
+    texts, config = quantize_texts(args.model, args.dataset, config, explicit=explicit)
     folder = quantize_w4a16(args.model, args.output, texts, config)
     print(f"W4A16 model saved to {folder}")
     return 0
@@ -308,33 +183,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline, PipelineConfig, PipelineError, format_summary
 
-    if args.eval and not args.eval_dataset:
+    flags = args.setting_flags
+    held_out = flags.given(args, EvalConfig).get("dataset")
+    if args.eval and not held_out:
         raise PipelineError("--eval needs --eval-dataset: held-out text that calibration did not see")
-    quantize = None
-    if args.quantize:
-        nsamples = QuantConfig.nsamples if args.nsamples is None else args.nsamples
-        quantize = QuantConfig(iters=args.iters, nsamples=nsamples, seqlen=args.seqlen,
-                               batch_size=args.quant_batch_size, device=args.device, seed=args.seed)
     evaluate = None
-    if args.eval_dataset or args.eval_tasks:
-        evaluate = EvalConfig(dataset=args.eval_dataset, samples=args.eval_samples, max_length=args.eval_max_length,
-                              harness=_harness_settings(args, args.eval_tasks))
-    config = PipelineConfig(args.model, args.dataset, args.output, observe_config(args), _prune_config(args),
-                            quantize, evaluate, overwrite=args.overwrite)
+    if held_out or args.eval_tasks:
+        harness = flags.build(args, HarnessSettings, tasks=args.eval_tasks) if args.eval_tasks else None
+        evaluate = flags.build(args, EvalConfig, harness=harness)
+    quantize = flags.build(args, QuantConfig) if args.quantize else None
+    config = PipelineConfig(args.model, args.dataset, args.output, flags.build(args, ObserveConfig),
+                            flags.build(args, PruneConfig), quantize, evaluate, overwrite=args.overwrite)
     summary = Pipeline(config).run()
     print(format_summary(summary))
     return 0
-
-
-def _harness_settings(args: argparse.Namespace, tasks: str | None):
-    """lm-eval settings from the parsed flags (None without tasks)."""
-    if tasks is None:
-        return None
-    return HarnessSettings(
-        tasks=tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
-        batch_size=args.harness_batch_size, seed=getattr(args, "seed", None) if args.command == "eval" else None,
-        device=args.device, dtype=args.dtype,
-    )
 
 
 def _named_models(values: list[str]) -> list:
@@ -362,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         inputs = {f"model folder {entry.name}": entry.path for entry in models}
         claim_output(args.output, "eval json", inputs, args.overwrite)
         check_output_location(args.output, 0)
-    settings = _harness_settings(args, args.tasks)
+    settings = args.setting_flags.build(args, HarnessSettings, tasks=args.tasks)
     with output_lock(args.output) if args.output is not None else nullcontext():  # one process per results file
         check_tasks(settings)
         report = run_comparison(Comparison(models, settings), args.output, overwrite=args.overwrite)
@@ -389,8 +251,15 @@ COMMANDS = {
 }
 
 
+def _config_message(error: ConfigError, args: argparse.Namespace, argv: list[str]) -> str:
+    """``error``'s message naming each setting by the flag the user typed (or could type) in this command."""
+    flags = getattr(args, "setting_flags", None)
+    return error.spelled(lambda owner, name: flags.spell(owner, name, argv)) if flags else str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reap-fast`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     configure_logging("%(message)s")
     quiet_libraries()
@@ -402,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReapFastError as exc:
         if debug:
             raise
-        print(f"reap-fast {args.command}: error: {exc}", file=sys.stderr)
+        message = _config_message(exc, args, argv) if isinstance(exc, ConfigError) else str(exc)
+        print(f"reap-fast {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the disk filling up, a file system turning read-only: the place, not a bug
         if debug or exc.errno not in LOCATION_ERRNOS:

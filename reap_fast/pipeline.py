@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, EvalConfig, ObserveConfig, PruneConfig, QuantConfig, resolve
+from .config import EvalConfig, ObserveConfig, PruneConfig, QuantConfig
+from .config.declare import volatile_fields
 from .errors import ReapFastError
 from .evaluate.comparison import Comparison, ModelEntry, format_table, run_comparison
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
@@ -57,43 +58,12 @@ class PipelineError(ReapFastError, ValueError):
     """A pipeline setting or state that prevents the run (one-line message)."""
 
 
-QUANT_SCHEMES = ("w4a16",)
-# The flat names of a run's settings (PipelineConfig's keywords before the stage configs, and the keys of the
-# "settings" that pipeline.json records) -> (stage, field). seed, device and dtype go to several stages.
-FLAT_NAMES: dict[str, tuple[str, str]] = {
-    "samples_per_category": ("observe", "samples_per_category"),
-    "model_max_length": ("observe", "model_max_length"),
-    "batch_size": ("observe", "batch_size"),
-    "renormalize": ("observe", "renormalize"),
-    "engine": ("observe", "engine"),
-    "layerwise": ("observe", "layerwise"),
-    "checkpoint_every": ("observe", "checkpoint_every"),
-    "progress": ("observe", "progress"),
-    "compression_ratio": ("prune", "compression_ratio"),
-    "n_experts_to_prune": ("prune", "n_experts_to_prune"),
-    "method": ("prune", "method"),
-    "global_ranking": ("prune", "global_ranking"),
-    "min_experts_per_layer": ("prune", "min_experts_per_layer"),
-    "preserve_super_experts": ("prune", "preserve_super_experts"),
-    "quant_iters": ("quantize", "iters"),
-    "quant_nsamples": ("quantize", "nsamples"),
-    "quant_seqlen": ("quantize", "seqlen"),
-    "quant_batch_size": ("quantize", "batch_size"),
-    "eval_dataset": ("evaluate", "dataset"),
-    "eval_samples": ("evaluate", "samples"),
-    "eval_max_length": ("evaluate", "max_length"),
-    "lm_eval": ("evaluate", "harness"),
-}
-SHARED_NAMES = {"seed": ("observe", "prune", "quantize"), "device": ("observe", "prune", "quantize"),
-                "dtype": ("observe", "prune")}
-# Settings that change where or how fast a result is computed, not the result (or, lm_eval, that its own
-# stage checks): left out of the fingerprint, so a run resumes with other values.
-VOLATILE = {"engine", "device", "layerwise", "checkpoint_every", "progress", "distributed", "checkpoint_dir",
-            "resume", "overwrite", "harness", "allow_longer_than_model"}
-STAGE_CONFIGS = {"observe": ObserveConfig, "prune": PruneConfig, "quantize": QuantConfig, "evaluate": EvalConfig}
+# The format of pipeline.json's "settings" (the fingerprint). Format 1 (reap-fast before this one) recorded flat
+# names; a folder of another format is refused (0.x: start a new output folder).
+FINGERPRINT_FORMAT = 2
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class PipelineConfig:
     """Settings of one ``reap-fast run``: the model, the calibration spec, the output folder and each stage's
     config (``quantize`` / ``evaluate`` None: no such stage). ``overwrite`` starts over in an output holding
@@ -102,83 +72,31 @@ class PipelineConfig:
     model: str
     dataset: str
     output: str
-    observe: ObserveConfig
-    prune: PruneConfig
-    quantize: QuantConfig | None
-    evaluate: EvalConfig | None
-    overwrite: bool
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantConfig | None = None
+    evaluate: EvalConfig | None = None
+    overwrite: bool = False
 
-    def __init__(
-        self,
-        model: str,
-        dataset: str,
-        output: str,
-        observe: ObserveConfig | None = None,
-        prune: PruneConfig | None = None,
-        quantize: QuantConfig | str | None = None,
-        evaluate: EvalConfig | None = None,
-        **settings: Any,
-    ) -> None:
-        """``settings``: ``overwrite``, and the flat names of :data:`FLAT_NAMES` / :data:`SHARED_NAMES` (the
-        keywords of earlier versions, e.g. ``compression_ratio=0.25, quant_iters=0, eval_dataset=...``) applied
-        on top of the stage configs; ``quantize="w4a16"`` is the default :class:`QuantConfig`. A bad flat
-        setting is a :class:`PipelineError` with the stage config's message."""
-        overwrite = bool(settings.pop("overwrite", False))
-        if isinstance(quantize, str):
-            if quantize not in QUANT_SCHEMES:
-                raise PipelineError(f"--quantize supports only {', '.join(QUANT_SCHEMES)}, got {quantize!r}")
-            quantize = QuantConfig()
-        stages = _apply_flat_settings({"observe": observe, "prune": prune, "quantize": quantize, "evaluate": evaluate},
-                                      settings)
-        for name, value in (("model", model), ("dataset", dataset), ("output", output), ("overwrite", overwrite),
-                            *stages.items()):
-            object.__setattr__(self, name, value)
+    def __post_init__(self) -> None:
+        expected = {"observe": ObserveConfig, "prune": PruneConfig, "quantize": QuantConfig, "evaluate": EvalConfig}
+        for stage, config_type in expected.items():
+            value = getattr(self, stage)
+            if not isinstance(value, config_type) and (value is not None or stage in ("observe", "prune")):
+                raise PipelineError(f"{stage} must be {config_type.__name__}, got {type(value).__name__}")
 
     @property
     def progress(self) -> bool:
         """Whether progress bars are shown (the observation's setting)."""
         return self.observe.progress
 
-    def __getattr__(self, name: str) -> Any:
-        """The flat names of earlier versions, read from the stage configs (``config.compression_ratio``)."""
-        if name in FLAT_NAMES:
-            stage, field_name = FLAT_NAMES[name]
-        elif name in SHARED_NAMES:
-            stage, field_name = SHARED_NAMES[name][0], name
-        else:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        config = self.__dict__.get(stage) or STAGE_CONFIGS[stage]()  # an absent stage: its defaults
-        return getattr(config, field_name)
-
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that determine the outputs (resuming with different ones is refused).
-
-        The keys are the flat names (:data:`FLAT_NAMES`, plus ``model``, ``dataset``, ``seed``, ``dtype`` and
-        ``quantize``), as earlier versions recorded them, so their run folders resume; a stage that is off
-        contributes its config's defaults. Any other setting that determines a result (``quantize.bits``,
-        ``prune.seed`` when it is not the observation's, ...) is added as ``stage.field`` only when it differs
-        from what the flat names imply, which keeps earlier fingerprints unchanged.
-        """
-        stages = {"observe": self.observe, "prune": self.prune, "quantize": self.quantize or QuantConfig(),
-                  "evaluate": self.evaluate or EvalConfig()}
-        settings: dict[str, Any] = {"model": self.model, "dataset": self.dataset, "seed": self.observe.seed,
-                                    "dtype": self.observe.dtype, "quantize": QUANT_SCHEMES[0] if self.quantize else None}
-        for flat, (stage, name) in FLAT_NAMES.items():
-            if name not in VOLATILE:
-                settings[flat] = getattr(stages[stage], name)
-        implied = {("prune", "seed"): self.observe.seed, ("quantize", "seed"): self.observe.seed,
-                   ("prune", "dtype"): self.observe.dtype}
-        named = {*FLAT_NAMES.values(), ("observe", "seed"), ("observe", "dtype")}
+        """The settings that determine the outputs (resuming with different ones is refused): every stage
+        config's fields except the volatile ones (None for a stage that is off), with the format version."""
+        stages = {"observe": self.observe, "prune": self.prune, "quantize": self.quantize, "evaluate": self.evaluate}
+        settings: dict[str, Any] = {"format": FINGERPRINT_FORMAT, "model": self.model, "dataset": self.dataset}
         for stage, config in stages.items():
-            if getattr(self, stage) is None:
-                continue  # an absent stage: its defaults stand in for its flat names only
-            for field_ in fields(config):
-                key = (stage, field_.name)
-                if key in named or field_.name in VOLATILE:
-                    continue
-                value = getattr(config, field_.name)
-                if value != implied.get(key, field_.default):
-                    settings[f"{stage}.{field_.name}"] = value
+            settings[stage] = None if config is None else stage_settings(config)
         return settings
 
     def stages(self) -> list[str]:
@@ -192,63 +110,22 @@ class PipelineConfig:
         return chosen
 
 
-def _apply_flat_settings(stages: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """The stage configs with the flat ``settings`` applied (see :class:`PipelineConfig`); a stage that is off
-    ignores its flat settings, except that ``eval_dataset`` / ``lm_eval`` turn evaluation on."""
-    unknown = sorted(set(settings) - set(FLAT_NAMES) - set(SHARED_NAMES))
-    if unknown:
-        raise PipelineError(f"unknown PipelineConfig setting(s) {', '.join(unknown)}")
-    overrides: dict[str, dict[str, Any]] = {stage: {} for stage in STAGE_CONFIGS}
-    for flat, value in settings.items():
-        targets = [(stage, flat) for stage in SHARED_NAMES[flat]] if flat in SHARED_NAMES else [FLAT_NAMES[flat]]
-        for stage, name in targets:
-            overrides[stage][name] = value
-    if overrides["prune"].get("n_experts_to_prune") is not None:
-        overrides["prune"].setdefault("compression_ratio", None)  # a count replaces the default ratio
-    evaluation = overrides["evaluate"]
-    if stages["evaluate"] is None and (evaluation.get("dataset") or evaluation.get("harness")):
-        stages["evaluate"] = EvalConfig()
-    built = {}
-    for stage, config_type in STAGE_CONFIGS.items():
-        if stages[stage] is None and stage in ("quantize", "evaluate"):
-            built[stage] = None
-            continue
-        try:
-            built[stage] = resolve(config_type, stages[stage], overrides[stage])
-        except ConfigError as error:  # its message names the setting (and its flag, where it has one)
-            raise PipelineError(str(error)) from None
-    return built
-
-
-def observe_config(config: PipelineConfig) -> ObserveConfig:
-    """The observation settings of a run: its checkpoints in OUTPUT/observation.partial, resumed."""
-    return replace(config.observe, checkpoint_dir=str(Path(config.output) / "observation.partial"), resume=True)
-
-
-def prune_config(config: PipelineConfig) -> PruneConfig:
-    """The prune settings of a run: the pruned folder is rewritten when the stage reruns."""
-    return replace(config.prune, overwrite=True)
-
-
-def quant_config(config: PipelineConfig) -> QuantConfig:
-    """The quantize settings of a run: an earlier, interrupted OUTPUT/w4a16 is replaced."""
-    if config.quantize is None:
-        raise PipelineError("this run has no quantize stage")
-    return replace(config.quantize, overwrite=True)
-
-
-# The flat names that only matter while their stage runs (with "stage.field" keys of that stage).
-STAGE_SWITCHES = {"quantize": ("quantize", "quant_"), "evaluate": ("eval_dataset", "eval_")}
+def stage_settings(config: Any) -> dict[str, Any]:
+    """A stage config's fields that determine its outputs (all but :func:`volatile_fields`)."""
+    volatile = volatile_fields(type(config))
+    return {item.name: getattr(config, item.name) for item in fields(config) if item.name not in volatile}
 
 
 def changed_settings(recorded: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
-    """The fingerprint keys whose values differ; the settings of a stage that is off in both runs do not count
-    (``--iters`` without ``--quantize`` changes no output)."""
-    ignored = set()
-    for stage, (switch, prefix) in STAGE_SWITCHES.items():
-        if recorded.get(switch) is None and fresh.get(switch) is None:
-            ignored |= {key for key in {*recorded, *fresh} if key.startswith((prefix, f"{stage}.")) and key != switch}
-    return sorted(key for key in {*recorded, *fresh} - ignored if recorded.get(key) != fresh.get(key))
+    """The fingerprint entries whose values differ, as ``stage.field`` (or the top-level key)."""
+    changed = []
+    for key in sorted({*recorded, *fresh}):
+        old, new = recorded.get(key), fresh.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{key}.{name}" for name in sorted({*old, *new}) if old.get(name) != new.get(name)]
+        elif old != new:
+            changed.append(key)
+    return changed
 
 
 class Pipeline:
@@ -293,7 +170,15 @@ class Pipeline:
         if not self.state_path.is_file():
             return fresh
         state = json.loads(self.state_path.read_text())
-        changed = changed_settings(state.get("settings", {}), fresh["settings"])
+        recorded = state.get("settings", {})
+        if recorded.get("format") != FINGERPRINT_FORMAT:
+            if not self.config.overwrite:
+                raise PipelineError(
+                    f"{self.root} holds a run of an earlier reap-fast (run-folder format {recorded.get('format', 1)}, "
+                    f"this one reads {FINGERPRINT_FORMAT}); start a new --output folder (or --overwrite to start over)"
+                )
+            return fresh
+        changed = changed_settings(recorded, fresh["settings"])
         if changed:
             if not self.config.overwrite:
                 raise PipelineError(
@@ -302,6 +187,12 @@ class Pipeline:
                 )
             return fresh
         return state
+
+    def quant_settings(self) -> QuantConfig:
+        """The quantize settings of this run: an earlier, interrupted OUTPUT/w4a16 is replaced."""
+        if self.config.quantize is None:
+            raise PipelineError("this run has no quantize stage")
+        return replace(self.config.quantize, overwrite=True)
 
     def is_done(self, stage: str) -> bool:
         """Whether ``stage`` finished and its outputs still carry the recorded checksums."""
@@ -348,14 +239,14 @@ class Pipeline:
         removed = check_prune_budget(config, c.prune)
         needed = pruned_size(c.model, config, removed)  # what is really written: pruned, then its W4A16 form
         if c.quantize:
-            needed += pruned_size(c.model, config, removed, (quant_config(c).bits, quant_config(c).group_size))
+            needed += pruned_size(c.model, config, removed, (c.quantize.bits, c.quantize.group_size))
         check_output_location(self.root, needed)
         check_picture(self.pruned, self.inputs(), overwrite=True)  # a user's pruned.png stops the run here
         if c.quantize:
             from .quantize import auto_round_version, check_group_size
 
             auto_round_version()
-            check_group_size(config, quant_config(c).group_size)
+            check_group_size(config, c.quantize.group_size)
         evaluation = c.evaluate or EvalConfig()
         if evaluation.dataset:
             from .data import check_dataset_spec
@@ -403,14 +294,15 @@ class Pipeline:
     def _observe(self) -> list[Path]:
         from .observe import observe_checkpoint
 
-        observe_checkpoint(self.config.model, self.config.dataset, self.observation, observe_config(self.config))
+        settings = replace(self.config.observe, checkpoint_dir=str(self.root / "observation.partial"), resume=True)
+        observe_checkpoint(self.config.model, self.config.dataset, self.observation, settings)
         return [self.observation]
 
     def _prune(self) -> list[Path]:
         from .prune import prune_checkpoint
 
         c = self.config
-        folder = prune_checkpoint(c.model, self.observation, self.pruned, prune_config(c))
+        folder = prune_checkpoint(c.model, self.observation, self.pruned, replace(c.prune, overwrite=True))
         write_pruning_picture(self.observation, folder, overwrite=True)
         return [folder]
 
@@ -418,7 +310,7 @@ class Pipeline:
         from .quantize import quantize_texts, run_quantize_subprocess
 
         c = self.config
-        quant = quant_config(c)
+        quant = self.quant_settings()
         # the default 128 texts shrink to what the data holds (with a warning); another count is refused
         texts, quant = quantize_texts(self.pruned, c.dataset, quant, explicit=quant.nsamples != QuantConfig.nsamples)
         folder = run_quantize_subprocess(self.pruned, self.quantized, texts, quant)

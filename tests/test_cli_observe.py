@@ -69,7 +69,7 @@ def test_observe_cli_refuses_to_overwrite(checkpoint, dataset, tmp_path, capsys)
         ("bad_spec", "spec"),
         ("bad_engine_device", "no CUDA device"),
         ("bad_device_name", "device must be"),
-        ("bad_batch", "batch size"),
+        ("bad_batch", "--batch-size must be in [1, inf), got 0"),
     ],
 )
 def test_observe_cli_bad_input_gives_one_line_error(case, message, checkpoint, dataset, tmp_path, capsys):

@@ -289,25 +289,17 @@ def plain_checkpoint(tmp_path_factory):
                            tmp_path_factory.mktemp("plain") / "model")
 
 
-def test_global_ranking_is_refused_in_one_line_before_any_work(plain_checkpoint, dataset, tmp_path, capsys,
-                                                               monkeypatch):
-    missing_metrics = tmp_path / "never-read.pt"  # refused before the observation file is even opened
-    assert cli_main(["prune", "--model", str(plain_checkpoint), "--metrics", str(missing_metrics), "--output",
-                     str(tmp_path / "pruned"), "--global", "--compression-ratio", "0.25"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "global ranking" in err and "drop --global" in err
-    assert not (tmp_path / "pruned").exists()
-
-    assert cli_main(["run", "--model", str(plain_checkpoint), "--dataset", f"{dataset}:4", *OBSERVE, "--output",
-                     str(tmp_path / "run"), "--global"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "global ranking" in err
-    assert not list((tmp_path / "run").rglob("*.pt"))  # no calibration work was done
-
+def test_global_ranking_is_not_a_flag_of_either_cli(plain_checkpoint, dataset, tmp_path, capsys, monkeypatch):
+    """Global ranking was removed (no supported family's config can hold per-layer expert counts): argparse refuses
+    the flag before any work, in the native CLI and the drop-in."""
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["prune", "--model", str(plain_checkpoint), "--metrics", str(tmp_path / "never-read.pt"), "--output",
+                  str(tmp_path / "pruned"), "--global"])
+    assert refused.value.code == 2 and "unrecognized arguments: --global" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
-    assert dropin_main(dropin_argv(plain_checkpoint, dataset, "--global_ranking", "true")) == 1
-    assert "global ranking" in capsys.readouterr().err
-    assert not list(tmp_path.glob("artifacts/**/*.pt"))
+    with pytest.raises(SystemExit) as refused:
+        dropin_main(dropin_argv(plain_checkpoint, dataset, "--global_ranking", "true"))
+    assert refused.value.code == 2 and not (tmp_path / "artifacts").exists()
 
 
 def test_run_honours_min_experts_per_layer_before_any_work(plain_checkpoint, dataset, tmp_path, capsys):

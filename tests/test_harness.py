@@ -170,10 +170,10 @@ def test_comparison_rows_ratios_and_table():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(tasks=" , "), "no lm-eval task"),
-    (dict(limit=0), "--limit"),
-    (dict(num_fewshot=-1), "--num-fewshot"),
-    (dict(batch_size="big"), "--batch-size"),
-    (dict(include_path="/nonexistent/tasks"), "--include-path"),
+    (dict(limit=0), r"^limit must be in \(0, inf\), got 0$"),
+    (dict(num_fewshot=-1), r"^num_fewshot must be in \[0, inf\), got -1$"),
+    (dict(batch_size="big"), "^batch_size must be a positive integer, auto or auto:N, got 'big'$"),
+    (dict(include_path="/nonexistent/tasks"), "^include_path '/nonexistent/tasks' does not exist$"),
 ])
 def test_bad_settings_are_one_line_errors(overrides, message):
     settings = dict(tasks="a")

@@ -16,12 +16,14 @@ from reap_fast.observe.settings import process_settings
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(batch_size=0), r"batch size \(--batch-size\) must be in \[1, inf\), got 0"),
-    (dict(engine="gpu"), "engine .* must be one of 'auto', 'reference', 'triton'; got 'gpu'"),
-    (dict(dtype="float64"), "dtype .* must be one of"),
-    (dict(renormalize="sometimes"), "renormalize must be one of True, False, 'always'"),
-    (dict(checkpoint_every=-1.0), r"--checkpoint-every\) must be in \[0, inf\)"),
-    (dict(resume=True), "--resume needs .*--checkpoint-dir"),
+    (dict(batch_size=0), r"^batch_size must be in \[1, inf\), got 0$"),
+    (dict(engine="gpu"), "^engine must be one of 'auto', 'reference', 'triton'; got 'gpu'$"),
+    (dict(dtype="float64"), "^dtype must be one of"),
+    (dict(renormalize="sometimes"), "^renormalize must be one of True, False, 'always'"),
+    (dict(checkpoint_every=-1.0), r"^checkpoint_every must be in \[0, inf\)"),
+    (dict(resume=True), "^resume needs .*checkpoint_dir"),
+    (dict(samples_per_category=0), r"^samples_per_category must be in \[1, inf\)"),
+    (dict(model_max_length=2.5), "^model_max_length must be an integer"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,12 +77,13 @@ def test_fingerprint_keeps_format_1(tmp_path):
 
 
 def test_cli_defaults_come_from_the_config():
-    args = build_parser().parse_args(["observe", "--model", "m", "--dataset", "d", "--output", "o.pt"])
-    config = ObserveConfig()
-    assert (args.model_max_length, args.batch_size, args.seed, args.engine, args.device, args.dtype) == (
-        config.model_max_length, config.batch_size, config.seed, config.engine, config.device, config.dtype)
-    assert (args.renormalize_router_weights, args.checkpoint_every, args.samples_per_category) == (
-        config.renormalize, config.checkpoint_every, config.samples_per_category)
+    for command in ("observe", "run"):
+        args = build_parser().parse_args([command, "--model", "m", "--dataset", "d", "--output", "o.pt"])
+        assert args.setting_flags.build(args, ObserveConfig) == ObserveConfig()
+    args = build_parser().parse_args(["observe", "--model", "m", "--dataset", "d", "--output", "o.pt",
+                                      "--no-layerwise", "--renormalize-router-weights", "false"])
+    built = args.setting_flags.build(args, ObserveConfig)
+    assert (built.layerwise, built.renormalize) == (False, False)
 
 
 def test_output_written_and_distributed_false_ignores_torchrun(tmp_path, monkeypatch):

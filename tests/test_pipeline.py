@@ -1,12 +1,14 @@
 """`reap-fast run`: all stages end to end on the tiny model, resume from checksummed outputs, refusals."""
 
 import json
+from contextlib import nullcontext
 from importlib.util import find_spec
 
 import pytest
 from transformers import AutoConfig
 
 from reap_fast.cli import main
+from reap_fast.config import ConfigError, ObserveConfig, PruneConfig
 from reap_lab.corpus import write_jsonl
 from reap_fast.pipeline import Pipeline, PipelineConfig, PipelineError
 from reap_fast.quantize import is_complete_output
@@ -26,12 +28,11 @@ def inputs(tmp_path_factory):
     return root, model, calib, heldout
 
 
-def _config(inputs, output, **overrides):
+def _config(inputs, output, ratio=0.5, overwrite=False):
     root, model, calib, heldout = inputs
-    settings = dict(model=str(model), dataset=f"{calib}:6", output=str(root / output), compression_ratio=0.5,
-                    model_max_length=128, batch_size=3, progress=False)
-    settings.update(overrides)
-    return PipelineConfig(**settings)
+    observe = ObserveConfig(model_max_length=128, batch_size=3, progress=False)
+    return PipelineConfig(str(model), f"{calib}:6", str(root / output), observe, PruneConfig(compression_ratio=ratio),
+                          overwrite=overwrite)
 
 
 @pytest.mark.skipif(find_spec("auto_round") is None, reason="auto-round not installed (extra 'quant')")
@@ -79,20 +80,26 @@ def test_corrupted_output_reruns_that_stage_and_the_ones_after(inputs, monkeypat
 
 def test_other_settings_in_the_same_output_are_refused(inputs):
     Pipeline(_config(inputs, "refuse")).run()
-    with pytest.raises(PipelineError, match="other settings \\(compression_ratio\\)"):
-        Pipeline(_config(inputs, "refuse", compression_ratio=0.25))
-    redone = Pipeline(_config(inputs, "refuse", compression_ratio=0.25, overwrite=True)).run()
+    with pytest.raises(PipelineError, match="other settings \\(prune.compression_ratio\\)"):
+        Pipeline(_config(inputs, "refuse", ratio=0.25))
+    redone = Pipeline(_config(inputs, "refuse", ratio=0.25, overwrite=True)).run()
     assert set(redone["experts_kept"].values()) == {6}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(compression_ratio=1.5), "compression-ratio"),
-    (dict(quantize="w8a8"), "w4a16"),
-    (dict(batch_size=0), "batch-size"),
+@pytest.mark.parametrize("flags, message", [
+    (["--compression-ratio", "1.5"], "--compression-ratio=1.5 is outside (0, 1)"),
+    (["--quantize", "w8a8"], "invalid choice: 'w8a8'"),
+    (["--batch-size", "0"], "--batch-size must be in [1, inf), got 0"),
+    (["--n-experts-to-prune", "8"], "--n-experts-to-prune=8 is out of range: the model has 8 experts"),
 ])
-def test_bad_settings_fail_before_any_work(inputs, overrides, message):
-    with pytest.raises(PipelineError, match=message):
-        Pipeline(_config(inputs, "bad", **overrides))
+def test_bad_settings_fail_before_any_work(inputs, capsys, flags, message):
+    root, model, calib, _ = inputs
+    with pytest.raises(SystemExit) if "w8a8" in flags else nullcontext():
+        assert main(["run", "--model", str(model), "--dataset", str(calib), "--output", str(root / "bad"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (root / "bad").exists()
+    with pytest.raises(ConfigError, match="compression_ratio=1.5 is outside"):  # the API names the field
+        _config(inputs, "bad", ratio=1.5)
 
 
 def test_non_empty_foreign_output_is_refused(inputs):

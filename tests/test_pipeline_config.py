@@ -1,21 +1,19 @@
-"""PipelineConfig: composed of the stage configs, built the same from flags, from the stage configs and from
-the flat keywords of earlier versions; its fingerprint keeps the keys and values earlier runs recorded."""
+"""PipelineConfig: composed of the stage configs, built the same from `reap-fast run`'s flags; its fingerprint is
+every stage config's non-volatile fields with a format version, and a run folder of another format is refused."""
+
+import json
 
 import pytest
 
 from reap_fast.cli import build_parser
 from reap_fast.config import EvalConfig, HarnessSettings, ObserveConfig, PruneConfig, QuantConfig
-from reap_fast.pipeline import PipelineConfig, PipelineError, changed_settings
+from reap_fast.pipeline import FINGERPRINT_FORMAT, Pipeline, PipelineConfig, PipelineError, changed_settings
 
-# pipeline.json "settings" of a run made before the stage configs (`reap-fast run --model m --dataset d
-# --output o`), written out by hand.
-EARLIER_DEFAULT_RUN = {
-    "model": "m", "dataset": "d", "compression_ratio": 0.5, "n_experts_to_prune": None, "method": "reap",
-    "samples_per_category": None, "model_max_length": 2048, "batch_size": 1, "seed": 42, "renormalize": True,
-    "global_ranking": False, "min_experts_per_layer": None, "preserve_super_experts": False, "dtype": "auto",
-    "quantize": None, "quant_iters": 200, "quant_nsamples": 128, "quant_seqlen": 512, "quant_batch_size": 8,
-    "eval_dataset": None, "eval_samples": 16, "eval_max_length": 512,
-}
+OBSERVE_RESULT = {"samples_per_category": None, "model_max_length": 2048, "batch_size": 1, "seed": 42,
+                  "renormalize": True, "dtype": "auto", "merging_statistics": False}
+PRUNE_RESULT = {"method": "reap", "compression_ratio": 0.5, "n_experts_to_prune": None, "seed": 42,
+                "min_experts_per_layer": None, "preserve_super_experts": False, "preserve_outliers": False,
+                "dtype": "auto"}
 
 
 def _from_flags(*flags: str) -> PipelineConfig:
@@ -43,60 +41,86 @@ def _from_flags(*flags: str) -> PipelineConfig:
     return built[0]
 
 
-def test_fingerprint_of_a_default_run_is_the_one_earlier_versions_recorded():
-    assert _from_flags().fingerprint() == EARLIER_DEFAULT_RUN
-    assert PipelineConfig("m", "d", "o").fingerprint() == EARLIER_DEFAULT_RUN
+def test_fingerprint_of_a_default_run_is_every_stage_setting_that_changes_a_result():
+    expected = {"format": FINGERPRINT_FORMAT, "model": "m", "dataset": "d", "observe": OBSERVE_RESULT,
+                "prune": PRUNE_RESULT, "quantize": None, "evaluate": None}
+    assert _from_flags().fingerprint() == expected
+    assert PipelineConfig("m", "d", "o").fingerprint() == expected
+    # engine, device, layerwise, checkpoints, progress, overwrite: where or how fast, not what
+    fast = PipelineConfig("m", "d", "o", ObserveConfig(engine="reference", device="cpu", layerwise=True,
+                                                      checkpoint_every=5, progress=False),
+                          PruneConfig(device="cpu", overwrite=True), overwrite=True)
+    assert fast.fingerprint() == expected
 
 
-def test_flags_stage_configs_and_flat_keywords_build_the_same_config():
+def test_flags_and_stage_configs_build_the_same_config():
     flags = _from_flags("--n-experts-to-prune", "3", "--seed", "7", "--batch-size", "2", "--quantize", "w4a16",
                         "--iters", "0", "--quant-batch-size", "4", "--eval-dataset", "h.jsonl", "--eval-samples", "5",
-                        "--eval-tasks", "a,b", "--eval-limit", "3", "--device", "cpu", "--overwrite")
+                        "--eval-tasks", "a,b", "--eval-limit", "3", "--device", "cpu", "--dtype", "float32",
+                        "--overwrite")
     composed = PipelineConfig(
-        "m", "d", "o", ObserveConfig(batch_size=2, seed=7, device="cpu"),
-        PruneConfig(n_experts_to_prune=3, seed=7, device="cpu"), QuantConfig(iters=0, batch_size=4, seed=7, device="cpu"),
-        EvalConfig(dataset="h.jsonl", samples=5, harness=HarnessSettings(tasks="a,b", limit=3, device="cpu")),
+        "m", "d", "o", ObserveConfig(batch_size=2, seed=7, device="cpu", dtype="float32"),
+        PruneConfig(n_experts_to_prune=3, seed=7, device="cpu", dtype="float32"),
+        QuantConfig(iters=0, batch_size=4, seed=7, device="cpu", dtype="float32"),
+        EvalConfig(dataset="h.jsonl", samples=5,
+                   harness=HarnessSettings(tasks="a,b", limit=3, device="cpu", dtype="float32")),
         overwrite=True,
     )
-    flat = PipelineConfig(model="m", dataset="d", output="o", n_experts_to_prune=3, seed=7,
-                          batch_size=2, quantize="w4a16", quant_iters=0, quant_batch_size=4, eval_dataset="h.jsonl",
-                          eval_samples=5, lm_eval=HarnessSettings(tasks="a,b", limit=3, device="cpu"), device="cpu",
-                          overwrite=True)
-    assert flags == composed == flat
+    assert flags == composed
     assert flags.stages() == ["observe", "prune", "quantize", "eval", "lm_eval"]
-    expected = dict(EARLIER_DEFAULT_RUN, compression_ratio=None, n_experts_to_prune=3, seed=7, batch_size=2,
-                    quantize="w4a16", quant_iters=0, quant_batch_size=4, eval_dataset="h.jsonl", eval_samples=5)
-    assert flat.fingerprint() == expected  # device and the lm-eval tasks are not part of it
-    assert (flat.compression_ratio, flat.quant_iters, flat.eval_samples, flat.seed) == (None, 0, 5, 7)  # flat reads
+    fingerprint = flags.fingerprint()
+    assert fingerprint["quantize"]["iters"] == 0 and fingerprint["quantize"]["batch_size"] == 4
+    assert fingerprint["evaluate"] == {"dataset": "h.jsonl", "samples": 5, "max_length": 512, "batch_size": 8}
+    assert "harness" not in fingerprint["evaluate"]  # the lm_eval stage checks its own settings
 
 
-def test_settings_outside_the_earlier_names_count_only_when_they_are_not_the_defaults():
+def test_changed_settings_name_the_stage_and_field():
     base = PipelineConfig("m", "d", "o", quantize=QuantConfig())
-    assert "quantize.bits" not in base.fingerprint()
     changed = PipelineConfig("m", "d", "o", prune=PruneConfig(seed=3, preserve_outliers=True),
                              quantize=QuantConfig(group_size=64), evaluate=EvalConfig(dataset="h", batch_size=2))
-    extra = {key: value for key, value in changed.fingerprint().items() if "." in key}
-    assert extra == {"prune.seed": 3, "prune.preserve_outliers": True, "quantize.group_size": 64,
-                     "evaluate.batch_size": 2}
     assert changed_settings(base.fingerprint(), changed.fingerprint()) == [
-        "eval_dataset", "evaluate.batch_size", "prune.preserve_outliers", "prune.seed", "quantize.group_size"]
+        "evaluate", "prune.preserve_outliers", "prune.seed", "quantize.group_size"]
+    assert changed_settings(base.fingerprint(), base.fingerprint()) == []
 
 
 def test_settings_of_a_stage_that_is_off_in_both_runs_do_not_block_a_resume():
-    recorded = dict(EARLIER_DEFAULT_RUN, quant_iters=50, eval_samples=4)  # `run --iters 50 --eval-samples 4`
-    assert changed_settings(recorded, PipelineConfig("m", "d", "o").fingerprint()) == []
-    quantized = PipelineConfig("m", "d", "o", quantize="w4a16").fingerprint()
-    assert changed_settings(recorded, quantized) == ["quant_iters", "quantize"]
-    assert changed_settings(recorded, dict(EARLIER_DEFAULT_RUN, seed=1)) == ["seed"]
+    earlier = _from_flags("--iters", "50", "--eval-samples", "4").fingerprint()  # no --quantize, no --eval-dataset
+    assert changed_settings(earlier, PipelineConfig("m", "d", "o").fingerprint()) == []
+    quantized = _from_flags("--quantize", "w4a16").fingerprint()
+    assert changed_settings(earlier, quantized) == ["quantize"]
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(quantize="w8a8"), "--quantize supports only w4a16, got 'w8a8'"),
-    (dict(quant_nsamples=0, quantize="w4a16"), "nsamples must be in [1, inf), got 0"),
-    (dict(eval_dataset="h", eval_max_length=1), "--eval-max-length must be in [2, inf), got 1"),
-    (dict(no_such_setting=1), "unknown PipelineConfig setting(s) no_such_setting"),
+def _write_run_folder(folder, settings) -> None:
+    folder.mkdir()
+    (folder / "pipeline.json").write_text(json.dumps({"settings": settings, "stages": {}}))
+
+
+def test_a_run_folder_of_the_earlier_format_is_refused_in_one_line(tmp_path):
+    earlier = {"model": "m", "dataset": "d", "compression_ratio": 0.5, "seed": 42, "quantize": None}  # format 1
+    folder = tmp_path / "run"
+    _write_run_folder(folder, earlier)
+    with pytest.raises(PipelineError) as refused:
+        Pipeline(PipelineConfig("m", "d", str(folder)))
+    message = str(refused.value)
+    assert "\n" not in message and "earlier reap-fast (run-folder format 1" in message
+    assert "start a new --output folder" in message
+    assert Pipeline(PipelineConfig("m", "d", str(folder), overwrite=True)).state["settings"]["format"] == 2
+
+
+def test_a_run_folder_with_other_settings_names_them(tmp_path):
+    folder = tmp_path / "run"
+    _write_run_folder(folder, PipelineConfig("m", "d", str(folder)).fingerprint())
+    Pipeline(PipelineConfig("m", "d", str(folder)))  # same settings: resumes
+    with pytest.raises(PipelineError, match=r"other settings \(prune\.seed\)"):
+        Pipeline(PipelineConfig("m", "d", str(folder), prune=PruneConfig(seed=1)))
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({"quantize": "w4a16"}, "quantize must be QuantConfig, got str"),
+    ({"observe": None}, "observe must be ObserveConfig, got NoneType"),
+    ({"evaluate": {"dataset": "h"}}, "evaluate must be EvalConfig, got dict"),
 ])
-def test_bad_flat_settings_are_one_line_pipeline_errors(settings, message):
+def test_stage_configs_must_be_config_objects(stages, message):
     with pytest.raises(PipelineError) as raised:
-        PipelineConfig("m", "d", "o", **settings)
+        PipelineConfig("m", "d", "o", **stages)
     assert str(raised.value) == message

@@ -1,4 +1,4 @@
-"""The pruner: selection (every method, ties, budgets, groups, global ranking, super experts), slicing of
+"""The pruner: selection (every method, ties, budgets, groups, super experts), slicing of
 every tiny family, saving, loading upstream observation files, and bad input."""
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from reap_fast.prune import (
     SelectionError,
     UnevenPruningError,
     UnknownMethodError,
+    expert_counts,
     prune_checkpoint,
     prune_model,
-    save_pruned,
     select_experts,
     super_expert_mask,
 )
-from reap_fast.prune.select import normalize_per_layer
 from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint
 
 E = 8
@@ -188,62 +187,6 @@ def test_groups_remove_the_same_number_per_group(caplog):
     assert keep[0].tolist() == [0, 2, 3, 4, 5, 6]  # 2 removed: one per group
     with pytest.raises(SelectionError, match="at least 2 experts per group"):
         select_experts(metrics, n_experts_to_prune=6, groups=(2, 2), top_k=1)
-    with pytest.raises(SelectionError, match="global ranking"):
-        select_experts(metrics, n_experts_to_prune=2, groups=(2, 2), global_ranking=True)
-
-
-# --- global ranking ------------------------------------------------------------------------------
-
-
-def test_global_ranking_normalizes_by_layer_mean():
-    metrics = hand_metrics({"reap": [[1, 2, 3, 4], [10, 30, 40, 120]]}, num_experts=4)
-    assert torch.allclose(
-        normalize_per_layer(torch.tensor([[1.0, 2, 3, 4], [10, 30, 40, 120]])),
-        torch.tensor([[0.4, 0.8, 1.2, 1.6], [0.2, 0.6, 0.8, 2.4]]),
-    )
-    keep = select_experts(metrics, n_experts_to_prune=1, global_ranking=True, top_k=1)
-    # normalized: layer 1 expert 0 (0.2) and layer 0 expert 0 (0.4) go; raw scores would take layer 0's 1 and 2
-    assert keep[0].tolist() == [1, 2, 3] and keep[1].tolist() == [1, 2, 3]
-
-
-def test_global_ranking_floor():
-    metrics = hand_metrics({"reap": [[1, 2, 3, 4], [1, 1.1, 1.2, 100]]}, num_experts=4)
-    keep = select_experts(metrics, n_experts_to_prune=2, global_ranking=True, top_k=1)
-    assert keep[0].tolist() == [1, 2, 3] and keep[1].tolist() == [3]
-    keep = select_experts(metrics, n_experts_to_prune=2, global_ranking=True, top_k=2)
-    assert keep[0].tolist() == [2, 3] and keep[1].tolist() == [2, 3]  # layer 1 stops at the floor of 2
-    keep = select_experts(metrics, n_experts_to_prune=2, global_ranking=True, top_k=1, min_experts_per_layer=2)
-    assert keep[1].tolist() == [2, 3]
-    with pytest.raises(SelectionError, match="cannot remove 6 experts"):
-        select_experts(metrics, n_experts_to_prune=3, global_ranking=True, top_k=2)
-
-
-def _global_reference(rows: list[list[float]], total: int, floor: int) -> list[list[int]]:
-    tensor = torch.tensor(rows, dtype=torch.float64)
-    norm = normalize_per_layer(tensor).tolist()
-    candidates = sorted(
-        ((norm[l][e], -l, -e) for l in range(len(rows)) for e in range(len(rows[0]))),
-    )
-    kept = [set(range(len(rows[0]))) for _ in rows]
-    removed = 0
-    for _, neg_l, neg_e in candidates:
-        if removed == total:
-            break
-        if len(kept[-neg_l]) > floor:
-            kept[-neg_l].discard(-neg_e)
-            removed += 1
-    return [sorted(k) for k in kept]
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_global_ranking_matches_greedy_reference(seed):
-    generator = torch.Generator().manual_seed(seed)
-    rows = (torch.randint(0, 4, (4, E), generator=generator).double() * (1 + torch.arange(4)).double().unsqueeze(1))
-    rows = rows.tolist()  # many ties, different layer scales
-    metrics = hand_metrics({"reap": rows})
-    keep = select_experts(metrics, n_experts_to_prune=4, global_ranking=True, top_k=2)
-    assert [keep[l].tolist() for l in range(4)] == _global_reference(rows, 16, 2)
-    assert sum(E - keep[l].numel() for l in range(4)) == 16
 
 
 # --- super experts ---------------------------------------------------------------------------------
@@ -444,12 +387,9 @@ def test_bad_keep_indices_and_uneven_counts():
         prune_model(model, {0: torch.tensor([0]), 1: torch.tensor([0])})
     with pytest.raises(KeepIndexError, match="in \\[0, 8\\)"):
         prune_model(model, {0: torch.tensor([0, 8]), 1: torch.tensor([0, 1])})
-    with pytest.raises(UnevenPruningError, match="Families that support per-layer counts: none"):
+    with pytest.raises(UnevenPruningError, match="could not be loaded again"):
         prune_model(model, {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1])})
-    prune_model(model, {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1])}, allow_uneven=True)
-    model(torch.tensor([[1, 2, 3]]))
-    with pytest.raises(UnevenPruningError):
-        save_pruned(model, None, "/nonexistent/never-written", {0: torch.tensor([0, 1, 2]), 1: torch.tensor([0, 1])})
+    assert expert_counts(model) == {0: E, 1: E}  # refused before any layer was sliced
 
 
 # --- checkpoints, upstream files, bad input --------------------------------------------------------

@@ -10,14 +10,13 @@ import torch
 from reap_fast.cli import build_parser
 from reap_fast.config import ConfigError, PruneConfig, SelectionError, resolve
 from reap_fast.config.prune import DEFAULT_COMPRESSION_RATIO
-from reap_fast.pipeline import Pipeline, PipelineConfig, PipelineError, prune_config
 from reap_fast.prune import select_experts
 from reap_fast.prune.select import experts_to_prune
 from reap_fast.upstream.args import parse_args
-from reap_fast.upstream.main import prune_config as dropin_prune_config
+from reap_fast.upstream.main import pruning_settings as dropin_prune_config
 
 
-RATIO = "(--compression-ratio) is outside (0, 1): it is the fraction of experts removed"
+RATIO = "is outside (0, 1): it is the fraction of experts removed"
 
 
 def test_budget_defaults_to_the_ratio_only_when_no_budget_is_given():
@@ -39,29 +38,23 @@ def test_budget_defaults_to_the_ratio_only_when_no_budget_is_given():
         ({"compression_ratio": 1.0}, f"compression_ratio=1.0 {RATIO}"),
         ({"compression_ratio": -0.1}, f"compression_ratio=-0.1 {RATIO}"),
         ({"compression_ratio": 0.5, "n_experts_to_prune": 2},
-         "give either compression_ratio (--compression-ratio) or n_experts_to_prune (--n-experts-to-prune), not both"),
-        ({"n_experts_to_prune": -1}, "n_experts_to_prune (--n-experts-to-prune) must be in [1, inf), got -1"),
-        ({"n_experts_to_prune": 0}, "n_experts_to_prune (--n-experts-to-prune) must be in [1, inf), got 0"),
-        ({"n_experts_to_prune": 2.0}, "n_experts_to_prune (--n-experts-to-prune) must be an integer, got 2.0"),
-        ({"n_experts_to_prune": True}, "n_experts_to_prune (--n-experts-to-prune) must be an integer, got True"),
-        ({"min_experts_per_layer": 0}, "min_experts_per_layer (--min-experts-per-layer) must be in [1, inf), got 0"),
-        ({"dtype": "int8"}, "dtype (--dtype) must be one of 'auto', 'bfloat16', 'float16', 'float32'; got 'int8'"),
+         "give either compression_ratio or n_experts_to_prune, not both"),
+        ({"n_experts_to_prune": -1}, "n_experts_to_prune must be in [1, inf), got -1"),
+        ({"n_experts_to_prune": 0}, "n_experts_to_prune must be in [1, inf), got 0"),
+        ({"n_experts_to_prune": 2.0}, "n_experts_to_prune must be an integer, got 2.0"),
+        ({"n_experts_to_prune": True}, "n_experts_to_prune must be an integer, got True"),
+        ({"min_experts_per_layer": 0}, "min_experts_per_layer must be in [1, inf), got 0"),
+        ({"dtype": "int8"}, "dtype must be one of 'auto', 'bfloat16', 'float16', 'float32'; got 'int8'"),
         ({"preserve_super_experts": True, "preserve_outliers": True},
          "only one of preserve_super_experts or preserve_outliers can be set"),
-        ({"ratio": 0.5}, None),  # unknown field: resolve names the known ones
     ],
 )
-def test_bad_settings_are_one_line_usage_errors(settings, message):
-    with pytest.raises(ConfigError) as caught:
-        resolve(PruneConfig, None, settings)
+def test_bad_settings_are_one_line_selection_errors(settings, message):
+    with pytest.raises(SelectionError) as caught:
+        PruneConfig(**settings)
     text = str(caught.value)
     assert "\n" not in text and caught.value.exit_code == 2
-    if message is None:
-        assert text.startswith("unknown PruneConfig setting(s) ratio; known: compression_ratio, device, dtype")
-    else:
-        assert text == message
-        from_shared_checks = "must be in [" in message or "must be one of" in message  # config.checks: ConfigError
-        assert isinstance(caught.value, SelectionError) != from_shared_checks
+    assert text == message
 
 
 def test_edges_pass_and_the_config_is_frozen():
@@ -76,11 +69,10 @@ def test_native_cli_defaults_come_from_the_config():
     parser = build_parser()
     prune = parser.parse_args(["prune", "--model", "m", "--metrics", "o.pt", "--output", "out"])
     run = parser.parse_args(["run", "--model", "m", "--dataset", "d", "--output", "out"])
-    defaults = PruneConfig.__dataclass_fields__
     for args in (prune, run):
-        for name in ("method", "compression_ratio", "n_experts_to_prune", "seed", "min_experts_per_layer",
-                     "global_ranking", "preserve_super_experts", "device", "dtype"):
-            assert getattr(args, name) == defaults[name].default, name
+        assert args.setting_flags.build(args, PruneConfig) == PruneConfig()
+    with pytest.raises(SystemExit):  # global ranking was removed: no family can load per-layer expert counts
+        parser.parse_args(["prune", "--model", "m", "--metrics", "o.pt", "--output", "out", "--global"])
 
 
 def test_select_experts_takes_a_config_or_its_fields():
@@ -100,16 +92,16 @@ def test_select_experts_takes_a_config_or_its_fields():
     assert {layer: kept.tolist() for layer, kept in keep.items()} == {0: [0, 1, 2], 1: [0, 1, 2]}  # ties: highest index goes
 
 
-def test_pipeline_names_the_run_flag():
-    config = PipelineConfig(model="m", dataset="d", output="o")
-    assert config.compression_ratio == DEFAULT_COMPRESSION_RATIO
-    pruning = prune_config(config)
-    assert (pruning.compression_ratio, pruning.method, pruning.overwrite) == (0.5, "reap", True)
-    with pytest.raises(PipelineError) as caught:  # refused before the output folder is looked at
-        Pipeline(PipelineConfig(model="m", dataset="d", output="o", compression_ratio=1.5))
-    assert str(caught.value) == f"compression_ratio=1.5 {RATIO}"
-    with pytest.raises(PipelineError, match="--min-experts-per-layer"):
-        Pipeline(PipelineConfig(model="m", dataset="d", output="o", min_experts_per_layer=0))
+def test_pipeline_refuses_a_bad_budget_before_looking_at_the_output_folder(tmp_path):
+    from reap_fast.cli import main
+
+    folder = tmp_path / "never"
+    code = main(["run", "--model", str(tmp_path), "--dataset", "d", "--output", str(folder),
+                 "--compression-ratio", "1.5"])
+    assert code == 2 and not folder.exists()
+    code = main(["run", "--model", str(tmp_path), "--dataset", "d", "--output", str(folder),
+                 "--min-experts-per-layer", "0"])
+    assert code == 2 and not folder.exists()
 
 
 def test_dropin_keeps_upstream_rules_on_top_of_the_config():

@@ -9,7 +9,7 @@ import pytest
 
 from reap_fast.cli import build_parser, main
 from reap_fast.config import ConfigError, QuantConfig
-from reap_fast.pipeline import PipelineConfig, quant_config
+from reap_fast.pipeline import Pipeline, PipelineConfig
 from reap_fast.quantize import quantize_w4a16, run_quantize_subprocess
 
 
@@ -54,28 +54,31 @@ def test_stage_functions_refuse_bad_or_unknown_settings_before_any_work(tmp_path
     assert sorted(tmp_path.iterdir()) == []
 
 
-def test_cli_and_pipeline_take_their_defaults_from_the_config():
+def test_cli_and_pipeline_take_their_defaults_from_the_config(tmp_path):
     quantize = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d"])
-    run = build_parser().parse_args(["run", "--model", "m", "--output", "o", "--dataset", "d"])
+    run = build_parser().parse_args(["run", "--model", "m", "--output", "o", "--dataset", "d", "--quantize", "w4a16"])
     expected = QuantConfig()
-    # --nsamples left out is None: QuantConfig's 128, or all the texts the data holds when it holds fewer
-    assert (quantize.iters, quantize.nsamples, quantize.seqlen, quantize.batch_size, quantize.seed, quantize.device) == (
-        200, None, 512, 8, 42, "auto")
-    assert (run.iters, run.nsamples, run.seqlen, run.quant_batch_size) == (200, None, 512, 8)
+    for args in (quantize, run):
+        assert args.setting_flags.build(args, QuantConfig) == expected
+        # --nsamples left out: QuantConfig's 128, or all the texts the data holds when it holds fewer
+        assert "nsamples" not in args.setting_flags.given(args, QuantConfig)
+    typed = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d", "--nsamples", "9"])
+    assert typed.setting_flags.given(typed, QuantConfig) == {"nsamples": 9}
     assert f"default: {expected.nsamples}" in build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
-    built = quant_config(PipelineConfig(model="m", dataset="d", output="o", quantize="w4a16"))
-    assert dataclasses.replace(built, overwrite=False) == expected
+    pipeline = Pipeline(PipelineConfig(model="m", dataset="d", output=str(tmp_path / "o"), quantize=QuantConfig()))
+    assert dataclasses.replace(pipeline.quant_settings(), overwrite=False) == expected
 
 
-@pytest.mark.parametrize("command", ["quantize", "run"])
-def test_cli_refuses_bad_settings_in_one_line_before_reading_anything(tmp_path, capsys, command):
+@pytest.mark.parametrize("command, flag", [("quantize", "--nsamples"), ("run", "--nsamples"),
+                                           ("quantize", "--batch-size"), ("run", "--quant-batch-size")])
+def test_cli_refuses_bad_settings_in_one_line_naming_the_flag_before_reading_anything(tmp_path, capsys, command, flag):
     argv = [command, "--model", str(tmp_path / "missing"), "--dataset", str(tmp_path / "none.jsonl"),
-            "--output", str(tmp_path / "out"), "--nsamples", "0"]
+            "--output", str(tmp_path / "out"), flag, "0"]
     if command == "run":
         argv += ["--quantize", "w4a16"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"reap-fast {command}: error: nsamples must be in [1, inf), got 0"
+    assert err == f"reap-fast {command}: error: {flag} must be in [1, inf), got 0"
     assert not (tmp_path / "out").exists()
 
 
@@ -87,4 +90,4 @@ def test_quantize_dtype_is_a_choice_of_the_config_and_the_cli():
         QuantConfig(dtype="int8")
     for choice in QUANT_DTYPE_CHOICES:
         args = build_parser().parse_args(["quantize", "--model", "m", "--output", "o", "--dataset", "d", "--dtype", choice])
-        assert args.dtype == choice
+        assert args.setting_flags.build(args, QuantConfig).dtype == choice

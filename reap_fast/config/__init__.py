@@ -1,9 +1,8 @@
-"""Frozen, validated settings of each stage: every default and every range check lives here, once.
+"""Frozen, validated settings of each stage: every setting is declared here, once.
 
-A stage function takes paths and its config (``observe_checkpoint(model, dataset, out, ObserveConfig(...))``);
-for compatibility it also accepts the config's fields as keyword overrides, which go through the same
-validation (:func:`reap_fast.config.checks.resolve`). The CLI, the upstream drop-in and the pipeline only
-map their flag names onto these fields.
+A stage function takes paths and its config (``observe_checkpoint(model, dataset, out, ObserveConfig(...))``).
+Each field declares its default, range, help and flag spellings (:mod:`.declare`); the flags of the CLI, of
+``run`` and of the upstream drop-in are generated from those declarations (:mod:`.flags`).
 
 Each stage owns one module here (``observe``, ``prune``, ``quantize``, ``evaluate``); this package imports
 nothing of reap_fast above ``errors``.

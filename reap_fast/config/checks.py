@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from ..errors import UsageError
@@ -14,7 +14,28 @@ DEFAULT_SEED = 42  # upstream ReapArgs.seed; every stage that draws random numbe
 
 
 class ConfigError(UsageError):
-    """A setting outside what its stage can run with (one line, exit 2)."""
+    """A setting outside what its stage can run with (one line, exit 2).
+
+    ``template`` names the settings it is about as ``{0}``, ``{1}``, ... (``settings``: their field names, of the
+    config class ``owner``); ``str()`` shows the field names, as the Python API knows them, and a command line
+    shows its own flag spelling through :meth:`spelled`. A message without settings is shown as written.
+    """
+
+    def __init__(self, template: str, *settings: str, owner: str | None = None) -> None:
+        self.template, self.settings, self.owner = template, settings, owner
+        super().__init__(template.format(*settings) if settings else template)
+
+    def spelled(self, spell: Callable[[str | None, str], str | None]) -> str:
+        """The message with each setting named by ``spell(owner, field)`` (None: keep the field name)."""
+        if not self.settings:
+            return str(self)
+        names = [spell(self.owner, name) or name for name in self.settings]
+        return " ".join(self.template.format(*names).split())
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` safe inside a :class:`ConfigError` template (braces doubled)."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
 
 
 def check_range(
@@ -26,9 +47,10 @@ def check_range(
     open_low: bool = False,
     open_high: bool = False,
     error: type[ConfigError] = ConfigError,
+    owner: str | None = None,
 ) -> None:
-    """Refuse ``value`` outside ``[low, high]`` (``open_low``/``open_high`` exclude that end) with ``error``;
-    None passes."""
+    """Refuse ``value`` outside ``[low, high]`` (``open_low``/``open_high`` exclude that end) with ``error``
+    about setting ``name`` (of config class ``owner``); None passes."""
     if value is None:
         return
     below = low is not None and (value <= low if open_low else value < low)
@@ -37,7 +59,7 @@ def check_range(
         left = "-inf" if low is None else _shown(low)
         right = "inf" if high is None else _shown(high)
         interval = f"{'(' if open_low or low is None else '['}{left}, {right}{')' if open_high or high is None else ']'}"
-        raise error(f"{name} must be in {interval}, got {value!r}")
+        raise error(f"{{0}} must be in {interval}, got {shown(value)}", name, owner=owner)
 
 
 def _shown(bound: float) -> str:
@@ -45,17 +67,19 @@ def _shown(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
-def check_integer(name: str, value: Any, error: type[ConfigError] = ConfigError) -> None:
+def check_integer(name: str, value: Any, error: type[ConfigError] = ConfigError, owner: str | None = None) -> None:
     """Refuse ``value`` that is not an int (a bool is not one) with ``error``; None passes."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise error(f"{name} must be an integer, got {value!r}")
+        raise error(f"{{0}} must be an integer, got {shown(value)}", name, owner=owner)
 
 
-def check_choice(name: str, value: Any, choices: Iterable[Any], error: type[ConfigError] = ConfigError) -> None:
+def check_choice(
+    name: str, value: Any, choices: Iterable[Any], error: type[ConfigError] = ConfigError, owner: str | None = None
+) -> None:
     """Refuse ``value`` that is not one of ``choices`` with ``error``."""
     allowed = tuple(choices)
     if value not in allowed:
-        raise error(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        raise error(f"{{0}} must be one of {', '.join(map(shown, allowed))}; got {shown(value)}", name, owner=owner)
 
 
 def resolve(config_type: type[Config], config: Config | None, overrides: Mapping[str, Any]) -> Config:

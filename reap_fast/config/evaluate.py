@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checks import ConfigError, check_range
+from .checks import ConfigError, shown
+from .declare import setting, validate
+from .observe import DTYPE_CHOICES
 
 
 class HarnessError(ConfigError):
@@ -35,24 +37,31 @@ class HarnessSettings:
     """
 
     tasks: list[str]
-    include_path: str | None = None
-    limit: float | None = None
-    num_fewshot: int | None = None
-    batch_size: str = "1"
-    seed: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    include_path: str | None = setting(None, "folder of extra lm-eval task YAML files (lm-eval's --include_path)",
+                                       cli=("--include-path", "--include_path"), run="--eval-include-path")
+    limit: float | None = setting(None, "examples per task (below 1: a fraction), as lm-eval's --limit",
+                                  cli="--limit", run="--eval-limit", low=0, open_low=True)
+    num_fewshot: int | None = setting(None, "few-shot examples (default: each task's own)",
+                                      cli=("--num-fewshot", "--num_fewshot"), run="--eval-num-fewshot", integer=True,
+                                      low=0)
+    batch_size: str = setting("1", "lm-eval batch size: an integer, auto or auto:N",
+                              cli=("--batch-size", "--batch_size"), run="--eval-batch-size", parse=str)
+    seed: int | None = setting(None, "all of lm-eval's seeds (default: lm-eval's own)", cli="--seed", run=(),
+                               integer=True)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", cli="--device", volatile=True)
+    dtype: str = setting("auto", "dtype the models are loaded in (auto: each checkpoint's own)", cli="--dtype",
+                         choices=DTYPE_CHOICES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", parse_tasks(self.tasks))
         object.__setattr__(self, "batch_size", str(self.batch_size))
-        check_range("--limit", self.limit, 0, open_low=True, error=HarnessError)
-        check_range("--num-fewshot", self.num_fewshot, 0, error=HarnessError)
-        batch = self.batch_size
+        validate(self, HarnessError)
+        batch, owner = self.batch_size, "HarnessSettings"
         if not (batch.isdigit() and int(batch) > 0) and not batch.startswith("auto"):
-            raise HarnessError(f"--batch-size must be a positive integer, auto or auto:N, got {batch!r}")
+            raise HarnessError(f"{{0}} must be a positive integer, auto or auto:N, got {shown(batch)}", "batch_size",
+                               owner=owner)
         if self.include_path is not None and not Path(self.include_path).exists():
-            raise HarnessError(f"--include-path {self.include_path} does not exist")
+            raise HarnessError(f"{{0}} {shown(self.include_path)} does not exist", "include_path", owner=owner)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that determine the numbers (the device does not)."""
@@ -70,15 +79,15 @@ class EvalConfig:
     (None: none).
     """
 
-    dataset: str | None = None
-    samples: int = 16
-    max_length: int = 512
-    batch_size: int = 8
-    harness: HarnessSettings | None = None
+    dataset: str | None = setting(None, "held-out text spec for --eval (implies --eval)", run="--eval-dataset")
+    samples: int = setting(16, "held-out documents drawn from --eval-dataset (each cut to --eval-max-length tokens)",
+                           run="--eval-samples", integer=True, low=1)
+    max_length: int = setting(512, "tokens per held-out sequence", run="--eval-max-length", integer=True, low=2)
+    batch_size: int = setting(8, "sequences scored at once", integer=True, low=1)
+    harness: HarnessSettings | None = setting(None, "lm-eval tasks on every model (checked by its own stage)",
+                                              volatile=True)
 
     def __post_init__(self) -> None:
-        check_range("--eval-samples", self.samples, 1)
-        check_range("--eval-max-length", self.max_length, 2)
-        check_range("batch_size", self.batch_size, 1)
+        validate(self)
         if self.harness is not None and not isinstance(self.harness, HarnessSettings):
             raise ConfigError(f"harness must be HarnessSettings or None, got {type(self.harness).__name__}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import ConfigError, DEFAULT_SEED, check_choice, check_integer, check_range
+from .checks import ConfigError, DEFAULT_SEED
+from .declare import setting, validate
 
+QUANT_SCHEMES = ("w4a16",)  # reap-fast run --quantize
 BITS_CHOICES = (2, 3, 4, 8)  # what auto-round's integer weight schemes take
 QUANT_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # auto: the source model's own dtype
 
@@ -22,36 +24,33 @@ class QuantConfig:
     * ``group_size``: input features per quantization scale; -1 is one scale per output row.
     * ``iters``: AutoRound tuning steps per block (0 = round to nearest, no tuning).
     * ``nsamples`` / ``seqlen``: calibration texts and their length in tokens (texts shorter than ``seqlen``
-      are dropped by auto-round); ``min_samples``: refuse a run with fewer texts that long.
+      are dropped by auto-round); ``min_samples``: refuse a run with fewer texts that long. Where the data holds
+      fewer documents, the default ``nsamples`` shrinks to what it holds (a warning); a value given is refused.
     * ``device``: auto, cpu, cuda or cuda:N (checked by :func:`reap_fast.devices.resolve_device`).
     * ``dtype``: the saved model's dtype (its config and every unquantized tensor: embeddings, norms, routers,
       attention); "auto" keeps the source's. The group scales stay float16 as auto-round packs them.
     * ``overwrite``: replace a model reap-fast saved in the output folder before.
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    iters: int = 200
-    nsamples: int = 128
-    seqlen: int = 512
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = DEFAULT_SEED
-    min_samples: int = 1
-    overwrite: bool = False
+    bits: int = setting(4, "bits per weight", integer=True, choices=BITS_CHOICES)
+    group_size: int = setting(128, "input features per quantization scale (-1: one per output row)", integer=True)
+    sym: bool = setting(True, "symmetric quantization", choices=(True, False))
+    iters: int = setting(200, "AutoRound tuning iterations (0 = round to nearest)", cli="--iters", integer=True,
+                         low=0)
+    nsamples: int = setting(128, "AutoRound calibration texts (fewer when the data holds fewer, with a warning)",
+                            cli="--nsamples", integer=True, low=1)
+    seqlen: int = setting(512, "AutoRound calibration length in tokens", cli="--seqlen", integer=True, low=1)
+    batch_size: int = setting(8, "AutoRound batch size", cli="--batch-size", run="--quant-batch-size", integer=True,
+                              low=1)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", cli="--device", volatile=True)
+    dtype: str = setting("auto", "dtype of the saved model's unquantized tensors and config (auto: the source's; "
+                         "the group scales stay float16)", cli="--dtype", choices=QUANT_DTYPE_CHOICES)
+    seed: int = setting(DEFAULT_SEED, "seed of sampling and AutoRound", cli="--seed", integer=True)
+    min_samples: int = setting(1, "refuse a run with fewer calibration texts of seqlen tokens", integer=True, low=1)
+    overwrite: bool = setting(False, "replace a model reap-fast saved in --output before", cli="--overwrite", run=(),
+                              volatile=True)
 
     def __post_init__(self) -> None:
-        for name in ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "seed", "min_samples"):
-            check_integer(name, getattr(self, name))
-        check_choice("bits", self.bits, BITS_CHOICES)
+        validate(self)
         if self.group_size != -1 and self.group_size < 1:
-            raise ConfigError(f"group_size must be positive or -1, got {self.group_size}")
-        check_choice("sym", self.sym, (True, False))
-        check_choice("dtype", self.dtype, QUANT_DTYPE_CHOICES)
-        check_range("iters", self.iters, 0)
-        check_range("nsamples", self.nsamples, 1)
-        check_range("seqlen", self.seqlen, 1)
-        check_range("batch_size", self.batch_size, 1)
-        check_range("min_samples", self.min_samples, 1)
+            raise ConfigError(f"{{0}} must be positive or -1, got {self.group_size}", "group_size", owner="QuantConfig")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.checks import resolve
-from ..config.prune import PruneConfig
+from ..config.prune import METHOD_CHOICES, PruneConfig
 from ..errors import ReapFastError
 from ..identity import check_identity
 from ..metrics import LayerMetrics, load_metrics
@@ -32,9 +32,9 @@ from ..outputs import OutputLock, clean_leftovers
 from ..preflight import check_model_folder, check_output_location, weights_bytes
 from .checkpoint import SourceLayoutError, source_checkpoint
 from .save import OutputExistsError, holds_model, prepare_output_dir, save_pruned
-from .scores import DEFAULT_METHOD, METHOD_CHOICES, UnknownMethodError, layer_scores, super_expert_mask
+from .scores import DEFAULT_METHOD, UnknownMethodError, layer_scores, super_expert_mask
 from .select import SelectionError, experts_to_prune, removal_order, removed_experts, select_experts, uniform_prune_count
-from .slicing import PER_LAYER_COUNT_FAMILIES, KeepIndexError, UnevenPruningError, expert_counts, prune_model
+from .slicing import KeepIndexError, UnevenPruningError, expert_counts, prune_model
 
 logger = logging.getLogger(__name__)
 
@@ -104,26 +104,13 @@ def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: 
     """Check a pruning budget against a model config before any calibration work; returns experts removed per layer.
 
     ``pruning`` (or its fields as keywords) holds the budget. Catches a ratio that leaves fewer experts than
-    the top-k (or than a routing group needs), and global ranking for a family whose config cannot hold
-    per-layer expert counts (none of the supported ones), while it costs nothing, instead of after a
-    long observation.
+    the top-k (or than a routing group needs) while it costs nothing, instead of after a long observation.
     """
     pruning = resolve(PruneConfig, pruning, overrides)
     adapter = get_adapter(config)
     num_experts = int(getattr(text_config(config), adapter.num_experts_key))
     routing = model_routing(config)
-    count = experts_to_prune(num_experts, pruning, None if pruning.global_ranking else routing["top_k"])
-    if pruning.global_ranking and adapter.family not in PER_LAYER_COUNT_FAMILIES:
-        raise SelectionError(
-            f"global ranking gives layers different expert counts, but the {adapter.family} config holds one count "
-            f"for all layers ({adapter.num_experts_key}), so the pruned checkpoint could not be loaded again; "
-            "prune uniformly (drop --global / --global_ranking)"
-        )
-    if pruning.global_ranking:
-        floor = max(routing["top_k"] or 1, pruning.min_experts_per_layer or 0)
-        if floor > num_experts:
-            raise SelectionError(f"the per-layer floor {floor} exceeds the {num_experts} experts of a layer")
-        return count
+    count = experts_to_prune(num_experts, pruning, routing["top_k"])
     return uniform_prune_count(num_experts, count, routing["top_k"], routing["groups"], pruning.min_experts_per_layer)
 
 
@@ -200,7 +187,6 @@ def prune_checkpoint(
             "compression_ratio": config.compression_ratio,
             "n_experts_to_prune": config.n_experts_to_prune,
             "seed": config.seed,
-            "global_ranking": config.global_ranking,
             "preserve_super_experts": config.preserve_super_experts,
             "preserve_outliers": config.preserve_outliers,
             "dtype": config.dtype,  # "auto": the source's own; else the saved weights are cast to it

@@ -37,7 +37,7 @@ from ..fileio import publish_folder
 from ..preflight import TOKENIZER_FILES
 from ..outputs import OutputError, claim_output, work_prefix, write_marker
 from .checkpoint import PrunePlan, SourceLayoutError, source_checkpoint, write_source_layout
-from .slicing import ORIGINAL_COUNTS_ATTRIBUTE, UnevenPruningError, expert_counts
+from .slicing import ORIGINAL_COUNTS_ATTRIBUTE
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,6 @@ def save_pruned(
     """
     metadata = dict(metadata or {})
     output_dir = prepare_output_dir(output_dir, overwrite, flag=flag)
-    counts = expert_counts(model)
-    if len(set(counts.values())) > 1:
-        raise UnevenPruningError(
-            f"the model's layers hold different expert counts ({counts}); such a checkpoint cannot be saved in a "
-            "format its family can load"
-        )
     original = metadata.pop("original_num_experts", None) or getattr(model, ORIGINAL_COUNTS_ATTRIBUTE, None)
     if original is None:
         raise ValueError("the original expert counts are unknown: prune with prune_model() or pass original_num_experts")

@@ -55,20 +55,6 @@ METHOD_KEYS: dict[str, str] = {
 }
 COMPUTED_METHODS = ("expert_proba", "ean_ca", "random")
 
-# upstream PruneArgs.prune_method choices (args.py), plus reap-fast's "random"
-UPSTREAM_METHOD_CHOICES = (
-    "frequency",
-    "ean_ca",
-    "ean_sum",
-    "ean_mean",
-    "weighted_frequency_sum",
-    "weighted_ean_sum",
-    "weighted_ean_sum_l2",
-    "reap",
-    "reap_l2",
-    "max_activations",
-)
-METHOD_CHOICES = UPSTREAM_METHOD_CHOICES + ("random",)
 
 
 class UnknownMethodError(ReapFastError, ValueError):

@@ -13,12 +13,6 @@ Rules (where upstream REAP is silent, the choice made here is stated):
   group (the lowest scores *within* each group). When ``n`` is not a multiple of ``n_group`` it is
   **rounded down** to one, with a warning. Every group keeps at least 2 experts (the router ranks
   groups by their two best experts) and ``topk_group * kept_per_group >= top_k``.
-* **Global ranking** (``global_ranking=True``): the same total ``n * L`` is removed, but chosen across
-  layers. Scores are made comparable by dividing each layer's scores by **the layer's mean score**
-  (score / (layer sum / E); a layer whose mean is 0 or not finite is left unscaled), so a score of 1.0
-  means "an average expert of its layer". Each layer keeps at least ``max(top_k, min_experts_per_layer)``
-  experts (the floor). Ties across layers: the later layer loses first; within a layer, the rule above.
-  Global ranking is refused together with group-limited routing (``n_group > 1``).
 * **Super experts** (``preserve_super_experts``, upstream ``--perserve_super_experts``; and
   ``preserve_outliers``, upstream ``--perserve_outliers``): see :func:`.scores.super_expert_mask`; their
   score is set to +inf before ranking, as upstream does. Upstream only does so for some score keys
@@ -61,15 +55,16 @@ def experts_to_prune(num_experts: int, config: PruneConfig, top_k: int | None = 
         count = config.n_experts_to_prune
         if not 1 <= count <= highest:
             raise SelectionError(
-                f"n_experts_to_prune={count} is out of range: the model has {num_experts} experts per layer{routing}, "
-                f"so it must be {allowed}{why}"
+                f"{{0}}={count} is out of range: the model has {num_experts} experts per layer{routing}, "
+                f"so it must be {allowed}{why}", "n_experts_to_prune", owner="PruneConfig"
             )
         return count
     count = int(num_experts * config.compression_ratio)
     if count == 0:
         raise SelectionError(
-            f"compression_ratio={config.compression_ratio} removes int({num_experts} x {config.compression_ratio}) = 0 "
-            f"of {num_experts} experts per layer: nothing would be pruned; use at least {1 / num_experts:.4g}"
+            f"{{0}}={config.compression_ratio} removes int({num_experts} x {config.compression_ratio}) = 0 "
+            f"of {num_experts} experts per layer: nothing would be pruned; use at least {1 / num_experts:.4g}",
+            "compression_ratio", owner="PruneConfig"
         )
     return count
 
@@ -104,41 +99,6 @@ def _uniform_mask(scores: torch.Tensor, count: int, num_groups: int) -> torch.Te
     removed = (removed_in_group + offsets).reshape(num_layers, -1)
     keep.scatter_(1, removed, False)
     return keep
-
-
-def _global_mask(scores: torch.Tensor, total: int, floor: int) -> torch.Tensor:
-    """(L, E) keep mask removing ``total`` experts ranked across layers, keeping >= ``floor`` per layer."""
-    num_layers, num_experts = scores.shape
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if total == 0:
-        return keep
-    # within-layer removal rank of every expert (0 = first to go)
-    order = removal_order(scores)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_experts).expand_as(order).contiguous())
-    eligible = rank < (num_experts - floor)
-    capacity = int(eligible.sum())
-    if capacity < total:
-        raise SelectionError(
-            f"cannot remove {total} experts in total while keeping at least {floor} of {num_experts} experts in "
-            f"each of {num_layers} layers (at most {capacity} can go)"
-        )
-    # Global order: score ascending; ties -> later layer first, then higher expert index first (the flipped
-    # layout puts those earlier, and both sorts are stable). Ineligible experts go to the end.
-    flipped = scores.flip(0).flip(1).reshape(-1)
-    by_score = torch.sort(flipped, stable=True).indices
-    ineligible = (~eligible).flip(0).flip(1).reshape(-1)[by_score].to(torch.int8)
-    final = by_score[torch.sort(ineligible, stable=True).indices][:total]
-    rows = (num_layers - 1) - torch.div(final, num_experts, rounding_mode="floor")
-    cols = (num_experts - 1) - final % num_experts
-    keep[rows, cols] = False
-    return keep
-
-
-def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:
-    """Divide each layer's scores by the layer's mean score (1 where the mean is 0 or not finite)."""
-    mean = scores.mean(dim=1, keepdim=True)
-    usable = torch.isfinite(mean) & (mean > 0)
-    return scores / torch.where(usable, mean, torch.ones_like(mean))
 
 
 def uniform_prune_count(
@@ -202,7 +162,7 @@ def select_experts(
 ) -> dict[int, torch.Tensor]:
     """The experts to keep in every layer: ``{layer: sorted int64 indices}``. See the module docstring.
 
-    ``config`` holds the budget, method, seed, ranking, floor and super-expert settings (its fields may
+    ``config`` holds the budget, method, seed, floor and super-expert settings (its fields may
     also be given as keywords; ``method`` may be given second, as before); ``top_k`` and ``groups``
     are the model's routing (:func:`reap_fast.prune.model_routing`). Without a config the budget must
     be given: in memory there is no default ratio.
@@ -226,20 +186,6 @@ def select_experts(
         logger.info("preserving %d super experts", int(protected.sum()))
 
     floor = max(top_k or 1, config.min_experts_per_layer or 0, 2 if groups is not None else 1)
-    if config.global_ranking:
-        if num_groups > 1:
-            raise SelectionError(
-                f"global ranking gives layers different expert counts, which group-limited routing "
-                f"(n_group={num_groups}) cannot take; use uniform pruning"
-            )
-        if floor > num_experts:
-            raise SelectionError(f"the per-layer floor {floor} exceeds the {num_experts} experts of a layer")
-        normalized = normalize_per_layer(scores)
-        if protected is not None:
-            normalized = normalized.masked_fill(protected, float("inf"))
-        keep = _global_mask(normalized, count * len(layers), floor)
-        return _keep_dict(layers, keep)
-
     count = uniform_prune_count(num_experts, count, top_k, groups, config.min_experts_per_layer)
     kept = num_experts - count
     if protected is not None:

@@ -9,9 +9,8 @@ counts (``num_experts`` and friends) and the config's count key are set to the n
 (config and modules) is clamped to it. Shared experts and their gates are left untouched.
 
 Per-layer counts must be equal: the stock transformers classes of every supported family build all
-layers from one config count, so a checkpoint with uneven layers could not be loaded again. Uneven
-keep sets (global ranking) are refused unless ``allow_uneven=True`` (in-memory use only: such a model
-cannot be saved). No supported family can express per-layer counts: see ``PER_LAYER_COUNT_FAMILIES``.
+layers from one config count, so a checkpoint with uneven layers could not be loaded again; uneven keep
+sets are refused.
 """
 
 from __future__ import annotations
@@ -27,9 +26,6 @@ from ..models import MoELayer, find_moe_layers, get_adapter, text_config
 from ..models.base import expert_dim, router_tensor
 
 logger = logging.getLogger(__name__)
-
-# families whose config can hold a per-layer expert count (none of the stock transformers classes can)
-PER_LAYER_COUNT_FAMILIES: frozenset[str] = frozenset()
 
 _COUNT_ATTRIBUTES = ("num_experts", "n_routed_experts", "num_local_experts")
 _TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok")
@@ -117,7 +113,7 @@ def _set_counts(module: nn.Module, old_count: int, new_count: int, top_k: int | 
             setattr(module, name, new_count)
 
 
-def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven: bool = False) -> nn.Module:
+def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor]) -> nn.Module:
     """Keep only the experts ``keep[layer]`` of every MoE layer of ``model`` (in place); returns the model.
 
     The original expert counts are remembered in ``model.reap_fast_original_num_experts`` (used by
@@ -131,12 +127,10 @@ def prune_model(model: nn.Module, keep: Mapping[int, torch.Tensor], allow_uneven
     top_k = getattr(text, adapter.top_k_key, None)
     checked = _check_keep(layers, keep, top_k)
     counts = {layer: int(indices.numel()) for layer, indices in checked.items()}
-    if len(set(counts.values())) > 1 and not allow_uneven:
-        families = ", ".join(sorted(PER_LAYER_COUNT_FAMILIES)) or "none"
+    if len(set(counts.values())) > 1:
         raise UnevenPruningError(
             f"layers would keep different numbers of experts ({counts}); the {adapter.family} config holds one expert "
-            f"count for all layers ({adapter.num_experts_key}), so such a checkpoint could not be loaded again. "
-            f"Families that support per-layer counts: {families}. Use uniform pruning (no global ranking)."
+            f"count for all layers ({adapter.num_experts_key}), so such a checkpoint could not be loaded again"
         )
     original = dict(getattr(model, ORIGINAL_COUNTS_ATTRIBUTE, None) or {})
     skeleton = all(param.device.type == "meta" for param in model.parameters())

@@ -12,12 +12,14 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
-from ..config import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
+from ..config import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig, PruneConfig
 from ..config.checks import DEFAULT_SEED
-from ..config.observe import ENGINE_CHOICES
+from ..config.declare import declared
+from ..config.prune import METHOD_CHOICES
 from ..data import DEFAULT_SAMPLES_PER_CATEGORY
 from ..errors import ReapFastError
 
@@ -151,7 +153,7 @@ class EvalArgs:
 @dataclass
 class PruneArgs:
     overwrite_pruned_model: bool = field(default=False, metadata={"help": "Replace an existing pruned model."})
-    prune_method: str = field(default="frequency", metadata={"help": _METHOD_HELP})  # choices set in build_parser
+    prune_method: str = field(default="frequency", metadata={"help": _METHOD_HELP, "choices": list(METHOD_CHOICES)})
     n_experts_to_prune: int | None = field(default=None, metadata={"help": "Experts removed per layer (wins over ratio)."})
     perserve_super_experts: bool = field(
         default=False, metadata={"help": "Keep super experts (max activation outliers), except in the last quarter of the layers."}
@@ -167,15 +169,9 @@ class LayerwiseArgs:
 
 
 @dataclass
-class ReapFastArgs:
-    engine: str = field(
-        default=ObserveConfig.engine,
-        metadata={"choices": list(ENGINE_CHOICES), "help": "Observation engine (auto: triton on CUDA)."},
-    )
-    device: str = field(default=ObserveConfig.device, metadata={"help": "auto, cpu, cuda (all GPUs), cuda:N."})
-    dtype: str = field(default=ObserveConfig.dtype, metadata={"help": "auto (the checkpoint's own dtype, as upstream), bfloat16, float16, float32."})
-    global_ranking: bool = field(default=False, metadata={"help": "Rank layer-normalized scores across layers."})
-    min_experts_per_layer: int | None = field(default=None, metadata={"help": "Per-layer floor (default: top-k)."})
+class DropInArgs:
+    """The drop-in's own flags: each reap-fast behaviour that differs from upstream's, upstream's by default."""
+
     artifacts_dir: str = field(default="artifacts", metadata={"help": "Root of the results tree (upstream: ./artifacts)."})
     packing_separator: str = field(
         default="masked",
@@ -202,17 +198,47 @@ class ReapFastArgs:
     )
 
 
-# Fields honoured by reap-fast; every other upstream field is accepted and ignored with one warning.
-HONOURED = {
-    "seed", "debug", "run_observer_only",
+STAGE_CONFIGS = (ObserveConfig, PruneConfig)  # the stages the drop-in runs
+
+
+def generated_fields(configs: Sequence[type]) -> list[tuple[str, Any, Any]]:
+    """``make_dataclass`` fields of every setting of ``configs`` declaring a drop-in flag (``dropin``): its name,
+    type, default, help and choices as the stage config declares them (a name several stages declare: once)."""
+    generated: dict[str, tuple[str, Any, Any]] = {}
+    for config_type in configs:
+        hints = typing.get_type_hints(config_type)
+        for item, spec in declared(config_type):
+            if spec.dropin is None or spec.dropin in generated:
+                continue
+            metadata: dict[str, Any] = {"help": spec.help}
+            if (spec.flag_choices or spec.choices) is not None:
+                metadata["choices"] = list(spec.flag_choices or spec.choices)
+            generated[spec.dropin] = (spec.dropin, hints[item.name], field(default=item.default, metadata=metadata))
+    return list(generated.values())
+
+
+def reap_fast_args_class(configs: Sequence[type] = STAGE_CONFIGS) -> type:
+    """``ReapFastArgs``: the drop-in's own flags plus the stage settings declared with a drop-in flag."""
+    generated = dataclasses.make_dataclass("ReapFastArgs", generated_fields(configs), bases=(DropInArgs,))
+    generated.__module__ = __name__
+    return generated
+
+
+ReapFastArgs = reap_fast_args_class()
+
+# Upstream fields the drop-in reads itself; those feeding a stage setting (its ``upstream`` name) are added.
+# Every other upstream field is accepted and ignored with one warning.
+READ_BY_DROPIN = {
+    "debug", "run_observer_only",
     "model_name",
     "dataset_name", "dataset_config_name", "split",
-    "batches_per_category", "batch_size", "model_max_length", "overwrite_observations", "output_file_name", "truncate",
+    "overwrite_observations", "output_file_name", "truncate",
     "split_by_category", "select_only_categories", "do_eval", "run_lm_eval", "lm_eval_tasks", "results_dir",
     "record_pruning_metrics_only", "renormalize_router_weights",
-    "compression_ratio",
-    "overwrite_pruned_model", "prune_method", "n_experts_to_prune", "perserve_super_experts", "perserve_outliers",
-}  # fmt: skip
+    "overwrite_pruned_model",
+}
+HONOURED = READ_BY_DROPIN | {spec.upstream for config in STAGE_CONFIGS for _, spec in declared(config) if spec.upstream}
+
 
 YAML_SECTIONS = (
     ("reap_args", ReapArgs),
@@ -240,14 +266,8 @@ def build_parser(layerwise: bool = False):
     """The upstream-compatible parser (``HfArgumentParser`` over upstream's argument dataclasses)."""
     from transformers import HfArgumentParser
 
-    from ..prune.scores import METHOD_CHOICES
-
     prog = "python -m reap_fast.layerwise_prune" if layerwise else "python -m reap_fast.prune"
-    parser = HfArgumentParser(_classes(layerwise), prog=prog, description=__doc__.split("\n\n")[0])
-    for action in parser._actions:
-        if action.dest == "prune_method":
-            action.choices = list(METHOD_CHOICES)
-    return parser
+    return HfArgumentParser(_classes(layerwise), prog=prog, description=__doc__.split("\n\n")[0])
 
 
 def parse_args(argv: Sequence[str] | None = None, layerwise: bool = False):
@@ -274,3 +294,35 @@ def parse_args(argv: Sequence[str] | None = None, layerwise: bool = False):
         written = [opt for opt in options if any(arg == opt or arg.startswith(opt + "=") for arg in argv)]
         ignored_flags.extend(written or options[:1])  # options[:1]: an abbreviated flag
     return parsed, sorted(set(ignored_flags))
+
+
+def _dropin_name(config_name: str | None, name: str) -> str | None:
+    """The drop-in argument (upstream's or reap-fast's) that sets field ``name`` of stage config ``config_name``."""
+    for config_type in STAGE_CONFIGS:
+        if config_name in (None, config_type.__name__):
+            for item, spec in declared(config_type):
+                if item.name == name and (spec.upstream or spec.dropin):
+                    return spec.upstream or spec.dropin
+    return None
+
+
+def stage_config(config_type: type, parsed: dict[str, Any], **fixed: Any) -> Any:
+    """``config_type`` from the drop-in's parsed arguments (each declared ``upstream``/``dropin`` name feeds its
+    setting), plus ``fixed``: the settings the drop-in decides itself."""
+    values = {name: value for args in parsed.values() for name, value in vars(args).items()}
+    given = {}
+    for item, spec in declared(config_type):
+        source = spec.upstream or spec.dropin
+        if source in values:
+            given[item.name] = values[source]
+    return config_type(**{**given, **fixed})
+
+
+def spell(config_name: str | None, name: str, argv: Sequence[str]) -> str | None:
+    """The flag of a stage setting as the user typed it (``--batch_size`` or ``--batch-size``; None: no flag)."""
+    source = _dropin_name(config_name, name)
+    if source is None:
+        return None
+    spellings = ("--" + source, "--" + source.replace("_", "-"))
+    typed = [flag for flag in spellings if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
+    return (typed or spellings)[0]

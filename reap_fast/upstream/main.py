@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config.prune import PruneConfig
+from ..config import ConfigError, ObserveConfig, PruneConfig
 from ..data import CalibrationSet, PackingOptions, build_calibration_set
 from ..errors import EXIT_INTERRUPTED, ReapFastError
 from ..logs import configure_logging, quiet_libraries
@@ -38,6 +38,8 @@ from .args import (
     ReapArgs,
     ReapFastArgs,
     parse_args,
+    spell,
+    stage_config,
 )
 from .evaluation import check_evaluation, evaluate_pruned
 from .layout import is_composite, observation_path, pruned_model_name, results_directory
@@ -98,60 +100,49 @@ def _note(line: str) -> None:
 
 
 def _validate(parsed: dict[str, Any]) -> None:
+    """Upstream's own rules that no stage config holds (the configs check their settings themselves)."""
     obs_args: ObserverArgs = parsed["ObserverArgs"]
-    prune_args: PruneArgs = parsed["PruneArgs"]
-    cluster_args: ClusterArgs = parsed["ClusterArgs"]
-    if prune_args.perserve_super_experts and prune_args.perserve_outliers:
-        raise CliError("only one of --perserve_super_experts or --perserve_outliers can be set")
-    if obs_args.batch_size < 1:
-        raise CliError(f"--batch_size must be at least 1, got {obs_args.batch_size}")
-    if obs_args.batches_per_category < 1:
-        raise CliError(f"--batches_per_category must be at least 1, got {obs_args.batches_per_category}")
     if obs_args.split_by_category or obs_args.select_only_categories:
         raise CliError("--split_by_category / --select_only_categories are not supported by reap-fast")
-    if prune_args.n_experts_to_prune is None and cluster_args.compression_ratio is None:
+    if parsed["PruneArgs"].n_experts_to_prune is None and parsed["ClusterArgs"].compression_ratio is None:
         raise CliError("either --n_experts_to_prune or --compression_ratio must be set for pruning")
 
 
-def prune_config(parsed: dict[str, Any]) -> PruneConfig:
-    """The prune stage's settings from upstream's flags (the config checks them; ``--n_experts_to_prune``
-    wins over ``--compression_ratio``, as upstream)."""
-    prune_args: PruneArgs = parsed["PruneArgs"]
-    extra: ReapFastArgs = parsed["ReapFastArgs"]
-    count = prune_args.n_experts_to_prune
+def pruning_settings(parsed: dict[str, Any]) -> PruneConfig:
+    """The prune stage's settings from the drop-in's flags (``--n_experts_to_prune`` wins over
+    ``--compression_ratio``, as upstream; the pruned folder is rewritten when the step runs)."""
+    count = parsed["PruneArgs"].n_experts_to_prune
     ratio = parsed["ClusterArgs"].compression_ratio if count is None else None
-    return PruneConfig(
-        method=prune_args.prune_method, compression_ratio=ratio, n_experts_to_prune=count, seed=parsed["ReapArgs"].seed,
-        global_ranking=extra.global_ranking, min_experts_per_layer=extra.min_experts_per_layer,
-        preserve_super_experts=prune_args.perserve_super_experts,
-        preserve_outliers=prune_args.perserve_outliers, device=extra.device, dtype=extra.dtype, overwrite=True,
-    )  # fmt: skip
+    return stage_config(PruneConfig, parsed, compression_ratio=ratio, overwrite=True)
 
 
-def _observe(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: bool) -> dict:
-    """Build upstream's calibration set, observe the checkpoint, save the observation file."""
+def observation_settings(parsed: dict[str, Any], config: Any, obs_path: Path, layerwise: bool) -> ObserveConfig:
+    """The observe stage's settings from the drop-in's flags and upstream's rules (g renormalised as upstream's
+    script does; checkpoints beside the observation file, resumed; a sequence longer than the model: a warning)."""
+    obs_args: ObserverArgs = parsed["ObserverArgs"]
+    renormalize = observer_renormalize(
+        config, obs_args.renormalize_router_weights, layerwise, parsed["ReapFastArgs"].renormalize_rule
+    )
+    length = obs_args.model_max_length or ObserveConfig.model_max_length  # None: the tokenizer's, set when known
+    return stage_config(
+        ObserveConfig, parsed, model_max_length=length, renormalize=renormalize, layerwise=True if layerwise else "auto",
+        resume=True, checkpoint_dir=f"{obs_path}.partial", allow_longer_than_model=True,
+        merging_statistics=not obs_args.record_pruning_metrics_only,
+    )
+
+
+def _observe(parsed: dict[str, Any], settings: ObserveConfig, obs_path: Path, layerwise: bool) -> dict:
+    """Build upstream's calibration set, observe the checkpoint with ``settings``, save the observation file."""
     from transformers import AutoTokenizer
 
-    from ..config import ObserveConfig
     from ..observe.runner import observe_checkpoint
 
-    reap_args: ReapArgs = parsed["ReapArgs"]
-    ds_args: DatasetArgs = parsed["DatasetArgs"]
-    obs_args: ObserverArgs = parsed["ObserverArgs"]
     model_name = parsed["ModelArgs"].model_name
-    extra: ReapFastArgs = parsed["ReapFastArgs"]
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    calibration = build_upstream_calibration(tokenizer, ds_args, obs_args, reap_args.seed, extra)
-    renormalize = observer_renormalize(
-        config, obs_args.renormalize_router_weights, layerwise, extra.renormalize_rule
+    calibration = build_upstream_calibration(
+        tokenizer, parsed["DatasetArgs"], parsed["ObserverArgs"], settings.seed, parsed["ReapFastArgs"]
     )
-    settings = ObserveConfig(
-        samples_per_category=obs_args.batches_per_category, model_max_length=calibration.seq_len,
-        batch_size=obs_args.batch_size, seed=reap_args.seed, engine=extra.engine,
-        renormalize=renormalize, device=extra.device, dtype=extra.dtype, layerwise=True if layerwise else "auto",
-        resume=True, checkpoint_dir=f"{obs_path}.partial", allow_longer_than_model=True,  # upstream: a warning
-        merging_statistics=not obs_args.record_pruning_metrics_only,
-    )  # fmt: skip
+    settings = dataclasses.replace(settings, model_max_length=calibration.seq_len)
     if layerwise and settings.merging_statistics:
         _note(
             "upstream's layerwise_prune.py records only the nine pruning keys; the drop-in also records the five "
@@ -227,15 +218,16 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
             ", ".join(ignored),
         )
     _validate(parsed)
-    pruning = prune_config(parsed)
+    pruning = pruning_settings(parsed)
     random.seed(reap_args.seed)  # as upstream's set_seed; the calibration sampler has its own seeded stream
     torch.manual_seed(reap_args.seed)
 
     results_dir = results_directory(extra.artifacts_dir, model_args.model_name, ds_args.dataset_name)
     obs_path = observation_path(results_dir, ds_args.dataset_name, obs_args.output_file_name, layerwise)
     logger.info("results directory: %s", results_dir)
-    # The family and the budget are checked before any calibration work.
+    # The family, the settings and the budget are checked before any calibration work.
     config = load_config(model_args.model_name)
+    observing = observation_settings(parsed, config, obs_path, layerwise)
     check_prune_budget(config, pruning)
     if reap_args.do_eval:  # unknown lm-eval tasks stop here, not after the observation
         check_evaluation(parsed["EvalArgs"], reap_args.seed, extra.device)
@@ -245,7 +237,7 @@ def run(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     reuse = obs_path.is_file() and (not obs_args.overwrite_observations or ds_args.dataset_name == "combined")
     if ds_args.dataset_name == "combined" and not reuse:
         raise CliError(f"combined dataset requested but no pre-recorded observation found at {obs_path}")
-    metrics = _load_observation(obs_path) if reuse else _observe(parsed, config, obs_path, layerwise)
+    metrics = _load_observation(obs_path) if reuse else _observe(parsed, observing, obs_path, layerwise)
     if reap_args.run_observer_only:
         logger.info("observer run completed; exiting since --run_observer_only is set")
         return 0
@@ -284,8 +276,12 @@ def main(argv: Sequence[str] | None = None, layerwise: bool = False) -> int:
     configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     prog = "reap_fast.layerwise_prune" if layerwise else "reap_fast.prune"
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(argv, layerwise)
+    except ConfigError as exc:  # named by the flag the user typed (--batch_size or --batch-size)
+        print(f"{prog}: error: {exc.spelled(lambda owner, name: spell(owner, name, argv))}", file=sys.stderr)
+        return 1
     except ReapFastError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
