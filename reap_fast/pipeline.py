@@ -35,7 +35,6 @@ from .errors import ReapFastError
 from .evaluate.comparison import Comparison, ModelEntry, format_table, run_comparison
 from .fileio import atomic_write_json, human_size, sha256_file, size_on_disk, tree_checksums
 from .outputs import (
-    OutputError,
     check_not_overlapping,
     claim_output,
     clean_folder_leftovers,
@@ -161,12 +160,9 @@ class Pipeline:
 
     def _load_state(self) -> dict[str, Any]:
         fresh = {"settings": self.config.fingerprint(), "stages": {}}
-        try:
-            check_not_overlapping(self.root, self.inputs())
-            if not self.state_path.is_file():
-                claim_output(self.root, "run folder", self.inputs(), self.config.overwrite)
-        except OutputError as exc:
-            raise PipelineError(str(exc)) from None
+        check_not_overlapping(self.root, self.inputs())  # an OutputError, kept: one line naming the path
+        if not self.state_path.is_file():
+            claim_output(self.root, "run folder", self.inputs(), self.config.overwrite)
         if not self.state_path.is_file():
             return fresh
         state = json.loads(self.state_path.read_text())

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 from reap_fast.cli import main
 from reap_fast.config import ConfigError, ObserveConfig, PruneConfig
 from reap_lab.corpus import write_jsonl
+from reap_fast.outputs import OutputError
 from reap_fast.pipeline import Pipeline, PipelineConfig, PipelineError
 from reap_fast.quantize import is_complete_output
 from reap_lab.tiny import make_tiny_checkpoint
@@ -106,7 +107,7 @@ def test_non_empty_foreign_output_is_refused(inputs):
     root = inputs[0]
     (root / "foreign").mkdir()
     (root / "foreign" / "notes.txt").write_text("not a pipeline")
-    with pytest.raises(PipelineError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         Pipeline(_config(inputs, "foreign"))
 
 

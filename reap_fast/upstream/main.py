@@ -160,7 +160,7 @@ def _load_observation(obs_path: Path) -> dict:
     try:
         return load_metrics(obs_path)
     except MetricsFileError as exc:
-        raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
+        raise type(exc)(f"{exc}; pass --overwrite_observations to record a new one") from None
 
 
 def _prune(parsed: dict[str, Any], pruning: PruneConfig, metrics: dict, obs_path: Path, pruned_dir: Path,
@@ -190,7 +190,7 @@ def _prune(parsed: dict[str, Any], pruning: PruneConfig, metrics: dict, obs_path
     try:
         prune_checkpoint(parsed["ModelArgs"].model_name, obs_path, pruned_dir, pruning, metadata=metadata)
     except (MetricsMismatchError, ModelIdentityError) as exc:
-        raise CliError(f"{exc}; pass --overwrite_observations to record a new one") from None
+        raise type(exc)(f"{exc}; pass --overwrite_observations to record a new one") from None
     if not layerwise:
         _note("reap_args.yaml is written (upstream's prune.py stops with a TypeError at that step)")
 
