@@ -10,7 +10,7 @@ from test_reference import _batch, _observe, _oracle
 from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.models import UnsupportedModelError
 from reap_fast.pipeline import Pipeline, PipelineConfig
-from reap_fast.prune import SelectionError, check_prune_budget
+from reap_fast.prune import PruneConfig, SelectionError, check_prune_budget
 from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint
 
 
@@ -28,21 +28,21 @@ def test_triton_engine_matches_float64_oracle_on_every_family(family):
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_budget_leaving_fewer_experts_than_top_k_is_refused(family):
     config = tiny_family_config(family, num_experts=8, top_k=2)
-    assert check_prune_budget(config, compression_ratio=0.5) == 4
+    assert check_prune_budget(config, PruneConfig(compression_ratio=0.5)) == 4
     with pytest.raises(SelectionError, match="must be between 1 and 6: pruning more leaves fewer than the model's top-k of 2"):
-        check_prune_budget(config, n_experts_to_prune=7)
+        check_prune_budget(config, PruneConfig(n_experts_to_prune=7))
     if family in ("deepseek_v3", "deepseek_v2"):  # two routing groups: 6 of 8 leaves one expert per group
         with pytest.raises(SelectionError, match="at least 2 experts per group"):
-            check_prune_budget(config, n_experts_to_prune=6)
+            check_prune_budget(config, PruneConfig(n_experts_to_prune=6))
 
 
 def test_group_limited_routing_rounds_to_whole_groups(caplog):
     config = tiny_family_config("deepseek_v3", num_experts=8, top_k=2)  # n_group=2, topk_group=2
     with caplog.at_level(logging.WARNING):
-        assert check_prune_budget(config, n_experts_to_prune=3) == 2
+        assert check_prune_budget(config, PruneConfig(n_experts_to_prune=3)) == 2
     assert "every group loses the same number" in caplog.text
     with pytest.raises(SelectionError, match="at least 2 experts per group"):
-        check_prune_budget(config, n_experts_to_prune=6)
+        check_prune_budget(config, PruneConfig(n_experts_to_prune=6))
 
 
 def _save(tmp_path, config, name):
