@@ -502,6 +502,17 @@ def test_metrics_of_another_model(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_checkpoint_reads_the_model_config_once(tiny_checkpoint, tmp_path, monkeypatch):
+    from reap_fast.models import loading
+
+    read, real = [], loading.load_config
+    monkeypatch.setattr(loading, "load_config", lambda path: read.append(str(path)) or real(path))
+    save_metrics(hand_metrics({"reap": TIED_ROWS[:2]}), tmp_path / "obs.pt")
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "out", PruneConfig(compression_ratio=0.25))
+    assert read == [str(tiny_checkpoint)]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_experts == 6
+
+
 def test_output_directory_holding_a_model(tiny_checkpoint, tmp_path):
     save_metrics(hand_metrics({"reap": TIED_ROWS[:2]}), tmp_path / "obs.pt")
     out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "out", PruneConfig(compression_ratio=0.25))

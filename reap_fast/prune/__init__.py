@@ -179,9 +179,9 @@ def prune_checkpoint(
         from_source = source_checkpoint(model_path) is not None
         check_prune_memory(model_path, model_config, config, from_source)
         if from_source:
-            model, tokenizer = load_skeleton(str(model_path), dtype=config.dtype)
+            model, tokenizer = load_skeleton(str(model_path), dtype=config.dtype, config=model_config)
         else:
-            model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype)
+            model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype, config=model_config)
         check_metrics_match(model, metrics, str(metrics_path))
         routing = model_routing(model)
         keep = select_experts(metrics, config, top_k=routing["top_k"], groups=routing["groups"])
@@ -205,6 +205,7 @@ def prune_checkpoint(
             if not from_source:
                 raise
             logger.warning("%s; loading the weights to save with save_pretrained", exc)
+            # the config again from disk: the skeleton shares model_config, and prune_model edited it
             model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype)
             prune_model(model, keep)
             return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=config.overwrite)
