@@ -93,11 +93,11 @@ test-latest: $(STAMP)
 
 # The quality study (README "Does the pruned model stay good?"); not part of CI. Resumes when interrupted.
 study: $(STAMP)
-	$(PY) -m reap_fast.lab.study
+	$(PY) -m reap_lab.study
 
 # One model, four methods, a few minutes: compared with the committed bench/quality/results.json.
 study-quick: $(STAMP)
-	$(PY) -m reap_fast.lab.study --quick
+	$(PY) -m reap_lab.study --quick
 
 # Planted bugs (tools/mutants.py): every one-line wrong decision must make its tests fail (not part of `make test`).
 mutants: $(STAMP)

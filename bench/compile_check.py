@@ -2,7 +2,7 @@
 
     python bench/compile_check.py [--arch 80 86 89 90] [--tuner N | --tuner -1] [--out table.md] [--jobs 2]
 
-No GPU needed: ``reap_kernels.compile_check`` compiles through ``fused_moe`` with a stand-in Triton
+No GPU needed: ``reap_lab.compile_check`` compiles through ``fused_moe`` with a stand-in Triton
 driver and reads registers and spills from the wheel's ``ptxas -v`` (one process per target, ``--jobs``
 at a time). Prints a markdown table (registers of each GEMM, the largest of the other kernels, spill
 bytes, shared memory against the per-block limit, resident blocks per SM) and exits 1 when a shipped
@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from reap_kernels.compile_check import TARGETS, format_table, run_parallel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reap_lab/ lives at the repository root, not installed
+from reap_lab.compile_check import TARGETS, format_table, run_parallel  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

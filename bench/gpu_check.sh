@@ -89,9 +89,10 @@ env_info() {
     "$PYTHON" -c "import liger_kernel; print('liger-kernel present')" || echo "liger-kernel absent (its baseline is skipped)"
 }
 
-install() {  # the package in development mode, else the two packages through symlinks; Liger if pip finds it
+install() {  # the package in development mode, else the two packages and reap_lab/ through symlinks; Liger if pip finds it
     "$PYTHON" -m pip install --no-deps --no-build-isolation -e . || {
         links=$(mktemp -d) && ln -s "$PWD/reap_fast" "$links/reap_fast" && ln -s "$PWD/reap_kernels" "$links/reap_kernels" \
+            && ln -s "$PWD/reap_lab" "$links/reap_lab" \
             && echo "$links" >"$OUT/pythonpath.txt" && echo "not installed; importing through $links"
     }
     "$PYTHON" -m pip install --no-deps liger-kernel 2>&1 | tail -n 2 || true
@@ -112,7 +113,7 @@ DEVICE_CONFIG=$([ "$DRY_RUN" = 1 ] && echo "$OUT/device_config.json" || device_c
 step tune "$PYTHON" bench/tune.py --out "$OUT/tuned_configs.json" --budget-s 95 --merge-into "$DEVICE_CONFIG"
 [ -s "$DEVICE_CONFIG" ] && cp "$DEVICE_CONFIG" "$OUT/device_config.json" 2>/dev/null
 arch=$([ "$DRY_RUN" = 1 ] && echo 90 || "$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
-step compile_check "$PYTHON" -m reap_kernels.compile_check --arch "${arch:-90}" --json "$OUT/compile_check.json"
+step compile_check "$PYTHON" -m reap_lab.compile_check --arch "${arch:-90}" --json "$OUT/compile_check.json"
 step bench "${PYTEST[@]}" bench/test_moe_layer.py --benchmark-json="$OUT/bench_moe_layer.json" \
     --benchmark-columns=min,median,rounds
 REAP_FAST_BENCH_JSON="$OUT/bench_moe_layer.json" step bench_targets "${PYTEST[@]}" tests/test_bench_targets.py

@@ -24,8 +24,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reap_lab/ lives at the repository root, not installed
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -33,7 +36,7 @@ if not CUDA:
 
 import torch.nn.functional as F  # noqa: E402
 
-from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config  # noqa: E402
+from reap_lab.tiny import build_model, tiny_qwen3_moe_config  # noqa: E402
 from reap_fast.merge_metrics import MERGE_KEYS  # noqa: E402
 from reap_fast.models import find_moe_layers  # noqa: E402
 from reap_fast.observe import Observer  # noqa: E402

@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reap_lab/ lives at the repository root, not installed
+
 
 def make(folder: Path, layers: int, experts: int, hidden: int, moe_intermediate: int) -> None:
-    from reap_fast.lab.tiny import build_model, byte_tokenizer, tiny_qwen3_moe_config
+    from reap_lab.tiny import build_model, byte_tokenizer, tiny_qwen3_moe_config
 
     config = tiny_qwen3_moe_config(
         num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=8, hidden_size=hidden,

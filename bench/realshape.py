@@ -15,11 +15,14 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reap_lab/ lives at the repository root, not installed
 
 QWEN3_30B_A3B = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -80,7 +83,7 @@ def make(folder: Path, layers: int, seed: int = 0, vocab: int = QWEN3_30B_A3B["v
     """Write the checkpoint (config, byte tokenizer, one shard per layer + one for the rest)."""
     from safetensors.torch import save_file
 
-    from reap_fast.lab.tiny import byte_tokenizer, tiny_qwen3_moe_config
+    from reap_lab.tiny import byte_tokenizer, tiny_qwen3_moe_config
     from reap_fast.models.checkpoint_index import layer_of
 
     folder.mkdir(parents=True, exist_ok=True)

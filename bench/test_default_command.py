@@ -52,7 +52,7 @@ ARGV = ["--dataset_name", CHAT_DATASET, "--seed", "0", "--prune_method", "reap",
 _BUILD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-from reap_fast.lab.tiny import byte_tokenizer, tiny_qwen3_moe_config
+from reap_lab.tiny import byte_tokenizer, tiny_qwen3_moe_config
 folder, layers, shape = sys.argv[1], int(sys.argv[2]), eval(sys.argv[3])
 torch.manual_seed(0)
 config = tiny_qwen3_moe_config(num_hidden_layers=layers, **shape)

@@ -40,8 +40,8 @@ def observer_call_inputs():
             torch.empty(tokens, top_k, dtype=torch.bfloat16),
         )
         accumulators = {name: torch.empty(num_experts, dtype=dtype) for name, dtype in STATISTICS_DTYPES.items()}
-        accumulators.update(tokens=torch.empty((), dtype=torch.int64),
-                            pairwise=torch.empty(num_experts, num_experts, dtype=torch.int64))
+        accumulators.update(total_tokens=torch.empty((), dtype=torch.int64),
+                            pairwise_expert_frequency=torch.empty(num_experts, num_experts, dtype=torch.int64))
         kwargs = dict(gates=reap_kernels.RouterGate(torch.empty(tokens, num_experts, dtype=torch.bfloat16), True),
                       token_mask=torch.empty(tokens, dtype=torch.bool), accumulators=accumulators)
     return args, kwargs

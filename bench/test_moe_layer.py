@@ -59,7 +59,7 @@ from roofline import throughput
 
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.triton_engine import triton_experts_forward
-from reap_fast.lab.tiny import tiny_qwen3_moe_config
+from reap_lab.tiny import tiny_qwen3_moe_config
 
 CUDA = torch.cuda.is_available()
 if CUDA:

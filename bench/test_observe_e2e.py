@@ -40,7 +40,7 @@ from reap_fast.data import CalibrationSet
 from reap_fast.observe.session import Observer
 from reap_fast.observe.settings import process_settings
 from reap_fast.observe.streaming import StreamingReport, observe_streaming
-from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -16,7 +16,7 @@ if one exists, else ``default.json``), one stage at a time, each stage starting 
     combine     block_h x num_warps  (512, 1024) x (4, 8)
 
 (``reap_kernels.config.TUNING_AXES``.) That is at most ~75 candidates per T, one new GEMM kernel to
-compile each. On CUDA every candidate first goes through ``reap_kernels.compile_check`` for this
+compile each. On CUDA every candidate first goes through ``reap_lab.compile_check`` for this
 device's compute capability: one that spills registers or needs more shared memory than a block may
 have is skipped before it is timed ("unfit"). A candidate that fails to launch is skipped, and so is
 one whose output or statistics differ from the current config's beyond the dtype's tolerance. Timing:
@@ -52,6 +52,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # reap_lab/ lives at the repository root, not installed
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -217,7 +219,7 @@ def compile_fit(layer: Layer) -> Callable[[MoEConfig], list[str]]:
     """
     if not CUDA:
         return lambda config: []
-    from reap_kernels.compile_check import CompileChecker, LayerShape
+    from reap_lab.compile_check import CompileChecker, LayerShape
 
     major, minor = torch.cuda.get_device_capability()
     checker, (num_experts, top_k, hidden, inter) = CompileChecker(), layer.shape

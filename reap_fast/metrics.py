@@ -78,18 +78,18 @@ class MetricsFileError(ReapFastError, ValueError):
 
 @dataclass
 class BatchStats:
-    """Statistics of one MoE forward call, as an engine produces them (all on the device).
+    """Statistics of one MoE forward call, as an engine produces them (all on the device), named as the file's keys.
 
-    ``tokens`` is the number of non-padding tokens; the per-expert tensors have length E and cover
-    only routed, non-padding (token, expert) pairs. ``max_activation`` is -inf for unused experts.
+    ``total_tokens`` is the number of non-padding tokens; the per-expert tensors have length E and cover
+    only routed, non-padding (token, expert) pairs. ``max_activations`` is -inf for unused experts.
     """
 
-    tokens: torch.Tensor  # () int64
-    count: torch.Tensor  # (E,) int32 or int64
+    total_tokens: torch.Tensor  # () int64
+    expert_frequency: torch.Tensor  # (E,) int32 or int64
     ean_sum: torch.Tensor  # (E,) float32 or float64
     weighted_ean_sum: torch.Tensor  # (E,) float32 or float64
-    gate_sum: torch.Tensor  # (E,) float32 or float64
-    max_activation: torch.Tensor  # (E,) float32
+    weighted_expert_frequency_sum: torch.Tensor  # (E,) float32 or float64
+    max_activations: torch.Tensor  # (E,) float32
 
 
 class LayerAccumulator:
@@ -112,20 +112,22 @@ class LayerAccumulator:
 
     def add(self, batch: BatchStats) -> None:
         """Fold one forward call's statistics in (no host synchronisation)."""
-        if batch.count.shape != (self.num_experts,):
-            raise ValueError(f"batch statistics have {tuple(batch.count.shape)} experts, layer has {self.num_experts}")
-        count = batch.count.to(torch.int64)
-        self.total_tokens += batch.tokens.to(torch.int64)
+        if batch.expert_frequency.shape != (self.num_experts,):
+            raise ValueError(
+                f"batch statistics have {tuple(batch.expert_frequency.shape)} experts, layer has {self.num_experts}"
+            )
+        count = batch.expert_frequency.to(torch.int64)
+        self.total_tokens += batch.total_tokens.to(torch.int64)
         self.expert_frequency += count
         # Upstream adds f_i + f_j of every batch; the sum over batches equals F_i + F_j of the totals.
         self.pairwise_expert_frequency += count.unsqueeze(0) + count.unsqueeze(1)
         self.ean_sum += batch.ean_sum.to(torch.float64)
         self.weighted_ean_sum += batch.weighted_ean_sum.to(torch.float64)
-        self.weighted_expert_frequency_sum += batch.gate_sum.to(torch.float64)
-        torch.maximum(self.max_activations, batch.max_activation.to(torch.float32), out=self.max_activations)
+        self.weighted_expert_frequency_sum += batch.weighted_expert_frequency_sum.to(torch.float64)
+        torch.maximum(self.max_activations, batch.max_activations.to(torch.float32), out=self.max_activations)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The raw accumulators, for checkpoints and all-reduce (keys are stable)."""
+    def reap_tensors(self) -> dict[str, torch.Tensor]:
+        """The running REAP totals under the file's keys (what the Triton kernels add into in place)."""
         return {
             "total_tokens": self.total_tokens,
             "expert_frequency": self.expert_frequency,
@@ -134,8 +136,11 @@ class LayerAccumulator:
             "weighted_ean_sum": self.weighted_ean_sum,
             "weighted_expert_frequency_sum": self.weighted_expert_frequency_sum,
             "max_activations": self.max_activations,
-            **(self.merging.state_tensors() if self.merging is not None else {}),
         }
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The raw accumulators, for checkpoints and all-reduce (keys are stable)."""
+        return {**self.reap_tensors(), **(self.merging.state_tensors() if self.merging is not None else {})}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         """Restore accumulators saved by :meth:`state_tensors` (used by resume)."""

@@ -5,18 +5,21 @@ of the unweighted expert row y[p] (``pair_norm``, ``pair_max``, fp32). The align
 each expert's pairs contiguously (``sorted_pair_ids[expert_start[e] : expert_start[e] + counts[e]]``,
 in token order), so program e walks exactly those rows, drops the pairs of masked tokens, and writes
 
-* ``count[e]``            number of counted pairs (int64)
-* ``ean_sum[e]``          sum ||y||          (fp64)
-* ``weighted_ean_sum[e]`` sum g * ||y||      (fp64)
-* ``gate_sum[e]``         sum g              (fp64)
-* ``max_activation[e]``   max over the rows of max_j y_j (fp32; -inf when no pair is counted; NaN when
-                          a counted row holds a NaN, as torch's ``amax`` / ``maximum`` propagate it)
+* ``expert_frequency[e]``              number of counted pairs (int64)
+* ``ean_sum[e]``                       sum ||y||          (fp64)
+* ``weighted_ean_sum[e]``              sum g * ||y||      (fp64)
+* ``weighted_expert_frequency_sum[e]`` sum g              (fp64)
+* ``max_activations[e]``               max over the rows of max_j y_j (fp32; -inf when no pair is counted;
+                                        NaN when a counted row holds a NaN, as torch's ``amax`` /
+                                        ``maximum`` propagate it)
 
-Every program also counts the counted tokens of a 1/E slice of T into ``tokens`` (() int64, by an
+(upstream's observation-file keys, the names every caller uses).
+
+Every program also counts the counted tokens of a 1/E slice of T into ``total_tokens`` (() int64, by an
 integer atomic add; without ``accumulators`` it starts from a zeroed tensor). With ``ACCUMULATE``
-the kernel adds its results into running totals instead (``max_activation``: the maximum), e.g. the
-accumulators of a layer, and adds ``count[i] + count[j]`` into the (E, E) ``pairwise`` co-occurrence
-totals, so one launch does the whole statistics update of a MoE call.
+the kernel adds its results into running totals instead (``max_activations``: the maximum), e.g. the
+accumulators of a layer, and adds ``expert_frequency[i] + expert_frequency[j]`` into the (E, E)
+``pairwise_expert_frequency`` totals, so one launch does the whole statistics update of a MoE call.
 
 No floating-point atomics: every float output element is written by one program, and the summation
 order depends only on the routing, so the statistics are bitwise reproducible from run to run. (The
@@ -45,13 +48,13 @@ def _expert_stats_kernel(
     # max_j y[p, j] (and g when GATES_IN_PAIRS), from combine
     gates_ptr,  # float: REAP gate g of each pair (T, k), read through stride_gt, stride_gk (unless GATES_IN_PAIRS)
     mask_ptr,  # (T,) bool, any stride: True = token counted (read only when HAS_MASK)
-    tokens_ptr,  # () int64 in/out: counted tokens are added (atomically)
-    count_ptr,  # (E,) int64 out
-    ean_ptr,  # (E,) fp64 out
-    weighted_ean_ptr,  # (E,) fp64 out
-    gate_sum_ptr,  # (E,) fp64 out
-    max_ptr,  # (E,) fp32 out
-    pairwise_ptr,  # (E, E) int64 in/out (only with PAIRWISE)
+    total_tokens_ptr,  # () int64 in/out: counted tokens are added (atomically)
+    expert_frequency_ptr,  # (E,) int64 out
+    ean_sum_ptr,  # (E,) fp64 out
+    weighted_ean_sum_ptr,  # (E,) fp64 out
+    weighted_expert_frequency_sum_ptr,  # (E,) fp64 out
+    max_activations_ptr,  # (E,) fp32 out
+    pairwise_expert_frequency_ptr,  # (E, E) int64 in/out (only with PAIRWISE)
     counts_offset,  # where counts start in the Alignment buffer (expert_start follows)
     pairs_offset,
     num_tokens,
@@ -62,7 +65,7 @@ def _expert_stats_kernel(
     stride_gk,
     HAS_MASK: tl.constexpr,
     GATES_IN_PAIRS: tl.constexpr,
-    ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_ptr) instead of overwriting them
+    ACCUMULATE: tl.constexpr,  # add into the outputs (maximum for max_activations_ptr) instead of overwriting them
     PAIRWISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -79,7 +82,7 @@ def _expert_stats_kernel(
             tokens += tl.load(mask_ptr + offs.to(tl.int64) * stride_mask, mask=offs < slice_end, other=0).to(tl.int64)
         else:
             tokens += (offs < slice_end).to(tl.int64)
-    tl.atomic_add(tokens_ptr, tl.sum(tokens, axis=0))
+    tl.atomic_add(total_tokens_ptr, tl.sum(tokens, axis=0))
 
     num_pairs = num_tokens * top_k
     if GATES_IN_PAIRS:
@@ -109,59 +112,61 @@ def _expert_stats_kernel(
         row_max = tl.maximum(row_max, pair_max)
         has_nan |= (pair_max != pair_max).to(tl.int32)
     expert_count = tl.sum(count, axis=0)
-    _update(count_ptr + expert, expert_count, ACCUMULATE)
-    _update(ean_ptr + expert, tl.sum(ean, axis=0), ACCUMULATE)
-    _update(weighted_ean_ptr + expert, tl.sum(weighted_ean, axis=0), ACCUMULATE)
-    _update(gate_sum_ptr + expert, tl.sum(gate_sum, axis=0), ACCUMULATE)
+    _update(expert_frequency_ptr + expert, expert_count, ACCUMULATE)
+    _update(ean_sum_ptr + expert, tl.sum(ean, axis=0), ACCUMULATE)
+    _update(weighted_ean_sum_ptr + expert, tl.sum(weighted_ean, axis=0), ACCUMULATE)
+    _update(weighted_expert_frequency_sum_ptr + expert, tl.sum(gate_sum, axis=0), ACCUMULATE)
     expert_max = tl.max(row_max, axis=0)
     expert_nan = tl.max(has_nan, axis=0) != 0
     if ACCUMULATE:
-        running = tl.load(max_ptr + expert)
+        running = tl.load(max_activations_ptr + expert)
         expert_max = tl.maximum(expert_max, running)
         expert_nan = expert_nan | (running != running)
-    tl.store(max_ptr + expert, tl.where(expert_nan, float("nan"), expert_max))
+    tl.store(max_activations_ptr + expert, tl.where(expert_nan, float("nan"), expert_max))
     if PAIRWISE:  # row e and column e each get count[e]: element (i, j) gains count[i] + count[j]
         for first in range(0, num_experts, BLOCK):
             other = first + tl.arange(0, BLOCK)
             ok = other < num_experts
             add = tl.zeros((BLOCK,), dtype=tl.int64) + expert_count
-            tl.atomic_add(pairwise_ptr + expert * num_experts + other, add, mask=ok)
-            tl.atomic_add(pairwise_ptr + other * num_experts + expert, add, mask=ok)
+            tl.atomic_add(pairwise_expert_frequency_ptr + expert * num_experts + other, add, mask=ok)
+            tl.atomic_add(pairwise_expert_frequency_ptr + other * num_experts + expert, add, mask=ok)
 
 
+# The statistics under the keys of upstream's observation files (reap_fast.metrics saves them as they are).
 STATISTICS_DTYPES = {
-    "count": torch.int64,
+    "expert_frequency": torch.int64,
     "ean_sum": torch.float64,
     "weighted_ean_sum": torch.float64,
-    "gate_sum": torch.float64,
-    "max_activation": torch.float32,
+    "weighted_expert_frequency_sum": torch.float64,
+    "max_activations": torch.float32,
 }
+PAIRWISE_KEY = "pairwise_expert_frequency"  # the optional (E, E) running total
 
 
 def statistics_buffers(num_experts: int, device: torch.device, *, filled: bool) -> dict[str, torch.Tensor]:
-    """The per-call statistics tensors ((E,) each, plus () ``tokens``, always zeroed); ``filled``: the values
+    """The per-call statistics tensors ((E,) each, plus () ``total_tokens``, always zeroed); ``filled``: the values
     of no counted pair (0, max -inf), else uninitialised."""
     stats = {name: torch.empty(num_experts, dtype=dtype, device=device) for name, dtype in STATISTICS_DTYPES.items()}
-    stats["tokens"] = torch.zeros((), dtype=torch.int64, device=device)  # the kernel adds into it
+    stats["total_tokens"] = torch.zeros((), dtype=torch.int64, device=device)  # the kernel adds into it
     if filled:
         for name, tensor in stats.items():
-            if name != "tokens":
-                tensor.fill_(float("-inf") if name == "max_activation" else 0)
+            if name != "total_tokens":
+                tensor.fill_(float("-inf") if name == "max_activations" else 0)
     return stats
 
 
 def check_accumulators(accumulators: dict[str, torch.Tensor], num_experts: int, device: torch.device) -> None:
     """Raise ``ValueError`` unless ``accumulators`` holds the statistics tensors (and optionally
-    ``pairwise`` (E, E) int64) with the right shapes, dtypes and device, contiguous."""
-    expected = {**STATISTICS_DTYPES, "tokens": torch.int64, "pairwise": torch.int64}
+    ``pairwise_expert_frequency`` (E, E) int64) with the right shapes, dtypes and device, contiguous."""
+    expected = {**STATISTICS_DTYPES, "total_tokens": torch.int64, PAIRWISE_KEY: torch.int64}
     for name, tensor in accumulators.items():
         if name not in expected:
             raise ValueError(f"unknown accumulator {name!r}; expected {', '.join(expected)}")
-        shape = () if name == "tokens" else (num_experts, num_experts) if name == "pairwise" else (num_experts,)
+        shape = () if name == "total_tokens" else (num_experts, num_experts) if name == PAIRWISE_KEY else (num_experts,)
         if tuple(tensor.shape) != shape or tensor.dtype != expected[name] or tensor.device != device or not tensor.is_contiguous():
             raise ValueError(f"accumulator {name!r} must be a contiguous {expected[name]} tensor of shape {shape} on {device}, "
                              f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
-    missing = [name for name in expected if name != "pairwise" and name not in accumulators]
+    missing = [name for name in expected if name != PAIRWISE_KEY and name not in accumulators]
     if missing:
         raise ValueError(f"accumulators missing: {', '.join(missing)}")
 
@@ -186,14 +191,14 @@ def expert_statistics(
     num_experts = alignment.num_experts
     pairs, pairs_offset = (alignment.buffer, alignment.pairs_offset) if pairs is None else (pairs, 0)
     stats = accumulators if accumulators is not None else statistics_buffers(num_experts, pairs.device, filled=False)
-    pairwise = stats.get("pairwise")
+    pairwise = stats.get(PAIRWISE_KEY)
     gate_strides = (top_k, 1) if gates is None else gates.stride()
     _expert_stats_kernel[(num_experts,)](
         alignment.buffer, pairs, gates if gates is not None else pairs,
         token_mask if token_mask is not None else pairs,  # never read without a mask
-        stats["tokens"], stats["count"], stats["ean_sum"], stats["weighted_ean_sum"], stats["gate_sum"],
-        stats["max_activation"],
-        pairwise if pairwise is not None else stats["count"],  # never touched without PAIRWISE
+        stats["total_tokens"], stats["expert_frequency"], stats["ean_sum"], stats["weighted_ean_sum"],
+        stats["weighted_expert_frequency_sum"], stats["max_activations"],
+        pairwise if pairwise is not None else stats["expert_frequency"],  # never touched without PAIRWISE
         alignment.num_rows + alignment.max_blocks, pairs_offset, alignment.num_pairs // top_k, num_experts, top_k,
         token_mask.stride(0) if token_mask is not None else 0, *gate_strides,
         # constexprs by position (no keyword binding per call): HAS_MASK, GATES_IN_PAIRS, ACCUMULATE, PAIRWISE, BLOCK

@@ -7,7 +7,7 @@
                       down_proj.py ─> y (S, H)  h W_down (+ bias), unweighted
                       combine.py ──> out (T, H) sum_slot y * w        and, with statistics on,
                                      ||y|| and max(y) of every pair (T*k,)
-                      expert_stats.py ─> count / ean / weighted_ean / gate_sum / max per expert
+                      expert_stats.py ─> the statistics per expert, under upstream's file keys
                                      (one program per expert over its sorted pairs: no atomics)
 
 ``fused_moe`` validates every input (``validate.py``: one-line ``ValueError`` messages, ``UnsupportedInputError``
@@ -66,17 +66,18 @@ def fused_moe(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Routed MoE forward; returns ``(out (T, H) in the input dtype, stats or None)``.
 
-    ``stats`` (only when ``gates`` is given) holds per-expert (E,) tensors: ``count`` int64,
-    ``ean_sum``, ``weighted_ean_sum``, ``gate_sum`` fp64 and ``max_activation`` fp32 (-inf for experts
-    without counted pairs), plus ``tokens`` () int64, the number of counted tokens. They are bitwise
+    ``stats`` (only when ``gates`` is given) holds, under the keys of upstream's observation files,
+    per-expert (E,) tensors: ``expert_frequency`` int64, ``ean_sum``, ``weighted_ean_sum``,
+    ``weighted_expert_frequency_sum`` fp64 and ``max_activations`` fp32 (-inf for experts without counted
+    pairs), plus ``total_tokens`` () int64, the number of counted tokens. They are bitwise
     reproducible: no float atomics, a summation order fixed by the routing. With ``accumulators``
-    (tensors of those names, dtypes and shapes, optionally ``pairwise`` (E, E) int64) the statistics
-    kernel adds this call's statistics into them (maximum for ``max_activation``; ``pairwise[i, j]``
-    gains ``count[i] + count[j]``) and ``stats`` is ``accumulators``. ``gates`` may be a
+    (tensors of those names, dtypes and shapes, optionally ``pairwise_expert_frequency`` (E, E) int64) the
+    statistics kernel adds this call's statistics into them (maximum for ``max_activations``;
+    ``pairwise_expert_frequency[i, j]`` gains ``expert_frequency[i] + expert_frequency[j]``) and ``stats`` is ``accumulators``. ``gates`` may be a
     :class:`~reap_kernels.router_gate.RouterGate` (the router's logits): the combine kernel then computes
     REAP's g itself (no router GEMM, softmax or gather outside the kernels).
 
-    Launches: alignment + gate_up + down + combine (+ statistics kernel, + a zero fill of ``tokens``
+    Launches: alignment + gate_up + down + combine (+ statistics kernel, + a zero fill of ``total_tokens``
     without ``accumulators``); no host synchronisation.
     Every launch runs on the device of ``hidden_states`` (not the current CUDA device), with the block
     sizes looked up for that device's name.

@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 
 from .config import GemmConfig, MoEConfig
-from .expert_stats import STATISTICS_DTYPES
+from .expert_stats import PAIRWISE_KEY, STATISTICS_DTYPES
 from .router_gate import RouterGate
 
-ACCUMULATOR_NAMES = ("tokens", *STATISTICS_DTYPES, "pairwise")  # "pairwise" is optional (last)
-STATS_NAMES = ("tokens", *STATISTICS_DTYPES)
+ACCUMULATOR_NAMES = ("total_tokens", *STATISTICS_DTYPES, PAIRWISE_KEY)  # the pairwise total is optional (last)
+STATS_NAMES = ("total_tokens", *STATISTICS_DTYPES)
 
 
 def config_to_ints(config: MoEConfig | None) -> list[int] | None:

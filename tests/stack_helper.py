@@ -4,7 +4,7 @@ the way that version saves them, and load folders to record their greedy generat
     python tests/stack_helper.py make OUT_DIR FAMILY [FAMILY ...]   # OUT_DIR/FAMILY, bf16, sharded
     python tests/stack_helper.py generate RESULT.json FOLDER [FOLDER ...]
 
-Only torch, tokenizers and transformers are imported (plus reap_fast.lab.tiny's byte tokenizer, which
+Only torch, tokenizers and transformers are imported (plus reap_lab.tiny's byte tokenizer, which
 works under both versions), so the upstream venv needs no reap-fast install.
 """
 
@@ -18,7 +18,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reap_fast.lab.tiny import byte_tokenizer  # noqa: E402
+from reap_lab.tiny import byte_tokenizer  # noqa: E402
 
 PROMPT_IDS = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]
 NEW_TOKENS = 8
@@ -30,7 +30,7 @@ _COMMON = dict(
 )  # fmt: skip
 _NO_HEAD_DIM = {key: value for key, value in _COMMON.items() if key != "head_dim"}
 
-# family -> (config class name, keyword arguments): the sizes of reap_fast.lab.families_tiny, 8 experts, top-2
+# family -> (config class name, keyword arguments): the sizes of reap_lab.families_tiny, 8 experts, top-2
 FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(
         _COMMON, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reap_fast.cli import main
 from reap_fast.metrics import METRIC_DTYPES, load_metrics
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Compile checks for sm_80, sm_86, sm_89 and sm_90 without a GPU (see reap_kernels/compile_check.py).
+"""Compile checks for sm_80, sm_86, sm_89 and sm_90 without a GPU (see reap_lab/compile_check.py).
 
 Every shipped config (reap_kernels/configs/) is compiled through ``fused_moe`` for each target it is used
 on, at the Qwen3-30B-A3B, Qwen3.5-35B-A3B and gpt-oss-20b layer shapes, and must compile with no
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from reap_kernels.compile_check import SHAPES, SHARED_LIMIT, TARGETS, run_parallel, tuner_space
+from reap_lab.compile_check import SHAPES, SHARED_LIMIT, TARGETS, run_parallel, tuner_space
 
 try:
     from triton.backends.nvidia.compiler import get_ptxas

@@ -23,7 +23,7 @@ from reap_fast.data import (
     load_documents,
     parse_dataset_spec,
 )
-from reap_fast.lab.tiny import byte_tokenizer
+from reap_lab.tiny import byte_tokenizer
 
 EOS, PAD = 256, 257  # byte_tokenizer: <|endoftext|>, <|pad|>; byte b has id b
 # The documented document order for seed 42 (the default), upstream's sampler: random.Random(42).randint(0, n - 1)

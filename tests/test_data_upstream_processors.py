@@ -7,7 +7,7 @@ import json
 import pytest
 
 from reap_fast.data import UPSTREAM_PROCESSORS, CategorySpec, load_documents
-from reap_fast.lab.tiny import byte_tokenizer
+from reap_lab.tiny import byte_tokenizer
 
 # Renders roles, contents, tool calls (name + JSON arguments) and the names of the tools passed.
 TEMPLATE = (

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 from reap_fast.fileio import size_on_disk
-from reap_fast.lab.families_tiny import tiny_family_config
-from reap_fast.lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
+from reap_lab.families_tiny import tiny_family_config
+from reap_lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
 from reap_fast.metrics import save_metrics
 from reap_fast.models.disk_estimate import HEADER_BYTES, side_files_bytes, written_bytes
 from reap_fast.models.loading import load_config

@@ -20,7 +20,7 @@ from reap_fast.config import ObserveConfig
 from reap_fast.metrics import METRIC_DTYPES, LayerAccumulator, load_metrics
 from reap_fast.observe import observe_checkpoint
 from reap_fast.observe.distributed import all_reduce_accumulators, init_distributed, is_main_process, rank_and_world
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 SETTINGS = dict(samples_per_category=5, model_max_length=40, batch_size=1, seed=3, engine="reference", device="cpu",
                 dtype="float32", progress=False)

@@ -27,10 +27,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from reap_fast.cli import main as cli_main
-from reap_fast.lab.families_tiny import tiny_family_config
+from reap_lab.families_tiny import tiny_family_config
 from reap_fast.metrics import METRIC_DTYPES, load_metrics
 from reap_fast.prune.__main__ import main as dropin_main
-from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint
+from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint
 
 NUM_GROUPS, GROUP_SIZE = 4, 4
 OBSERVE = ["--model-max-length", "64", "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--engine",

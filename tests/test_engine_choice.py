@@ -9,7 +9,7 @@ import torch
 from reap_fast.cli import main
 from reap_fast.config import ObserveConfig
 from reap_fast.errors import EngineUnavailableError
-from reap_fast.lab.tiny import build_model, make_tiny_checkpoint, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, make_tiny_checkpoint, tiny_qwen3_moe_config
 from reap_fast.models import find_moe_layers
 from reap_fast.observe import observe_checkpoint, settings
 from reap_fast.observe.engine_choice import choose_engine
@@ -84,3 +84,30 @@ def test_explicit_triton_is_refused_in_one_line_before_calibration(tmp_path, cap
         "reap-fast observe: error: --engine triton cannot observe this model: layer 0: Qwen3MoeExperts: "
         "activation GELUActivation is not supported by the triton engine (silu only)"
     ]
+
+
+def test_engine_registry_is_the_config_choices_registered_through_transformers_public_api():
+    """ENGINES (name -> function) holds every --engine choice but auto; register_engine puts a wrapper into
+    transformers' public experts mapping (idempotent), a model switched to it gives the stock output, and an
+    unknown name is a one-line error naming the choices."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from reap_fast.config.observe import ENGINE_CHOICES
+    from reap_fast.observe.engines import ENGINES, get_engine, register_engine
+    from reap_fast.observe.reference import reference_experts_forward
+
+    assert set(ENGINES) == set(ENGINE_CHOICES) - {"auto"}
+    assert get_engine("reference") is reference_experts_forward
+    with pytest.raises(EngineUnavailableError, match="^unknown engine 'fast'; choose one of: reference, triton$"):
+        get_engine("fast")
+    key = register_engine("reference")
+    assert key == "reap_fast_reference" and key in ALL_EXPERTS_FUNCTIONS
+    wrapper = ALL_EXPERTS_FUNCTIONS[key]
+    assert register_engine("reference") == key and ALL_EXPERTS_FUNCTIONS[key] is wrapper
+    model = build_model(tiny_qwen3_moe_config(), dtype=torch.float32)
+    ids = torch.arange(12).reshape(2, 6) % 200
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        model.set_experts_implementation(key)
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from reap_fast.data import CalibrationSet
 from reap_fast.evaluate import EvalRows, pack_texts, perplexity
-from reap_fast.lab.tiny import byte_tokenizer
+from reap_lab.tiny import byte_tokenizer
 
 
 class TableModel(torch.nn.Module):
@@ -148,7 +148,7 @@ def test_errors():
 
 
 def test_real_model_runs():
-    from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+    from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 
     model = build_model(tiny_qwen3_moe_config(num_hidden_layers=1, num_experts=4), seed=0)
     tokenizer = byte_tokenizer()
@@ -196,7 +196,7 @@ def test_a_refusal_in_the_child_comes_back_as_one_line(tmp_path):
     from reap_fast.config import EvalConfig
     from reap_fast.evaluate import EvalError
     from reap_fast.evaluate.heldout import perplexity_in_child
-    from reap_fast.lab.tiny import make_tiny_checkpoint
+    from reap_lab.tiny import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(tmp_path / "model", num_hidden_layers=1)
     texts_file = tmp_path / "texts.json"

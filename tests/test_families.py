@@ -7,11 +7,11 @@ import pytest
 from oracle import assert_metrics_close
 from test_reference import _batch, _observe, _oracle
 
-from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.models import UnsupportedModelError
 from reap_fast.pipeline import Pipeline, PipelineConfig
 from reap_fast.prune import PruneConfig, SelectionError, check_prune_budget
-from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint
+from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))

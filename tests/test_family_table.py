@@ -1,5 +1,5 @@
 """A family is described once: its adapter entry (reap_fast/models/families.py) and its tiny config
-(reap_fast/lab/families_tiny.py).
+(reap_lab/families_tiny.py).
 
 The set of families comes from the adapter table; every part of reap-fast that depends on the family
 (layer streaming, the Triton kernel layout, the count keys of a pruned config.json) must answer for each
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.models import ADAPTERS, UnsupportedModelError, find_moe_layers
 from reap_fast.observe.input_scaled import TransposedExpertsView
 from reap_fast.observe.streaming import STREAMING_FAMILIES, build_skeleton, streaming_supported

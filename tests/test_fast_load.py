@@ -3,8 +3,8 @@ every tensor (values, dtype, shape), every buffer, tied weights and the logits, 
 
 import pytest
 import torch
-from reap_fast.lab.families_tiny import tiny_family_config
-from reap_fast.lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
+from reap_lab.families_tiny import tiny_family_config
+from reap_lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
 from reap_fast.models import ADAPTERS
 from reap_fast.models.fast_load import load_weights
 from reap_fast.models.loading import load_config, load_model

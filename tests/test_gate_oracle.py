@@ -15,12 +15,12 @@ import torch
 from gate_table import NATIVE_RENORMALISED, ROUTERS, gates64, limit_to_groups, renormalised, route64
 from oracle import assert_metrics_close, merge_oracle, oracle_layer_stats
 
-from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import LayerAccumulator
 from reap_fast.models import find_moe_layers
 from reap_fast.observe import Observer
 from reap_fast.observe.reference import expert_statistics
-from reap_fast.lab.tiny import build_model
+from reap_lab.tiny import build_model
 
 GROUPED = {"n_group": 4, "topk_group": 2}
 # (family, top-k, config overrides): every row of the table with each norm_topk_prob value it reads
@@ -216,9 +216,9 @@ def test_expert_whose_tokens_are_all_masked_counts_nothing_while_others_count():
 # Router logits chosen so the softmax is exact: t0 [ln 3, 0] -> p = (.75, .25); t1 [0, ln 4] -> (.2, .8);
 # t2 [ln 9, 0] -> (.9, .1). Top-1 picks e0, e1, e0. Expert outputs (3-4-5 triangles):
 # y(t0, e0) = (3, 4), |y| = 5;  y(t1, e1) = (5, 12), |y| = 13;  y(t2, e0) = (6, 8), |y| = 10.
-#   raw g:           e0: freq 2, ean_sum 15, weighted .75*5 + .9*10 = 12.75, gate_sum 1.65, reap 6.375, max 8
-#                    e1: freq 1, ean_sum 13, weighted .8*13 = 10.4, gate_sum .8, reap 10.4, max 12
-#   renormalised g:  every top-1 g is 1: weighted (15, 13), gate_sum (2, 1), reap (7.5, 13)
+#   raw g:           e0: freq 2, ean_sum 15, weighted .75*5 + .9*10 = 12.75, g sum 1.65, reap 6.375, max 8
+#                    e1: freq 1, ean_sum 13, weighted .8*13 = 10.4, g sum .8, reap 10.4, max 12
+#   renormalised g:  every top-1 g is 1: weighted (15, 13), g sum (2, 1), reap (7.5, 13)
 #   top-2 (k = E):   renormalising changes nothing (the two probabilities already sum to 1).
 
 HAND_LOGITS = torch.log(torch.tensor([[3.0, 1.0], [1.0, 4.0], [9.0, 1.0]]))

@@ -17,10 +17,10 @@ import torch
 
 from reap_fast.evaluate import harness
 from reap_fast.cli import main
-from reap_fast.lab.corpus import write_jsonl
+from reap_lab.corpus import write_jsonl
 from reap_fast.evaluate import HarnessError, HarnessSettings, comparison_rows, format_table
 from reap_fast.picture import draw, layer_pictures, picture_path
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 needs_lm_eval = pytest.mark.skipif(find_spec("lm_eval") is None, reason="lm-eval not installed (extra 'eval')")
 

@@ -31,16 +31,16 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import reap_kernels
-from reap_fast.lab.families_tiny import tiny_family_config
+from reap_lab.families_tiny import tiny_family_config
 from reap_fast.metrics import LayerAccumulator
 from reap_fast.observe.engines import EngineUnavailableError, register_engine
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.session import Observer
 from reap_fast.observe.triton_engine import triton_experts_forward
-from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the same tests run compiled kernels
-STAT_KEYS = ("count", "ean_sum", "weighted_ean_sum", "gate_sum", "max_activation")
+STAT_KEYS = ("expert_frequency", "ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum", "max_activations")
 TOL = {  # (out rtol, out atol, stats rtol, oracle rtol, oracle atol) -- justified in the module docstring
     torch.float32: (1e-5, 1e-5, 1e-5, 1e-4, 1e-5),
     torch.float16: (2e-3, 2e-3, 1e-4, 5e-3, 5e-3),
@@ -109,14 +109,14 @@ def run_case(experts, num_tokens, top_k, kind, masked, dtype, seed=1):
     out_rtol, out_atol, stats_rtol, oracle_rtol, oracle_atol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (num_tokens, hidden)
     torch.testing.assert_close(out, ref_out, rtol=out_rtol, atol=out_atol)
-    assert stats.count.dtype == torch.int64 and stats.ean_sum.dtype == torch.float64
-    assert int(stats.tokens) == int(ref_stats.tokens)
-    assert torch.equal(stats.count.long(), ref_stats.count.long())
+    assert stats.expert_frequency.dtype == torch.int64 and stats.ean_sum.dtype == torch.float64
+    assert int(stats.total_tokens) == int(ref_stats.total_tokens)
+    assert torch.equal(stats.expert_frequency.long(), ref_stats.expert_frequency.long())
     for key in STAT_KEYS[1:]:
         torch.testing.assert_close(getattr(stats, key).double(), getattr(ref_stats, key).double(),
                                    rtol=stats_rtol, atol=stats_rtol, msg=key)
-    unused = ref_stats.count == 0
-    assert torch.all(stats.max_activation[unused] == float("-inf"))
+    unused = ref_stats.expert_frequency == 0
+    assert torch.all(stats.max_activations[unused] == float("-inf"))
     accumulator = LayerAccumulator(num_experts, DEVICE)
     accumulator.add(stats)
     with torch.no_grad():
@@ -143,9 +143,9 @@ def test_qwen3_layer_matches_reference_and_oracle(num_experts, top_k, hidden, in
     experts = qwen3_experts(num_experts, top_k, hidden, inter, dtype)
     stats = run_case(experts, num_tokens, top_k, kind, masked, dtype)
     if kind == "unused":
-        assert int((stats.count == 0).sum()) >= num_experts // 2
+        assert int((stats.expert_frequency == 0).sum()) >= num_experts // 2
     if kind == "one_expert":
-        assert int(stats.count[num_experts - 1]) == num_tokens
+        assert int(stats.expert_frequency[num_experts - 1]) == num_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -163,7 +163,7 @@ def test_stats_off_same_output_no_stats():
         observed, stats = triton_experts_forward(experts, x, index, weights, gates, None)
     assert none is None and stats is not None
     assert torch.equal(plain, observed)
-    assert int(stats.tokens) == 37 and int(stats.count.sum()) == 37 * 2
+    assert int(stats.total_tokens) == 37 and int(stats.expert_frequency.sum()) == 37 * 2
 
 
 def test_all_tokens_masked_gives_empty_statistics():
@@ -173,8 +173,8 @@ def test_all_tokens_masked_gives_empty_statistics():
     out, stats = triton_experts_forward(experts, x, index, weights, gates, torch.zeros(9, dtype=torch.bool, device=DEVICE))
     ref_out, _ = reference_experts_forward(experts, x, index, weights)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)  # the output ignores the mask
-    assert int(stats.tokens) == 0 and int(stats.count.sum()) == 0
-    assert float(stats.ean_sum.abs().sum()) == 0.0 and torch.all(stats.max_activation == float("-inf"))
+    assert int(stats.total_tokens) == 0 and int(stats.expert_frequency.sum()) == 0
+    assert float(stats.ean_sum.abs().sum()) == 0.0 and torch.all(stats.max_activations == float("-inf"))
 
 
 def test_zero_tokens():
@@ -183,7 +183,7 @@ def test_zero_tokens():
         x = torch.zeros(0, 32)
         out, stats = triton_experts_forward(experts, x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2),
                                             torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool))
-    assert out.shape == (0, 32) and int(stats.count.sum()) == 0 and int(stats.tokens) == 0
+    assert out.shape == (0, 32) and int(stats.expert_frequency.sum()) == 0 and int(stats.total_tokens) == 0
 
 
 def test_align_docstring_example():
@@ -259,6 +259,22 @@ def test_alignment_edge_cases_match_a_pairwise_construction(num_tokens, top_k, n
     assert alignment.counts.cpu().tolist() == counts and alignment.expert_start.cpu().tolist() == starts
 
 
+def test_statistics_are_named_and_typed_as_the_observation_file_keys():
+    """One vocabulary: the kernels' statistics and running totals, BatchStats and the accumulator's totals carry
+    the file's keys and dtypes, so no engine translates names."""
+    from dataclasses import fields
+
+    from reap_fast.metrics import METRIC_DTYPES, BatchStats
+    from reap_kernels.registered import ACCUMULATOR_NAMES, STATS_NAMES
+
+    assert set(STATS_NAMES) == {field.name for field in fields(BatchStats)}
+    totals = LayerAccumulator(4).reap_tensors()
+    assert tuple(sorted(totals)) == tuple(sorted(ACCUMULATOR_NAMES))
+    assert {name: tensor.dtype for name, tensor in totals.items()} == {name: METRIC_DTYPES[name] for name in totals}
+    for name, dtype in reap_kernels.expert_stats.STATISTICS_DTYPES.items():
+        assert METRIC_DTYPES[name] == dtype, name
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_expert_statistics_reduce_pairs_exactly(masked):
     """The per-expert reduction against float64 index_add over the same per-pair values.
@@ -287,32 +303,32 @@ def test_expert_statistics_reduce_pairs_exactly(masked):
     counted = mask.repeat_interleave(top_k)
     expected_count = torch.zeros(num_experts, dtype=torch.int64).index_add_(0, flat[counted], torch.ones(int(counted.sum()), dtype=torch.int64))
     assert expected_count[0] > 2 * 128 and expected_count[5] == 0
-    assert torch.equal(stats["count"].cpu(), expected_count)
-    assert stats["tokens"].dtype == torch.int64 and int(stats["tokens"]) == int(mask.sum())
+    assert torch.equal(stats["expert_frequency"].cpu(), expected_count)
+    assert stats["total_tokens"].dtype == torch.int64 and int(stats["total_tokens"]) == int(mask.sum())
     norm64, gate64 = pair_norm.double()[counted], gates.reshape(-1).double()[counted]
     expected = {}
-    for key, values in (("ean_sum", norm64), ("weighted_ean_sum", gate64 * norm64), ("gate_sum", gate64)):
+    for key, values in (("ean_sum", norm64), ("weighted_ean_sum", gate64 * norm64), ("weighted_expert_frequency_sum", gate64)):
         expected[key] = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat[counted], values)
         assert stats[key].dtype == torch.float64
         torch.testing.assert_close(stats[key].cpu(), expected[key], rtol=1e-13, atol=0, msg=key)
     expected_max = torch.full((num_experts,), float("-inf")).scatter_reduce_(0, flat[counted], pair_max[counted], "amax")
-    assert torch.equal(stats["max_activation"].cpu(), expected_max)
+    assert torch.equal(stats["max_activations"].cpu(), expected_max)
 
     # accumulate mode: hand-made running totals gain exactly this call's statistics
     running = {
-        "tokens": torch.tensor(7), "count": torch.arange(num_experts), "pairwise": torch.ones(num_experts, num_experts, dtype=torch.int64),
+        "total_tokens": torch.tensor(7), "expert_frequency": torch.arange(num_experts), "pairwise_expert_frequency": torch.ones(num_experts, num_experts, dtype=torch.int64),
         "ean_sum": torch.full((num_experts,), 0.5, dtype=torch.float64), "weighted_ean_sum": torch.zeros(num_experts, dtype=torch.float64),
-        "gate_sum": torch.ones(num_experts, dtype=torch.float64), "max_activation": torch.full((num_experts,), 1.0),
+        "weighted_expert_frequency_sum": torch.ones(num_experts, dtype=torch.float64), "max_activations": torch.full((num_experts,), 1.0),
     }
     before = {key: value.clone() for key, value in running.items()}
     running = {key: value.to(DEVICE) for key, value in running.items()}
     assert expert_statistics(*args, accumulators=running, block=128) is running
-    assert int(running["tokens"]) == 7 + int(mask.sum())
-    assert torch.equal(running["count"].cpu(), before["count"] + expected_count)
-    assert torch.equal(running["pairwise"].cpu(), 1 + expected_count[:, None] + expected_count[None, :])
-    for key in ("ean_sum", "weighted_ean_sum", "gate_sum"):
+    assert int(running["total_tokens"]) == 7 + int(mask.sum())
+    assert torch.equal(running["expert_frequency"].cpu(), before["expert_frequency"] + expected_count)
+    assert torch.equal(running["pairwise_expert_frequency"].cpu(), 1 + expected_count[:, None] + expected_count[None, :])
+    for key in ("ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum"):
         torch.testing.assert_close(running[key].cpu(), before[key] + expected[key], rtol=1e-13, atol=0, msg=key)
-    assert torch.equal(running["max_activation"].cpu(), torch.maximum(before["max_activation"], expected_max))
+    assert torch.equal(running["max_activations"].cpu(), torch.maximum(before["max_activations"], expected_max))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -346,7 +362,7 @@ def _small_layer(num_tokens=16, seed=4):
 
 
 def _assert_same_stats(ours, theirs, context):
-    assert int(ours.tokens) == int(theirs.tokens), context
+    assert int(ours.total_tokens) == int(theirs.total_tokens), context
     for key in STAT_KEYS:
         torch.testing.assert_close(getattr(ours, key).double(), getattr(theirs, key).double(), rtol=1e-5, atol=1e-6,
                                    equal_nan=True, msg=f"{context}: {key}")
@@ -369,7 +385,7 @@ def test_strided_token_mask_counts_its_own_tokens():
             _assert_same_stats(stats, ref_stats, f"mask contiguous={mask.is_contiguous()}")
         _, direct = reap_kernels.fused_moe(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), index, weights,
                                            gates=gates, token_mask=strided)
-        assert int(direct["tokens"]) == 12 and int(direct["count"].sum()) == 24
+        assert int(direct["total_tokens"]) == 12 and int(direct["expert_frequency"].sum()) == 24
         grid = strided.contiguous().view(4, 4)  # a (batch, seq) mask given as the transpose of a (seq, batch) one
         transposed = grid.t().contiguous().t()
         assert not transposed.is_contiguous()
@@ -390,11 +406,11 @@ def test_nan_activation_gives_nan_max_as_torch_does():
             mask[3] = counted
             _, ref_stats = reference_experts_forward(experts, x, index, weights, gates, mask)
             _, stats = triton_experts_forward(experts, x, index, weights, gates, mask)
-            is_nan = set(torch.nonzero(stats.max_activation.isnan()).flatten().tolist())
+            is_nan = set(torch.nonzero(stats.max_activations.isnan()).flatten().tolist())
             assert is_nan == (nan_experts if counted else set()), counted
-            assert torch.equal(stats.max_activation.isnan(), ref_stats.max_activation.isnan())
-            finite = ~ref_stats.max_activation.isnan()
-            torch.testing.assert_close(stats.max_activation[finite], ref_stats.max_activation[finite], rtol=1e-5, atol=1e-6)
+            assert torch.equal(stats.max_activations.isnan(), ref_stats.max_activations.isnan())
+            finite = ~ref_stats.max_activations.isnan()
+            torch.testing.assert_close(stats.max_activations[finite], ref_stats.max_activations[finite], rtol=1e-5, atol=1e-6)
         accumulator = LayerAccumulator(4, DEVICE)
         mask[3] = True
         triton_experts_forward(experts, x, index, weights, gates, mask, accumulator)  # NaN into the running max
@@ -436,9 +452,9 @@ def test_router_gate_from_logits_matches_the_pytorch_gate(renormalize, logits_dt
     expected = reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=gates, token_mask=mask)[1]
     ours = reap_kernels.fused_moe(x, w_gu, w_d, index, weights, gates=reap_kernels.RouterGate(logits, renormalize),
                                   token_mask=mask)[1]
-    for key in ("count", "tokens", "ean_sum", "max_activation"):  # no gate in these: the same bits
+    for key in ("expert_frequency", "total_tokens", "ean_sum", "max_activations"):  # no gate in these: the same bits
         assert torch.equal(ours[key], expected[key]), key
-    for key in ("weighted_ean_sum", "gate_sum"):
+    for key in ("weighted_ean_sum", "weighted_expert_frequency_sum"):
         torch.testing.assert_close(ours[key], expected[key], rtol=4e-7, atol=0, msg=key)
 
 

@@ -34,7 +34,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from reap_fast.observe.reference import reference_experts_forward
 from reap_fast.observe.triton_engine import triton_experts_forward
-from reap_fast.lab.tiny import tiny_qwen3_moe_config
+from reap_lab.tiny import tiny_qwen3_moe_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -111,14 +111,14 @@ def rel_close(ours: torch.Tensor, expected: torch.Tensor, rtol: float, what: str
 
 
 def check_statistics(stats, ref_stats, mask, sums_rtol: float) -> None:
-    assert int(stats.tokens) == int(mask.sum()) == int(ref_stats.tokens)
-    assert torch.equal(stats.count.long().cpu(), ref_stats.count.long().cpu())
-    used = ref_stats.count > 0
-    assert torch.all(stats.max_activation[~used] == float("-inf"))
+    assert int(stats.total_tokens) == int(mask.sum()) == int(ref_stats.total_tokens)
+    assert torch.equal(stats.expert_frequency.long().cpu(), ref_stats.expert_frequency.long().cpu())
+    used = ref_stats.expert_frequency > 0
+    assert torch.all(stats.max_activations[~used] == float("-inf"))
     rel_close(stats.ean_sum[used], ref_stats.ean_sum[used], sums_rtol, "ean_sum")
     rel_close(stats.weighted_ean_sum[used], ref_stats.weighted_ean_sum[used], sums_rtol, "weighted_ean_sum")
-    rel_close(stats.gate_sum[used], ref_stats.gate_sum[used], 1e-6, "gate_sum")
-    rel_close(stats.max_activation[used], ref_stats.max_activation[used], 2 * sums_rtol, "max_activation")
+    rel_close(stats.weighted_expert_frequency_sum[used], ref_stats.weighted_expert_frequency_sum[used], 1e-6, "weighted_expert_frequency_sum")
+    rel_close(stats.max_activations[used], ref_stats.max_activations[used], 2 * sums_rtol, "max_activations")
 
 
 # --- the edge cases, compiled in bf16 and fp16 on a GPU (fp32 and fp16 interpreted elsewhere) -------------------
@@ -164,10 +164,10 @@ def test_expert_with_all_tokens_masked_while_others_count(dtype):
     with torch.no_grad():
         _, stats = triton_experts_forward(experts, x, index, weights, gates, mask)
         _, ref_stats = reference_experts_forward(experts, x, index, weights, gates, mask)
-    assert int(stats.count[2]) == 0 and float(stats.ean_sum[2]) == 0.0 and float(stats.gate_sum[2]) == 0.0
-    assert float(stats.max_activation[2]) == float("-inf")
+    assert int(stats.expert_frequency[2]) == 0 and float(stats.ean_sum[2]) == 0.0 and float(stats.weighted_expert_frequency_sum[2]) == 0.0
+    assert float(stats.max_activations[2]) == float("-inf")
     counted = torch.bincount(index[mask].reshape(-1).cpu(), minlength=num_experts)
-    assert torch.equal(stats.count.long().cpu(), counted) and int(counted.sum()) == top_k * int(mask.sum())
+    assert torch.equal(stats.expert_frequency.long().cpu(), counted) and int(counted.sum()) == top_k * int(mask.sum())
     check_statistics(stats, ref_stats, mask, pair_rtol(dtype))
     # the counted experts' sums equal the per-pair norms of the unmasked pairs, added by hand
     pairs = pair_outputs(reference_experts_forward, experts, x, index)
@@ -216,7 +216,7 @@ def test_gpt_oss_layout_bf16():
     """The transposed, biased, interleaved gpt-oss layout at a small shape in bf16, seeded, pair by pair."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    from reap_fast.lab.families_tiny import tiny_family_config
+    from reap_lab.families_tiny import tiny_family_config
 
     config = tiny_family_config("gpt_oss", num_experts=32, top_k=4)
     config.hidden_size, config.intermediate_size = 512, 384
@@ -248,7 +248,7 @@ def test_statistics_are_bitwise_reproducible():
     with torch.no_grad():
         first = triton_experts_forward(experts, x, index, weights, gates, mask)[1]
         second = triton_experts_forward(experts, x, index, weights, gates, mask)[1]
-    for key in ("count", "ean_sum", "weighted_ean_sum", "gate_sum", "max_activation"):
+    for key in ("expert_frequency", "ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum", "max_activations"):
         assert torch.equal(getattr(first, key), getattr(second, key)), key
 
 
@@ -262,7 +262,7 @@ def test_whole_model_bf16_observation_matches_reference():
     kept half of the experts (by REAP score) must overlap in at least 7 of 8.
     """
     from reap_fast.observe import Observer
-    from reap_fast.lab.tiny import build_model
+    from reap_lab.tiny import build_model
 
     config = tiny_qwen3_moe_config(hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
                                    num_experts=16, num_experts_per_tok=4)

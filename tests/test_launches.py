@@ -24,7 +24,7 @@ from triton.runtime.jit import JITFunction
 import reap_kernels
 from reap_kernels import moe as kernels_moe
 from reap_fast.observe.session import Observer
-from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAUNCHER = InterpretedFunction if reap_kernels.INTERPRET else JITFunction  # whose .run launches a kernel
@@ -113,7 +113,8 @@ def test_fused_moe_with_statistics_launch_budget(masked, accumulate):
     if accumulate:
         with torch.device(DEVICE):
             accumulators = {name: torch.zeros(8, dtype=dtype) for name, dtype in reap_kernels.expert_stats.STATISTICS_DTYPES.items()}
-            accumulators.update(tokens=torch.zeros((), dtype=torch.int64), pairwise=torch.zeros(8, 8, dtype=torch.int64))
+            accumulators.update(total_tokens=torch.zeros((), dtype=torch.int64),
+                                pairwise_expert_frequency=torch.zeros(8, 8, dtype=torch.int64))
     with counting() as counter:
         reap_kernels.fused_moe(x, w_gate_up, w_down, index, weights, gates=gates, token_mask=mask, accumulators=accumulators)
     assert not counter.syncs, f"host synchronisation: {dict(counter.syncs)}"

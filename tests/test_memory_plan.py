@@ -8,7 +8,7 @@ import pytest
 import torch
 from reap_fast.cli import main as cli_main
 from reap_fast.config import ObserveConfig
-from reap_fast.lab.tiny import make_tiny_checkpoint, tiny_qwen3_moe_config
+from reap_lab.tiny import make_tiny_checkpoint, tiny_qwen3_moe_config
 from reap_fast.memory import GiB, MemoryBudget
 from reap_fast.models.loading import load_config
 from reap_fast.models.memory_plan import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from reap_fast.config import ObserveConfig
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 from reap_fast.merge_metrics import MERGE_KEYS
 from reap_fast.metrics import METRIC_DTYPES, load_metrics
 from reap_fast.observe import observe_checkpoint

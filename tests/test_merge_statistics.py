@@ -12,8 +12,8 @@ from gate_table import route64, table_family
 from merge_oracle import RunningMeans, batch_values, router_logits64
 from oracle import all_expert_outputs64
 
-from reap_fast.lab.families_tiny import tiny_family_config
-from reap_fast.lab.tiny import build_model
+from reap_lab.families_tiny import tiny_family_config
+from reap_lab.tiny import build_model
 from reap_fast.merge_metrics import MERGE_KEYS
 from reap_fast.metrics import MetricsFileError, load_metrics, save_metrics
 from reap_fast.models import find_moe_layers

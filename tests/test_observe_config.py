@@ -9,7 +9,7 @@ import torch
 from reap_fast.cli import build_parser
 from reap_fast.config import DEFAULT_MODEL_MAX_LENGTH, ConfigError, ObserveConfig
 from reap_fast.data import DEFAULT_MODEL_MAX_LENGTH as DATA_DEFAULT_LENGTH
-from reap_fast.lab.tiny import tiny_qwen3_moe_config
+from reap_lab.tiny import tiny_qwen3_moe_config
 from reap_fast.observe import observe_checkpoint
 from reap_fast.observe.checkpointing import run_fingerprint
 from reap_fast.observe.settings import process_settings
@@ -84,7 +84,7 @@ def test_cli_defaults_come_from_the_config():
 def test_output_written_and_distributed_false_ignores_torchrun(tmp_path, monkeypatch):
     """The entry point writes what it returns (with the model's identity); distributed=False observes the whole
     set in this process even where torchrun's variables are set (else it would try to join a process group)."""
-    from reap_fast.lab.tiny import make_tiny_checkpoint
+    from reap_lab.tiny import make_tiny_checkpoint
     from reap_fast.metrics import METRIC_DTYPES, load_metrics
 
     checkpoint = str(make_tiny_checkpoint(tmp_path / "tiny", seed=4, num_hidden_layers=2))

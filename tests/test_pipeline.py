@@ -7,10 +7,10 @@ import pytest
 from transformers import AutoConfig
 
 from reap_fast.cli import main
-from reap_fast.lab.corpus import write_jsonl
+from reap_lab.corpus import write_jsonl
 from reap_fast.pipeline import Pipeline, PipelineConfig, PipelineError
 from reap_fast.quantize import is_complete_output
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 QUANTIZABLE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, head_dim=32,
                    num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2)

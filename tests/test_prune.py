@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from fixtures.make_upstream_metrics import upstream_metrics
-from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import METRIC_DTYPES, load_metrics, save_metrics
 from reap_fast.models import find_moe_layers, get_adapter
 from reap_fast.models.base import router_tensor
@@ -31,7 +31,7 @@ from reap_fast.prune import (
     super_expert_mask,
 )
 from reap_fast.prune.select import normalize_per_layer
-from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint
+from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint
 
 E = 8
 

@@ -17,7 +17,7 @@ from reap_fast.metrics import load_metrics, save_metrics
 from reap_fast.prune.__main__ import main as prune_main
 from reap_fast.upstream.args import ClusterArgs, PruneArgs, parse_args
 from reap_fast.upstream.layout import is_composite, observation_path, pruned_model_name, results_directory
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 PRUNED = Path("artifacts/model/data.jsonl/pruned_models/reap-renorm_true-seed_7-0.25")
 OBSERVATION = Path("artifacts/model/data.jsonl/all/obs.pt")

@@ -25,7 +25,7 @@ from reap_fast import quantize as q
 from reap_fast.config import QuantConfig
 from reap_fast.fileio import sha256_file
 from reap_fast.outputs import write_marker
-from reap_fast.lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 from reap_fast.quantize import autoround, worker
 
 pytestmark = pytest.mark.skipif(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,11 +8,11 @@ import torch
 from gate_table import NATIVE_RENORMALISED, gates64, renormalised, route64, table_family
 from oracle import assert_metrics_close, merge_oracle, oracle_layer_stats
 
-from reap_fast.lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import METRIC_DTYPES, load_metrics, save_metrics
 from reap_fast.models import find_moe_layers
 from reap_fast.observe import Observer
-from reap_fast.lab.tiny import build_model
+from reap_lab.tiny import build_model
 
 
 def _batch(seed: int, batch: int = 2, length: int = 11, pad_last: int = 4):

@@ -12,7 +12,7 @@ import torch
 
 from reap_kernels.expert_stats import STATISTICS_DTYPES
 from reap_kernels.registered import fused_moe_op
-from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 from reap_fast.observe.session import Observer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

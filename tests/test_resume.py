@@ -15,7 +15,7 @@ from reap_fast.config import ObserveConfig
 from reap_fast.metrics import METRIC_DTYPES, load_metrics
 from reap_fast.observe import observe_checkpoint
 from reap_fast.observe.checkpointing import STATE_FILE, TEST_SIGNAL_ENV, CheckpointMismatchError
-from reap_fast.lab.tiny import make_tiny_checkpoint
+from reap_lab.tiny import make_tiny_checkpoint
 
 BASE = ObserveConfig(samples_per_category=6, model_max_length=48, batch_size=2, seed=5, engine="reference",
                      device="cpu", dtype="float32", progress=False)

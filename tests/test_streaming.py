@@ -11,7 +11,7 @@ import pytest
 import torch
 from reap_fast.config import ObserveConfig
 from reap_fast.data import CalibrationSet
-from reap_fast.lab.families_tiny import tiny_family_config
+from reap_lab.families_tiny import tiny_family_config
 from reap_fast.models import UnsupportedModelError
 from reap_fast.observe.session import Observer
 from reap_fast.observe.streaming import (
@@ -27,7 +27,7 @@ from reap_fast.observe.streaming import (
     observe_streaming,
     streaming_supported,
 )
-from reap_fast.lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
+from reap_lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 RTOL = 1e-5

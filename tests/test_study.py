@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from reap_fast.config import ConfigError
-from reap_fast.lab.train import TrainConfig, routing_statistics, split_documents, switch_aux_loss, train_tiny_moe
+from reap_lab.train import TrainConfig, routing_statistics, split_documents, switch_aux_loss, train_tiny_moe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_study_builds_the_train_config_and_refuses_bad_train_options():
 
 def test_routing_statistics_counts_only_document_tokens(one_thread):
     from reap_fast.evaluate import EvalRows
-    from reap_fast.lab.tiny import build_model, tiny_qwen3_moe_config
+    from reap_lab.tiny import build_model, tiny_qwen3_moe_config
 
     model = build_model(tiny_qwen3_moe_config(num_hidden_layers=1, num_experts=4), seed=0)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -146,7 +146,7 @@ def test_routing_statistics_counts_only_document_tokens(one_thread):
 
 
 def study_config(**changes):
-    from reap_fast.lab.study import StudyConfig
+    from reap_lab.study import StudyConfig
 
     options = dict(train_seeds=2, seeds=2, steps=10, seq_len=32, batch_size=4, calib_samples=2, eval_rows=None,
                    train_options={k: v for k, v in TRAIN.items() if k != "seq_len"})
@@ -155,8 +155,8 @@ def study_config(**changes):
 
 
 def test_study_end_to_end_and_resume(tmp_path, one_thread, monkeypatch):
-    from reap_fast.lab import study as study_module
-    from reap_fast.lab.study import DEFAULT_METHODS, run_study
+    from reap_lab import study as study_module
+    from reap_lab.study import DEFAULT_METHODS, run_study
     from reap_fast.evaluate import perplexity
 
     out, work = tmp_path / "out", tmp_path / "work"
@@ -182,7 +182,7 @@ def test_study_end_to_end_and_resume(tmp_path, one_thread, monkeypatch):
     # the unpruned score equals a direct perplexity call on the stored checkpoint (all eval documents)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reap_fast.lab.train import split_documents
+    from reap_lab.train import split_documents
 
     checkpoint = Path(saved["training"]["1"]["checkpoint"])
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -245,8 +245,8 @@ def test_study_end_to_end_and_resume(tmp_path, one_thread, monkeypatch):
 
 
 def test_quick_comparison_against_committed_spread(tmp_path, one_thread):
-    from reap_fast.lab.study import QUICK_METHODS, run_study
-    from reap_fast.lab.study_report import compare_with, comparison_markdown
+    from reap_lab.study import QUICK_METHODS, run_study
+    from reap_lab.study_report import compare_with, comparison_markdown
 
     work = tmp_path / "work"
     committed = run_study(study_config(train_seeds=3, seeds=1, methods=QUICK_METHODS), tmp_path / "full", work,
@@ -277,7 +277,7 @@ def test_quick_comparison_against_committed_spread(tmp_path, one_thread):
 
 
 def test_study_command_line_rejects_bad_settings(capsys):
-    from reap_fast.lab.study import main
+    from reap_lab.study import main
 
     assert main(["--methods", "reap", "no_such_method", "--work", "/nonexistent/never"]) == 2
     assert "unknown or no methods" in capsys.readouterr().err
@@ -290,8 +290,8 @@ def test_study_command_line_rejects_bad_settings(capsys):
 
 
 def test_reference_without_spread_is_refused_before_work(tmp_path, capsys):
-    from reap_fast.lab.study import main
-    from reap_fast.lab.study_report import RESULTS_FORMAT
+    from reap_lab.study import main
+    from reap_lab.study_report import RESULTS_FORMAT
 
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"format": 1, "runs": []}))
@@ -307,8 +307,8 @@ def test_reference_without_spread_is_refused_before_work(tmp_path, capsys):
 
 def test_quick_run_finds_the_committed_study():
     """``--quick`` compares with bench/quality/results.json of the repository (the lab lives two floors down)."""
-    from reap_fast.lab.study import COMMITTED_RESULTS
-    from reap_fast.lab.study_report import RESULTS_FORMAT
+    from reap_lab.study import COMMITTED_RESULTS
+    from reap_lab.study_report import RESULTS_FORMAT
 
     assert COMMITTED_RESULTS == REPO / "bench" / "quality" / "results.json"
     assert json.loads(COMMITTED_RESULTS.read_text())["format"] == RESULTS_FORMAT

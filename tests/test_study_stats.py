@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from reap_fast.lab.environment import cpu_record, describe, environment_record
-from reap_fast.lab.study_stats import (
+from reap_lab.environment import cpu_record, describe, environment_record
+from reap_lab.study_stats import (
     paired_comparison,
     per_model_means,
     prediction_interval,
@@ -16,7 +16,7 @@ from reap_fast.lab.study_stats import (
     student_t_two_sided,
     t_interval,
 )
-from reap_fast.lab.train import reproducible
+from reap_lab.train import reproducible
 
 # Two-sided 95 % (upper 97.5 %) and 90 % points of Student's t, from printed tables.
 T_TABLE_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 7: 2.3646, 9: 2.2622, 10: 2.2281, 30: 2.0423}

@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from reap_fast.lab.families_tiny import tiny_family_config
+from reap_lab.families_tiny import tiny_family_config
 from reap_fast.models import find_moe_layers
 from reap_fast.observe import Observer
 from reap_fast.prune import prune_model, save_pruned
-from reap_fast.lab.tiny import build_model, byte_tokenizer
+from reap_lab.tiny import build_model, byte_tokenizer
 
 FAMILIES = ("llama4", "ernie4_5_moe", "deepseek_v2")
 

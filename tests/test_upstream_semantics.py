@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reap_fast.lab.families_tiny import tiny_family_config
+from reap_lab.families_tiny import tiny_family_config
 from reap_fast.observe import Observer
 from reap_fast.observe.session import RENORMALIZE_ALWAYS
-from reap_fast.lab.tiny import build_model
+from reap_lab.tiny import build_model
 from reap_fast.upstream.args import EvalArgs
 from reap_fast.upstream.evaluation import evaluate_pruned
 from reap_fast.upstream.semantics import (

@@ -90,7 +90,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from reap_fast.lab.tiny import byte_tokenizer, tiny_qwen3_moe_config
+from reap_lab.tiny import byte_tokenizer, tiny_qwen3_moe_config
 
 folder, seed = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(seed)

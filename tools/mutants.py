@@ -134,7 +134,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("Observer counts padding", SESSION,
            "stats_mask = attention_mask.bool()", "stats_mask = None", ("tests/test_reference.py", "-k", "padding")),
     Mutant("Triton kernels ignore the token mask", ("reap_kernels/moe.py",),
-           "mask = None if token_mask is None else token_mask.reshape(-1)", "mask = None",
+           "mask = None if token_mask is None else token_mask if token_mask.dim() == 1 else token_mask.reshape(-1)",
+           "mask = None",
            ("tests/test_kernels.py", "-k", "masked")),
     # --- statistics ----------------------------------------------------------------------------------------
     Mutant("EAN uses the L1 norm", ("reap_fast/observe/reference.py",),
@@ -145,8 +146,8 @@ MUTANTS: tuple[Mutant, ...] = (
            '"reap": torch.where(used, weighted / self.total_tokens.cpu().clamp(min=1), 0.0).to(torch.float32),',
            GATES + ("-k", "hand")),
     Mutant("Triton engine takes the model's weights as g", ("reap_fast/observe/triton_engine.py",),
-           "gates=None if gates is None else gates.detach().to(torch.float32),",
-           "gates=None if gates is None else top_k_weights.detach().to(torch.float32),",
+           "isinstance(gates, kernels.RouterGate) else gates.detach().to(torch.float32),",
+           "isinstance(gates, kernels.RouterGate) else top_k_weights.detach().to(torch.float32),",
            ("tests/test_families.py", "-k", "triton and deepseek")),
     # --- packing -------------------------------------------------------------------------------------------
     Mutant("packing separators counted in the statistics", ("reap_fast/data/packing.py",),

@@ -7,10 +7,10 @@ Every engine is a free function with one signature (as transformers' ExpertsInte
         -> (output (T, H), BatchStats | None)
 
 Statistics are produced when ``gates`` is given: returned, or added into ``accumulator`` when one is
-given (then None is returned in their place). Each engine is registered in transformers'
-``ExpertsInterface`` under ``reap_fast_<engine>``; a model switched to that implementation observes
-through its own forward whenever its experts modules carry a probe (see ``session.py``), and runs as
-a plain routed MoE forward otherwise.
+given (then None is returned in their place). :data:`ENGINES` is the registry, name -> function; each
+engine is registered with transformers' public ``ExpertsInterface.register`` under ``reap_fast_<engine>``;
+a model switched to that implementation observes through its own forward whenever its experts modules
+carry a probe (see ``session.py``), and runs as a plain routed MoE forward otherwise.
 """
 
 from __future__ import annotations
@@ -18,33 +18,25 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from ..config.observe import ENGINE_CHOICES
 from ..errors import EngineUnavailableError
 from ..metrics import BatchStats
 from .reference import reference_experts_forward
+from .triton_engine import triton_experts_forward
 
 Engine = Callable[..., tuple[torch.Tensor, BatchStats | None]]
 
-ENGINE_NAMES = tuple(name for name in ENGINE_CHOICES if name != "auto")  # ("reference", "triton")
-
-
-def _triton_engine() -> Engine:
-    try:
-        from .triton_engine import triton_experts_forward
-    except ImportError as exc:
-        raise EngineUnavailableError(f"the triton engine is not available: {exc}") from None
-    return triton_experts_forward
+ENGINES: dict[str, Engine] = {"reference": reference_experts_forward, "triton": triton_experts_forward}
+ENGINE_NAMES = tuple(ENGINES)
 
 
 def get_engine(name: str) -> Engine:
-    """The engine function for ``name`` ('reference' or 'triton')."""
-    if name == "reference":
-        return reference_experts_forward
-    if name == "triton":
-        return _triton_engine()
-    raise EngineUnavailableError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+    """The engine function registered as ``name``."""
+    engine = ENGINES.get(name)
+    if engine is None:
+        raise EngineUnavailableError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+    return engine
 
 
 def implementation_name(engine: str) -> str:
@@ -64,8 +56,8 @@ def _experts_function(engine: Engine) -> Callable[..., torch.Tensor]:
 
 
 def register_engine(name: str) -> str:
-    """Register ``name`` in transformers' ExpertsInterface (idempotent); return its key."""
+    """Register ``name`` in transformers' experts interface (public API, idempotent); return its key."""
     key = implementation_name(name)
-    if key not in ExpertsInterface._global_mapping:
+    if key not in ALL_EXPERTS_FUNCTIONS:
         ExpertsInterface.register(key, _experts_function(get_engine(name)))
     return key

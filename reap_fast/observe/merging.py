@@ -5,7 +5,7 @@ the layer's device, engine-independent, in token chunks:
 
 * the counted tokens (the statistics mask; the others are never computed) are cut into chunks of
   ``dense`` tokens; every expert runs on a chunk with the module's own operations
-  (:func:`~reap_fast.observe.reference.expert_forward`), its outputs kept in the model's dtype (the values
+  (:func:`~reap_fast.observe.experts.expert_forward`), its outputs kept in the model's dtype (the values
   upstream casts to fp32, so nothing is lost);
 * each chunk is then read in slices of ``exact`` tokens converted to fp32: per token, the Gram matrix
   of the raw outputs (``torch.bmm``, an (E, H) x (H, E) product per token) gives the norms (its
@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import EngineUnavailableError
 from ..merge_metrics import MergeSums
-from .reference import expert_forward
+from .experts import expert_forward
 
 DENSE_BYTES = 256 * 2**20  # expert outputs of one chunk, in the model's dtype
 EXACT_BYTES = 128 * 2**20  # fp32 outputs and per-token Gram matrices of one slice
@@ -117,7 +117,7 @@ def all_expert_outputs(experts: nn.Module, x: torch.Tensor, num_experts: int) ->
 
 
 def batched_expert_outputs(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """:func:`~reap_fast.observe.reference.expert_forward` for every expert at once: (n, E, H), a view.
+    """:func:`~reap_fast.observe.experts.expert_forward` for every expert at once: (n, E, H), a view.
 
     Holds (E, n, 2I) and (E, n, H) intermediates in ``x``'s dtype (one launch per projection).
     """

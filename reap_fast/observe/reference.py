@@ -10,31 +10,10 @@ implementation's operations, so the layer output is the one the model computes w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import BatchStats, LayerAccumulator
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    out = x @ weight if transposed else F.linear(x, weight)
-    return out + bias if bias is not None else out
-
-
-def expert_forward(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``expert``'s unweighted output y on the rows ``x`` (n, H), in the module's own operations."""
-    has_gate = getattr(experts, "has_gate", True)
-    transposed = getattr(experts, "is_transposed", False)
-    has_bias = getattr(experts, "has_bias", False)
-    first_proj = experts.gate_up_proj if has_gate else experts.up_proj
-    first_bias = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
-    hidden = _linear(x, first_proj[expert], first_bias[expert] if has_bias else None, transposed)
-    hidden = experts._apply_gate(hidden) if has_gate else experts.act_fn(hidden)
-    down_bias = experts.down_proj_bias[expert] if has_bias else None
-    y = _linear(hidden, experts.down_proj[expert], down_bias, transposed)
-    if getattr(experts, "has_post_expert_norm", False):
-        y = experts.post_expert_norm(y)
-    return y
+from .experts import expert_forward
 
 
 def expert_output_rows(experts: nn.Module, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -56,7 +35,7 @@ def expert_statistics(
     gates: torch.Tensor,
     valid: torch.Tensor,
     num_experts: int,
-    tokens: torch.Tensor,
+    total_tokens: torch.Tensor,
 ) -> BatchStats:
     """Per-expert REAP sums over the rows ``y`` (S, H) of routed pairs; ``valid`` excludes padding."""
     norms = torch.linalg.vector_norm(y.float(), dim=-1)  # (S,) fp32, as upstream's fp32 activations
@@ -65,16 +44,18 @@ def expert_statistics(
     gates64 = gates.to(torch.float64) * weight
     zeros = torch.zeros(num_experts, dtype=torch.float64, device=y.device)
     row_max = torch.where(valid, y.float().amax(dim=-1), float("-inf"))
-    max_activation = torch.full((num_experts,), float("-inf"), device=y.device).scatter_reduce_(
+    max_activations = torch.full((num_experts,), float("-inf"), device=y.device).scatter_reduce_(
         0, expert_ids, row_max, reduce="amax"
     )
     return BatchStats(
-        tokens=tokens,
-        count=torch.zeros(num_experts, dtype=torch.int64, device=y.device).index_add_(0, expert_ids, valid.long()),
+        total_tokens=total_tokens,
+        expert_frequency=torch.zeros(num_experts, dtype=torch.int64, device=y.device).index_add_(
+            0, expert_ids, valid.long()
+        ),
         ean_sum=zeros.clone().index_add_(0, expert_ids, norms64),
         weighted_ean_sum=zeros.clone().index_add_(0, expert_ids, norms64 * gates64),
-        gate_sum=zeros.clone().index_add_(0, expert_ids, gates64),
-        max_activation=max_activation,
+        weighted_expert_frequency_sum=zeros.clone().index_add_(0, expert_ids, gates64),
+        max_activations=max_activations,
     )
 
 

@@ -75,19 +75,6 @@ def experts_layout(experts: nn.Module):
     )
 
 
-def _accumulator_tensors(accumulator: LayerAccumulator) -> dict[str, torch.Tensor]:
-    """The layer's running totals under the names ``reap_kernels.fused_moe`` adds into."""
-    return {
-        "tokens": accumulator.total_tokens,
-        "count": accumulator.expert_frequency,
-        "pairwise": accumulator.pairwise_expert_frequency,
-        "ean_sum": accumulator.ean_sum,
-        "weighted_ean_sum": accumulator.weighted_ean_sum,
-        "gate_sum": accumulator.weighted_expert_frequency_sum,
-        "max_activation": accumulator.max_activations,
-    }
-
-
 def triton_experts_forward(
     experts: nn.Module,
     hidden_states: torch.Tensor,
@@ -125,20 +112,13 @@ def triton_experts_forward(
             b_gate_up=b_gate_up, b_down=b_down,
             gates=gates if gates is None or isinstance(gates, kernels.RouterGate) else gates.detach().to(torch.float32),
             token_mask=token_mask if gates is not None else None,
-            accumulators=_accumulator_tensors(accumulator) if accumulate else None,
+            accumulators=accumulator.reap_tensors() if accumulate else None,
         )
     except kernels.UnsupportedInputError as exc:  # raised before any launch: the caller may fall back
         raise _unavailable(f"{type(experts).__name__}: {exc}") from None
     if stats is None or accumulate:
         return out, None
-    return out, BatchStats(
-        tokens=stats["tokens"],
-        count=stats["count"],
-        ean_sum=stats["ean_sum"],
-        weighted_ean_sum=stats["weighted_ean_sum"],
-        gate_sum=stats["gate_sum"],
-        max_activation=stats["max_activation"],
-    )
+    return out, BatchStats(**stats)
 
 
 def router_gate(logits: torch.Tensor, renormalize: bool):

@@ -1,4 +1,4 @@
-"""Summaries, tables, plot and the quick-run comparison of the quality study (:mod:`reap_fast.lab.study`)."""
+"""Summaries, tables, plot and the quick-run comparison of the quality study (:mod:`reap_lab.study`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..fileio import atomic_write, atomic_write_json
+from reap_fast.fileio import atomic_write, atomic_write_json
 from .environment import describe
 from .study_stats import paired_comparison, per_model_means, prediction_interval, t_interval
 

@@ -1,12 +1,12 @@
 """Quality study: does REAP keep the right experts? Held-out perplexity after pruning, by method.
 
-``python -m reap_fast.lab.study`` (the whole study, ``make study``) or ``python -m reap_fast.lab.study --quick``
+``python -m reap_lab.study`` (the whole study, ``make study``) or ``python -m reap_lab.study --quick``
 (one model, the four main methods, a few minutes; compared with the committed results).
 
 1. The stdlib corpus (docstrings = ``docs``, sources = ``code``) is split *by document* into train
    (80%), calibration (10%) and eval (10%) parts, per category, with a fixed split seed.
 2. ``--train-seeds`` study MoEs (Qwen3-MoE, 4 layers x 16 experts, top-2, byte tokenizer) are trained
-   on the train part with :func:`reap_fast.lab.train.train_tiny_moe` (seeds 0, 1, ...; deterministic
+   on the train part with :func:`reap_lab.train.train_tiny_moe` (seeds 0, 1, ...; deterministic
    algorithms, fixed threads), or reused from the work folder when a checkpoint with the same
    settings is there.
 3. For every *calibration seed* (``--seeds``: 0, 1, ...) REAP statistics are observed with the
@@ -15,8 +15,8 @@
    by every method; the same seed is the seed of the ``random`` method's draw.
 4. Every pruned model and the unpruned one are scored on the eval part (``--eval-rows`` packed rows
    per category) with :func:`reap_fast.evaluate.evaluate_rows`.
-5. Statistics (:mod:`reap_fast.lab.study_stats`): the trained model is the unit of replication; methods
-   are compared paired, model by model, with t-intervals (:mod:`reap_fast.lab.study_report` writes them).
+5. Statistics (:mod:`reap_lab.study_stats`): the trained model is the unit of replication; methods
+   are compared paired, model by model, with t-intervals (:mod:`reap_lab.study_report` writes them).
 
 Every finished evaluation is written at once to ``<work>/results/train<seed>.json``; a rerun with the
 same settings resumes from there. Outputs in ``--output``: ``results.json``, ``results.md`` and
@@ -40,10 +40,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..evaluate import EvalRows, combine_results, evaluate_rows, pack_texts
-from ..config.checks import ConfigError, check_range
-from ..fileio import atomic_write_json
-from ..logs import configure_logging
+from reap_fast.evaluate import EvalRows, combine_results, evaluate_rows, pack_texts
+from reap_fast.config.checks import ConfigError, check_range
+from reap_fast.fileio import atomic_write_json
+from reap_fast.logs import configure_logging
 from .environment import environment_record
 from .study_report import (
     RESULTS_FORMAT,
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = ("reap", "frequency", "ean_sum", "weighted_ean_sum", "max_activations", "random")
 QUICK_METHODS = ("reap", "frequency", "weighted_ean_sum", "random")
 DEFAULT_RATIOS = (0.25, 0.5)
-COMMITTED_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "quality" / "results.json"
+COMMITTED_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "quality" / "results.json"
 # The study model is smaller than the demo's (hidden 64 instead of 128, same 4 layers x 16 experts, top-2) so
 # that many models can be trained on a shared 2-core CPU; held-out reports during training use 16 rows.
 STUDY_MODEL_OVERRIDES = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_attention_heads=2,
@@ -96,7 +96,7 @@ class StudyConfig:
     retrain: bool = False
 
     def __post_init__(self) -> None:
-        from ..prune.scores import known_methods
+        from reap_fast.prune.scores import known_methods
 
         for name in ("train_seeds", "seeds", "steps", "seq_len", "batch_size", "calib_samples", "threads", "eval_rows"):
             check_range(name, getattr(self, name), 1)  # eval_rows None: every eval row
@@ -243,10 +243,10 @@ class Study:
         """Train/reuse one model and evaluate every (calibration seed, ratio, method) not stored yet."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..data import build_calibration_set
-        from ..metrics import save_metrics
-        from ..observe import Observer
-        from ..prune import PruneConfig, prune_model, select_experts
+        from reap_fast.data import build_calibration_set
+        from reap_fast.metrics import save_metrics
+        from reap_fast.observe import Observer
+        from reap_fast.prune import PruneConfig, prune_model, select_experts
 
         c = self.config
         record = ModelRecord(self.work_dir / "results" / f"train{train_seed}.json",
@@ -358,7 +358,7 @@ def run_study(config: StudyConfig, output_dir: str | os.PathLike, work_dir: str 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = StudyConfig()
-    parser = argparse.ArgumentParser(prog="python -m reap_fast.lab.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reap_lab.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"one model (train seed 0), calibration seed 0, methods {' '.join(QUICK_METHODS)}; "
                         "output in artifacts/quality-quick, compared with the committed results")

@@ -10,8 +10,8 @@ compiles, spills nothing and needs no more shared memory than the target allows 
 
 Needs compiled kernels: run in a process where ``TRITON_INTERPRET`` is not 1, e.g.::
 
-    python -m reap_kernels.compile_check --arch 80 86 89 90            # every shipped config
-    python -m reap_kernels.compile_check --arch 86 --json report.json
+    python -m reap_lab.compile_check --arch 80 86 89 90            # every shipped config
+    python -m reap_lab.compile_check --arch 86 --json report.json
 
 ``bench/compile_check.py`` prints the table (shipped configs and the tuner's space);
 ``bench/tune.py`` skips candidates that fail here before timing them.
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_DIR, TUNING_AXES, GemmConfig, MoEConfig
-from .moe import ExpertsLayout, fused_moe
+from reap_kernels.config import CONFIG_DIR, TUNING_AXES, GemmConfig, MoEConfig
+from reap_kernels.moe import ExpertsLayout, fused_moe
 
+REPOSITORY = Path(__file__).resolve().parents[1]  # the compile processes run from here (reap_lab/ importable)
 TARGETS = {80: "A100", 86: "RTX A6000 / RTX 3090", 89: "RTX 4090 / L40", 90: "H100"}
 # Largest shared memory one block may use (opt-in), bytes (CUDA C programming guide, compute capabilities).
 # sm_100 (B200) and sm_120 (RTX 50xx) are known so that bench/gpu_check.sh can check a lent card of those kinds.
@@ -245,7 +246,7 @@ class CompileChecker:
 
 
 def _interpreted() -> bool:
-    from .config import INTERPRET
+    from reap_kernels.config import INTERPRET
 
     return INTERPRET
 
@@ -357,14 +358,14 @@ def checks_for(arch: int, tuner: int, extra: Path | None) -> list[tuple[str, Lay
 
 
 def run_parallel(archs: list[int], args: list[str], jobs: int, folder: Path) -> list[dict]:
-    """Run this module once per target in ``jobs`` parallel processes (compiled, not interpreted);
-    return the reports of all of them (``ConfigReport.to_dict`` form)."""
+    """Run this module once per target in ``jobs`` parallel processes (compiled, not interpreted; from the
+    repository root, where reap_lab/ is importable); return the reports of all of them (``ConfigReport.to_dict`` form)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
 
     def one(arch: int) -> list[dict]:
         out = folder / f"compile_check_sm{arch}.json"
-        result = subprocess.run([sys.executable, "-m", "reap_kernels.compile_check", "--arch", str(arch), "--json", str(out), *args],
-                                capture_output=True, text=True, env=env, check=False)
+        result = subprocess.run([sys.executable, "-m", "reap_lab.compile_check", "--arch", str(arch), "--json", str(out), *args],
+                                capture_output=True, text=True, env=env, check=False, cwd=REPOSITORY)
         if not out.is_file():
             raise RuntimeError(f"compile check for sm_{arch} wrote no report:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
         return json.loads(out.read_text())

@@ -1,9 +1,9 @@
 """Train a small Qwen3-MoE on offline text, so that pruning studies have experts that actually specialise.
 
-The seeded random tiny model of :mod:`reap_fast.lab.tiny` routes by chance; pruning it says nothing about
+The seeded random tiny model of :mod:`reap_lab.tiny` routes by chance; pruning it says nothing about
 pruning methods. :func:`train_tiny_moe` trains the same architecture (byte tokenizer, 16 experts,
 top-2, sizes divisible by 128 so that W4A16 group-128 quantization applies) on the training split of
-the Python standard library's docstrings and sources (:mod:`reap_fast.lab.corpus`), with:
+the Python standard library's docstrings and sources (:mod:`reap_lab.corpus`), with:
 
 * a split *by document* into train / calibration / eval parts (:func:`split_documents`), so that
   held-out perplexity is measured on documents the model never saw and the REAP calibration text is
@@ -46,9 +46,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config.checks import check_range
-from ..evaluate import EvalRows, pack_texts, perplexity
-from ..fileio import atomic_write_json
+from reap_fast.config.checks import check_range
+from reap_fast.evaluate import EvalRows, pack_texts, perplexity
+from reap_fast.fileio import atomic_write_json
 from .environment import environment_record
 from .tiny import build_model, byte_tokenizer, save_checkpoint, tiny_qwen3_moe_config
 

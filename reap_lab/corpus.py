@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..fileio import atomic_write
+from reap_fast.fileio import atomic_write
 
 STDLIB_MODULES = (
     "argparse", "bisect", "calendar", "collections", "csv", "dataclasses", "difflib", "enum", "fractions",
