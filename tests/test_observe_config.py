@@ -39,9 +39,9 @@ def test_defaults_are_upstreams_and_defined_once():
 
 def test_entry_point_refuses_settings_before_reading_the_model(tmp_path):
     missing = str(tmp_path / "no-model")  # would fail with ModelLoadError if it were read first
-    with pytest.raises(ConfigError, match="batch size"):
+    with pytest.raises(ConfigError, match="batch.size"):  # "batch size" or, named as the API's field, "batch_size"
         observe_checkpoint(missing, "data.jsonl", None, ObserveConfig(batch_size=0))
-    with pytest.raises(ConfigError, match="batch size"):
+    with pytest.raises(ConfigError, match="batch.size"):
         observe_checkpoint(missing, "data.jsonl", None, dataclasses.replace(ObserveConfig(batch_size=2), batch_size=0))
     with pytest.raises(ConfigError, match="output must be a file path"):
         observe_checkpoint(missing, "data.jsonl", 64)  # a number where the output file goes
