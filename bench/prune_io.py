@@ -62,7 +62,7 @@ def prune_whole(folder: Path, output: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from reap_fast.metrics import save_metrics
-    from reap_fast.prune import expert_counts, prune_checkpoint
+    from reap_fast.prune import PruneConfig, expert_counts, prune_checkpoint
 
     shutil.rmtree(output, ignore_errors=True)
     with torch.device("meta"):
@@ -81,7 +81,7 @@ def prune_whole(folder: Path, output: Path) -> dict:
     metrics_path = output.with_name(output.name + "-obs.pt")
     save_metrics(metrics, metrics_path)
     began = time.perf_counter()
-    prune_checkpoint(folder, metrics_path, output, compression_ratio=0.5)
+    prune_checkpoint(folder, metrics_path, output, PruneConfig(compression_ratio=0.5))
     return {"total_s": round(time.perf_counter() - began, 2)}
 
 

@@ -6,8 +6,8 @@ The contract (:func:`check_output`):
 * an output never is, contains or lies inside one of the run's inputs (the model folder, the
   observation file), so replacing it can never touch them;
 * an existing non-empty folder is replaced only with ``--overwrite`` and only when reap-fast wrote it
-  (it carries :data:`MARKER_FILE`, or the metadata file of an earlier reap-fast version); a folder
-  holding anything else is never deleted, with or without ``--overwrite``;
+  (it carries :data:`MARKER_FILE`); a folder holding anything else is never deleted, with or without
+  ``--overwrite``;
 * a folder reap-fast wrote that holds files the user added afterwards (names its marker does not list)
   is refused, with or without ``--overwrite``: those files are never deleted;
 * an existing file is replaced only with ``--overwrite`` and only when it is one reap-fast writes (the
@@ -43,8 +43,6 @@ from .errors import ReapFastError
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = ".reap-fast-output.json"
-# Files that reap-fast versions before the marker wrote into their output folders.
-LEGACY_MARKERS = ("reap_fast_quant.json", "pruned_experts.json", "pipeline.json")
 OVERWRITE_FLAG = "--overwrite"
 LOCK_SUFFIX = ".reap-fast.lock"
 # Hidden working names made by work_prefix(): ".<output>.<kind>-p<pid>-<random>".
@@ -104,9 +102,8 @@ def check_not_overlapping(output: str | os.PathLike, inputs: Mapping[str, str | 
 
 
 def written_by_reap_fast(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` carries reap-fast's marker (or an earlier version's metadata file)."""
-    folder = Path(folder)
-    return any((folder / name).is_file() for name in (MARKER_FILE, *LEGACY_MARKERS))
+    """Whether ``folder`` carries reap-fast's marker."""
+    return (Path(folder) / MARKER_FILE).is_file()
 
 
 def check_output(
@@ -193,8 +190,7 @@ def is_reap_fast_results(path: str | os.PathLike) -> bool:
         return False
     if not isinstance(data, dict):
         return False
-    tagged = all(data.get(key) == value for key, value in RESULTS_TAG.items())
-    return tagged or {"settings", "models", "results", "comparison"} <= set(data)  # reports of earlier versions
+    return all(data.get(key) == value for key, value in RESULTS_TAG.items())
 
 
 def claim_output(
@@ -321,8 +317,8 @@ def write_marker(folder: str | os.PathLike, kind: str, names: list[str] | None =
 
 
 def foreign_entries(folder: str | os.PathLike) -> list[str]:
-    """Entries of a reap-fast folder that its marker does not list (files the user added); [] for a folder
-    marked by an earlier version (no list) or by a metadata file only."""
+    """Entries of a reap-fast folder that its marker does not list (files the user added); [] when the marker
+    has no list (a scratch folder's) or cannot be read."""
     folder = Path(folder)
     try:
         record = json.loads((folder / MARKER_FILE).read_text())

@@ -46,12 +46,12 @@ sys.exit(child_main(generate, "reap-fast demo (generation)"))
 
 def prepare_demo_inputs(folder: Path, steps: int) -> tuple[Path, str, str]:
     """The briefly trained checkpoint, and calibration / held-out specs over disjoint documents."""
-    from .train import split_documents, stdlib_corpus, train_tiny_moe
+    from .train import TrainConfig, split_documents, stdlib_corpus, train_tiny_moe
 
     splits = split_documents(stdlib_corpus(), seed=0)
     model_dir = folder / "tiny-qwen3-moe"
     if not (model_dir / "train_info.json").is_file():
-        train_tiny_moe(model_dir, steps=steps, seed=0, splits=splits, threads=1, eval_max_rows=8)
+        train_tiny_moe(model_dir, TrainConfig(steps=steps, seed=0, threads=1, eval_max_rows=8), splits=splits)
     calibration = ",".join(
         f"{write_jsonl(docs, folder / 'data' / f'calibration_{category}.jsonl')}:8"
         for category, docs in sorted(splits["calibration"].items())

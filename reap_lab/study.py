@@ -34,14 +34,14 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from reap_fast.evaluate import EvalRows, combine_results, evaluate_rows, pack_texts
-from reap_fast.config.checks import ConfigError, check_range, resolve
+from reap_fast.config.checks import ConfigError, check_range
 from reap_fast.fileio import atomic_write_json
 from reap_fast.logs import configure_logging
 from .environment import environment_record
@@ -118,7 +118,11 @@ class StudyConfig:
         clash = sorted(set(settings) & set(self.train_options))
         if clash:
             raise ConfigError(f"train_options may not set {', '.join(clash)}: the study's own settings say them")
-        return resolve(TrainConfig, None, {**settings, **self.train_options})
+        known = {item.name for item in fields(TrainConfig)}
+        unknown = sorted(set(self.train_options) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return TrainConfig(**settings, **self.train_options)
 
     def train_seed_list(self) -> list[int]:
         return list(range(self.first_train_seed, self.first_train_seed + self.train_seeds))
@@ -242,7 +246,7 @@ class Study:
         from reap_fast.data import build_calibration_set
         from reap_fast.metrics import save_metrics
         from reap_fast.observe import Observer
-        from reap_fast.prune import prune_model, select_experts
+        from reap_fast.prune import PruneConfig, prune_model, select_experts
 
         c = self.config
         record = ModelRecord(self.work_dir / "results" / f"train{train_seed}.json",
@@ -286,7 +290,7 @@ class Study:
             metrics = observer.metrics()
             save_metrics(metrics, observation)
             for ratio, method in todo:
-                keep = select_experts(metrics, method=method, compression_ratio=ratio, seed=seed, top_k=top_k)
+                keep = select_experts(metrics, PruneConfig(method=method, compression_ratio=ratio, seed=seed), top_k=top_k)
                 run_clock = time.perf_counter()
                 pruned = prune_model(copy.deepcopy(model), keep)
                 score = _evaluate(pruned, eval_rows, c.batch_size)

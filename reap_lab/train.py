@@ -46,7 +46,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from reap_fast.config.checks import check_range, resolve
+from reap_fast.config.checks import check_range
 from reap_fast.evaluate import EvalRows, pack_texts, perplexity
 from reap_fast.fileio import atomic_write_json
 from .environment import environment_record
@@ -320,17 +320,16 @@ def train_tiny_moe(
     *,
     documents: Mapping[str, Sequence[str]] | None = None,
     splits: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    **overrides: Any,
 ) -> Path:
     """Train the study MoE and save it (model, tokenizer, ``train_info.json``) in ``output_dir``.
 
-    ``config`` (or :class:`TrainConfig`'s fields as keywords, e.g. ``steps=300, seed=1``) says how.
+    ``config`` (default: :class:`TrainConfig`'s defaults) says how.
     Text comes from ``splits`` (``{"train"|"eval": {category: [docs]}}``, e.g. from
     :func:`split_documents`), else from ``documents`` (``{category: [docs]}``, split here with
     ``split_seed``), else from the stdlib corpus. Training runs under :func:`reproducible` with the
     config's seed and threads. Returns the checkpoint folder.
     """
-    config = resolve(TrainConfig, config, overrides)
+    config = TrainConfig() if config is None else config
     with reproducible(config.seed, config.threads):
         started = time.perf_counter()
         if splits is None:

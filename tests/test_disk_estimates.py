@@ -13,7 +13,7 @@ from reap_fast.metrics import save_metrics
 from reap_fast.models.disk_estimate import HEADER_BYTES, side_files_bytes, written_bytes
 from reap_fast.models.loading import load_config
 from reap_fast.preflight import weights_bytes
-from reap_fast.prune import prune_checkpoint, pruned_size
+from reap_fast.prune import PruneConfig, prune_checkpoint, pruned_size
 
 SHAPE = dict(hidden_size=128, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -59,7 +59,7 @@ def test_pruned_estimate_is_what_is_written(family, tmp_path):
     removed = experts // 2
     metrics = _observation(tmp_path / "obs.pt", counts)
     estimate = pruned_size(source, load_config(str(source)), removed)
-    out = prune_checkpoint(source, metrics, tmp_path / "out", n_experts_to_prune=removed)
+    out = prune_checkpoint(source, metrics, tmp_path / "out", PruneConfig(n_experts_to_prune=removed))
     written = sum(path.stat().st_size for path in out.iterdir() if path.name not in ("pruned_experts.json",
                                                                                       "reap_args.yaml"))
     assert written <= estimate <= 1.05 * written + 4096, (estimate, written)
@@ -78,7 +78,8 @@ def test_prune_runs_where_the_source_size_would_not_fit(tmp_path, monkeypatch):
     free = estimate + (64 << 20) + 1024
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free))
     metrics = _observation(tmp_path / "obs.pt", counts)
-    assert (prune_checkpoint(source, metrics, tmp_path / "out", n_experts_to_prune=6) / "config.json").is_file()
+    assert (prune_checkpoint(source, metrics, tmp_path / "out",
+                             PruneConfig(n_experts_to_prune=6)) / "config.json").is_file()
 
 
 def test_quantized_estimate_formula(tmp_path):

@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
+from reap_fast.config import ObserveConfig
 from reap_fast.metrics import METRIC_DTYPES, LayerAccumulator, load_metrics
 from reap_fast.observe import observe_checkpoint
 from reap_fast.observe.distributed import all_reduce_accumulators, init_distributed, is_main_process, rank_and_world
@@ -22,18 +24,21 @@ from reap_lab.tiny import make_tiny_checkpoint
 
 SETTINGS = dict(samples_per_category=5, model_max_length=40, batch_size=1, seed=3, engine="reference", device="cpu",
                 dtype="float32", progress=False)
+BASE = ObserveConfig(**SETTINGS)
 
 _WORKER = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
+    from reap_fast.config import ObserveConfig
     from reap_fast.metrics import save_metrics
     from reap_fast.observe import observe_checkpoint
     from reap_fast.observe.distributed import is_main_process, rank_and_world
     model, dataset, out, settings = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
     for layerwise in (False, True):
         partial = str(out / f"partial{layerwise}")
-        metrics = observe_checkpoint(model, dataset, layerwise=layerwise, checkpoint_dir=partial, **settings)
+        config = ObserveConfig(layerwise=layerwise, checkpoint_dir=partial, **settings)
+        metrics = observe_checkpoint(model, dataset, None, config)
         rank, world = rank_and_world()
         assert world == 2, world
         # every rank holds the totals; only rank 0 writes
@@ -84,7 +89,8 @@ def test_torchrun_two_cpu_processes_equal_single_process(checkpoint, dataset, tm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same GEMM blocking, the same fp32 rounding
     try:
-        singles = {lw: observe_checkpoint(str(checkpoint), dataset, layerwise=lw, **SETTINGS) for lw in (False, True)}
+        singles = {lw: observe_checkpoint(str(checkpoint), dataset,
+                                          config=replace(BASE, layerwise=lw)) for lw in (False, True)}
     finally:
         torch.set_num_threads(threads)
     for layerwise in (False, True):

@@ -76,7 +76,7 @@ def test_explicit_triton_is_refused_in_one_line_before_calibration(tmp_path, cap
     missing = str(tmp_path / "no-data.jsonl")
     capsys.readouterr()  # the checkpoint writer's progress bar
     with pytest.raises(EngineUnavailableError, match="activation GELUActivation is not supported"):
-        observe_checkpoint(str(model), missing, engine="triton", device="cpu")
+        observe_checkpoint(str(model), missing, config=ObserveConfig(engine="triton", device="cpu"))
     code = main(["observe", "--model", str(model), "--dataset", missing, "--output", str(tmp_path / "o.pt"),
                  "--engine", "triton", "--device", "cpu"])
     assert code != 0

@@ -8,9 +8,10 @@ from oracle import assert_metrics_close
 from test_reference import _batch, _observe, _oracle
 
 from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
+from reap_fast.config import ObserveConfig
 from reap_fast.models import UnsupportedModelError
 from reap_fast.pipeline import Pipeline, PipelineConfig
-from reap_fast.prune import SelectionError, check_prune_budget
+from reap_fast.prune import PruneConfig, SelectionError, check_prune_budget
 from reap_lab.tiny import build_model, byte_tokenizer, save_checkpoint
 
 
@@ -28,21 +29,21 @@ def test_triton_engine_matches_float64_oracle_on_every_family(family):
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_budget_leaving_fewer_experts_than_top_k_is_refused(family):
     config = tiny_family_config(family, num_experts=8, top_k=2)
-    assert check_prune_budget(config, compression_ratio=0.5) == 4
+    assert check_prune_budget(config, PruneConfig(compression_ratio=0.5)) == 4
     with pytest.raises(SelectionError, match="must be between 1 and 6: pruning more leaves fewer than the model's top-k of 2"):
-        check_prune_budget(config, n_experts_to_prune=7)
+        check_prune_budget(config, PruneConfig(n_experts_to_prune=7))
     if family in ("deepseek_v3", "deepseek_v2"):  # two routing groups: 6 of 8 leaves one expert per group
         with pytest.raises(SelectionError, match="at least 2 experts per group"):
-            check_prune_budget(config, n_experts_to_prune=6)
+            check_prune_budget(config, PruneConfig(n_experts_to_prune=6))
 
 
 def test_group_limited_routing_rounds_to_whole_groups(caplog):
     config = tiny_family_config("deepseek_v3", num_experts=8, top_k=2)  # n_group=2, topk_group=2
     with caplog.at_level(logging.WARNING):
-        assert check_prune_budget(config, n_experts_to_prune=3) == 2
+        assert check_prune_budget(config, PruneConfig(n_experts_to_prune=3)) == 2
     assert "every group loses the same number" in caplog.text
     with pytest.raises(SelectionError, match="at least 2 experts per group"):
-        check_prune_budget(config, n_experts_to_prune=6)
+        check_prune_budget(config, PruneConfig(n_experts_to_prune=6))
 
 
 def _save(tmp_path, config, name):
@@ -58,7 +59,7 @@ def test_pipeline_checks_budget_and_family_before_observing(tmp_path, monkeypatc
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello world"}\n')
     config = PipelineConfig(model=str(model), dataset=str(data), output=str(tmp_path / "out"),
-                            compression_ratio=0.9, progress=False)
+                            observe=ObserveConfig(progress=False), prune=PruneConfig(compression_ratio=0.9))
     with pytest.raises(SelectionError, match="fewer than the model's top-k"):
         Pipeline(config).run()
 
@@ -66,7 +67,8 @@ def test_pipeline_checks_budget_and_family_before_observing(tmp_path, monkeypatc
 
     dense = _save(tmp_path, Qwen3Config(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16), "dense")
-    config = PipelineConfig(model=str(dense), dataset=str(data), output=str(tmp_path / "out2"), progress=False)
+    config = PipelineConfig(model=str(dense), dataset=str(data), output=str(tmp_path / "out2"),
+                            observe=ObserveConfig(progress=False))
     with pytest.raises(UnsupportedModelError, match="supported: .*qwen3_moe.*Adding a model family"):
         Pipeline(config).run()
 

@@ -174,3 +174,20 @@ def test_no_function_takes_more_than_eight_parameters():
     }
     assert "reap_lab.train.train_tiny_moe" not in too_long and len(MODULES) > 50  # the scan sees the package
     assert too_long == {}
+
+
+STAGE_FUNCTIONS = {"observe/runner.py": ("observe_checkpoint",), "prune/__init__.py": ("prune_checkpoint", "check_prune_budget"),
+                   "prune/select.py": ("select_experts",), "quantize/autoround.py": ("quantize_w4a16",),
+                   "quantize/child.py": ("run_quantize_subprocess",)}
+
+
+def test_stage_functions_take_their_inputs_and_one_config():
+    """No keyword overrides beside the config: a setting reaches a stage one way, as a field of its config."""
+    for relative, names in STAGE_FUNCTIONS.items():
+        tree = ast.parse((PACKAGE / relative).read_text(encoding="utf-8"))
+        found = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names}
+        assert sorted(found) == sorted(names), relative
+        for name, node in found.items():
+            named = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            configs = [a.arg for a in named if a.annotation is not None and "Config" in ast.unparse(a.annotation)]
+            assert node.args.kwarg is None and len(configs) == 1, (name, node.args.kwarg, configs)

@@ -146,14 +146,15 @@ def test_prune_refuses_a_peak_that_cannot_fit_before_loading(checkpoint, tmp_pat
     """Pruning from the source's shards needs R + one shard; with less free memory it stops in one line, writing
     nothing; a prune that fits is unaffected."""
     from reap_fast.models.memory_plan import RUNTIME_BYTES
-    from reap_fast.prune import prune_checkpoint
+    from reap_fast.prune import PruneConfig, prune_checkpoint
     from test_disk_estimates import _moe_layers, _observation
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     metrics = _observation(tmp_path / "obs.pt", _moe_layers(model))
     monkeypatch.setattr("reap_fast.memory.free_memory", lambda device: MemoryBudget(host_free=RUNTIME_BYTES))
     with pytest.raises(MemoryPlanError, match="pruning from the source's shards needs about .* not enough memory"):
-        prune_checkpoint(checkpoint, metrics, tmp_path / "out", compression_ratio=0.5)
+        prune_checkpoint(checkpoint, metrics, tmp_path / "out", PruneConfig(compression_ratio=0.5))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     monkeypatch.setattr("reap_fast.memory.free_memory", lambda device: MemoryBudget(host_free=100 * GiB))
-    assert (prune_checkpoint(checkpoint, metrics, tmp_path / "out", compression_ratio=0.5) / "config.json").is_file()
+    assert (prune_checkpoint(checkpoint, metrics, tmp_path / "out",
+                             PruneConfig(compression_ratio=0.5)) / "config.json").is_file()

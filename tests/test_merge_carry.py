@@ -5,10 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from reap_fast.config import ObserveConfig
 from reap_lab.tiny import make_tiny_checkpoint
 from reap_fast.merge_metrics import MERGE_KEYS
 from reap_fast.metrics import METRIC_DTYPES, load_metrics
@@ -18,6 +20,7 @@ from test_distributed import _WORKER
 
 SETTINGS = dict(samples_per_category=6, model_max_length=40, batch_size=2, seed=5, engine="reference",
                 device="cpu", dtype="float32", progress=False, merging_statistics=True)
+BASE = ObserveConfig(**SETTINGS)
 KEYS = (*METRIC_DTYPES, *MERGE_KEYS)
 
 
@@ -36,7 +39,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def in_memory(checkpoint, dataset):
-    return observe_checkpoint(str(checkpoint), dataset, **SETTINGS)
+    return observe_checkpoint(str(checkpoint), dataset, config=BASE)
 
 
 def _close(expected, actual, rtol):
@@ -52,23 +55,23 @@ def _close(expected, actual, rtol):
 
 
 def test_layer_streaming_records_the_same_merging_statistics(checkpoint, dataset, in_memory):
-    streamed = observe_checkpoint(str(checkpoint), dataset, layerwise=True, **SETTINGS)
+    streamed = observe_checkpoint(str(checkpoint), dataset, config=replace(BASE, layerwise=True))
     _close(in_memory, streamed, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layerwise, interrupt_after", [(False, 2), (True, 5)])
 def test_sigterm_then_resume_gives_the_same_fourteen_keys(checkpoint, dataset, tmp_path, monkeypatch, layerwise,
                                                           interrupt_after):
-    uninterrupted = observe_checkpoint(str(checkpoint), dataset, layerwise=layerwise, **SETTINGS)
+    uninterrupted = observe_checkpoint(str(checkpoint), dataset, config=replace(BASE, layerwise=layerwise))
     folder = tmp_path / "partial"
     monkeypatch.setenv(TEST_SIGNAL_ENV, str(interrupt_after))
     with pytest.raises(SystemExit) as stopped:
-        observe_checkpoint(str(checkpoint), dataset, layerwise=layerwise, checkpoint_dir=str(folder),
-                           checkpoint_every=1e9, **SETTINGS)
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, layerwise=layerwise, checkpoint_dir=str(folder), checkpoint_every=1e9))
     assert stopped.value.code == 128 + signal.SIGTERM
     monkeypatch.delenv(TEST_SIGNAL_ENV)
-    resumed = observe_checkpoint(str(checkpoint), dataset, layerwise=layerwise, resume=True,
-                                 checkpoint_dir=str(folder), **SETTINGS)
+    resumed = observe_checkpoint(str(checkpoint), dataset,
+                                 config=replace(BASE, layerwise=layerwise, resume=True, checkpoint_dir=str(folder)))
     _close(uninterrupted, resumed, rtol=0)
 
 
@@ -76,11 +79,12 @@ def test_a_pruning_only_checkpoint_is_not_resumed_with_merging_statistics(checkp
     folder = tmp_path / "partial"
     monkeypatch.setenv(TEST_SIGNAL_ENV, "1")
     with pytest.raises(SystemExit):
-        observe_checkpoint(str(checkpoint), dataset, checkpoint_dir=str(folder), checkpoint_every=1e9,
-                           **{**SETTINGS, "merging_statistics": False})
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, checkpoint_dir=str(folder), checkpoint_every=1e9,
+                                          merging_statistics=False))
     monkeypatch.delenv(TEST_SIGNAL_ENV)
     with pytest.raises(Exception, match="merging_statistics"):
-        observe_checkpoint(str(checkpoint), dataset, resume=True, checkpoint_dir=str(folder), **SETTINGS)
+        observe_checkpoint(str(checkpoint), dataset, config=replace(BASE, resume=True, checkpoint_dir=str(folder)))
 
 
 def test_torchrun_two_processes_equal_single_process(checkpoint, dataset, tmp_path):
@@ -97,7 +101,8 @@ def test_torchrun_two_processes_equal_single_process(checkpoint, dataset, tmp_pa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = {lw: observe_checkpoint(str(checkpoint), dataset, layerwise=lw, **SETTINGS) for lw in (False, True)}
+        single = {lw: observe_checkpoint(str(checkpoint), dataset,
+                                         config=replace(BASE, layerwise=lw)) for lw in (False, True)}
     finally:
         torch.set_num_threads(threads)
     for layerwise in (False, True):

@@ -41,16 +41,14 @@ def test_defaults_are_upstreams_and_defined_once():
 
 def test_entry_point_refuses_settings_before_reading_the_model(tmp_path):
     missing = str(tmp_path / "no-model")  # would fail with ModelLoadError if it were read first
-    with pytest.raises(ConfigError, match="batch size"):
-        observe_checkpoint(missing, "data.jsonl", batch_size=0)
-    with pytest.raises(ConfigError, match="unknown ObserveConfig setting.*batch"):
-        observe_checkpoint(missing, "data.jsonl", batch=4)
-    with pytest.raises(ConfigError, match="batch size"):
-        observe_checkpoint(missing, "data.jsonl", None, ObserveConfig(batch_size=2), batch_size=0)
+    with pytest.raises(ConfigError, match="batch.size"):  # "batch size" or, named as the API's field, "batch_size"
+        observe_checkpoint(missing, "data.jsonl", None, ObserveConfig(batch_size=0))
+    with pytest.raises(ConfigError, match="batch.size"):
+        observe_checkpoint(missing, "data.jsonl", None, dataclasses.replace(ObserveConfig(batch_size=2), batch_size=0))
     with pytest.raises(ConfigError, match="output must be a file path"):
-        observe_checkpoint(missing, "data.jsonl", 64)  # the old third positional, samples_per_category
-    with pytest.raises(ConfigError, match="expected a ObserveConfig"):
-        observe_checkpoint(missing, "data.jsonl", None, {"batch_size": 2})
+        observe_checkpoint(missing, "data.jsonl", 64)  # a number where the output file goes
+    with pytest.raises(ConfigError, match="output must be a file path.*settings go in the ObserveConfig"):
+        observe_checkpoint(missing, "data.jsonl", ObserveConfig(batch_size=2))  # the config one place early
 
 
 def test_process_settings_resolve_auto_and_are_idempotent():
@@ -103,7 +101,7 @@ def test_output_written_and_distributed_false_ignores_torchrun(tmp_path, monkeyp
     assert saved.identity["model"] == str((tmp_path / "tiny").resolve())
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    alone = observe_checkpoint(checkpoint, str(data), config=settings, distributed=False)
+    alone = observe_checkpoint(checkpoint, str(data), None, dataclasses.replace(settings, distributed=False))
     assert not torch.distributed.is_initialized()
     assert sorted(single) == sorted(saved) == sorted(alone) and len(single) == 2
     for layer in single:

@@ -20,6 +20,7 @@ from reap_fast.prune import (
     KeepIndexError,
     MetricsMismatchError,
     OutputExistsError,
+    PruneConfig,
     SelectionError,
     UnevenPruningError,
     UnknownMethodError,
@@ -96,7 +97,7 @@ METHOD_KEYS = {
 @pytest.mark.parametrize("n", [1, 3, 5])
 def test_selection_matches_per_layer_argsort_with_ties(method, n):
     metrics = hand_metrics({METHOD_KEYS[method]: TIED_ROWS})
-    keep = select_experts(metrics, method=method, n_experts_to_prune=n)
+    keep = select_experts(metrics, PruneConfig(method=method, n_experts_to_prune=n))
     assert sorted(keep) == [0, 1, 2]
     for layer, row in enumerate(TIED_ROWS):
         assert keep[layer].dtype == torch.int64
@@ -105,23 +106,23 @@ def test_selection_matches_per_layer_argsort_with_ties(method, n):
 
 def test_tie_rule_keeps_lowest_index():
     metrics = hand_metrics({"reap": [[1.0] * E]})
-    assert select_experts(metrics, compression_ratio=0.5)[0].tolist() == [0, 1, 2, 3]
+    assert select_experts(metrics, PruneConfig(compression_ratio=0.5))[0].tolist() == [0, 1, 2, 3]
 
 
 def test_ratio_budget_is_int_e_times_r():
     metrics = hand_metrics({"reap": [list(range(E))]})
-    assert select_experts(metrics, compression_ratio=0.3)[0].numel() == E - int(E * 0.3)  # int(2.4) = 2
-    assert select_experts(metrics, compression_ratio=0.99)[0].tolist() == [7]
+    assert select_experts(metrics, PruneConfig(compression_ratio=0.3))[0].numel() == E - int(E * 0.3)  # int(2.4) = 2
+    assert select_experts(metrics, PruneConfig(compression_ratio=0.99))[0].tolist() == [7]
 
 
 def test_expert_proba_and_random():
     metrics = hand_metrics({"expert_frequency": TIED_ROWS})
-    by_proba = select_experts(metrics, "expert_proba", n_experts_to_prune=3)
-    by_frequency = select_experts(metrics, "frequency", n_experts_to_prune=3)
+    by_proba = select_experts(metrics, PruneConfig(method="expert_proba", n_experts_to_prune=3))
+    by_frequency = select_experts(metrics, PruneConfig(method="frequency", n_experts_to_prune=3))
     assert all(torch.equal(by_proba[layer], by_frequency[layer]) for layer in by_frequency)
-    first = select_experts(metrics, "random", n_experts_to_prune=4, seed=7)
-    again = select_experts(metrics, "random", n_experts_to_prune=4, seed=7)
-    other = select_experts(metrics, "random", n_experts_to_prune=4, seed=8)
+    first = select_experts(metrics, PruneConfig(method="random", n_experts_to_prune=4, seed=7))
+    again = select_experts(metrics, PruneConfig(method="random", n_experts_to_prune=4, seed=7))
+    other = select_experts(metrics, PruneConfig(method="random", n_experts_to_prune=4, seed=8))
     assert all(torch.equal(first[layer], again[layer]) for layer in first)
     assert any(not torch.equal(first[layer], other[layer]) for layer in first)
     assert all(first[layer].numel() == 4 for layer in first)
@@ -135,16 +136,16 @@ def test_generic_key_and_ean_ca_from_upstream_file():
     metrics = upstream_metrics([0, 1], E, seed=3)
     metrics[0]["reap_l2"] = torch.arange(E, dtype=torch.float32)
     metrics[1]["reap_l2"] = torch.arange(E, 0, -1, dtype=torch.float32)
-    keep = select_experts(metrics, "reap_l2", n_experts_to_prune=2)
+    keep = select_experts(metrics, PruneConfig(method="reap_l2", n_experts_to_prune=2))
     assert keep[0].tolist() == [2, 3, 4, 5, 6, 7] and keep[1].tolist() == [0, 1, 2, 3, 4, 5]
-    keep = select_experts(metrics, "ean_ca", n_experts_to_prune=3)
+    keep = select_experts(metrics, PruneConfig(method="ean_ca", n_experts_to_prune=3))
     for layer in (0, 1):
         norms = metrics[layer]["routed_characteristic_activation"].norm(dim=-1).tolist()
         assert keep[layer].tolist() == argsort_reference(norms, 3)
     with pytest.raises(UnknownMethodError, match="unknown prune method 'nope'"):
-        select_experts(metrics, "nope", n_experts_to_prune=1)
+        select_experts(metrics, PruneConfig(method="nope", n_experts_to_prune=1))
     with pytest.raises(UnknownMethodError, match="routed_characteristic_activation"):
-        select_experts(hand_metrics({"reap": TIED_ROWS}), "ean_ca", n_experts_to_prune=1)
+        select_experts(hand_metrics({"reap": TIED_ROWS}), PruneConfig(method="ean_ca", n_experts_to_prune=1))
 
 
 # --- budgets and bad input ------------------------------------------------------------------------
@@ -153,22 +154,21 @@ def test_generic_key_and_ean_ca_from_upstream_file():
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.1])
 def test_ratio_outside_open_interval(ratio):
     with pytest.raises(SelectionError, match="outside \\(0, 1\\)"):
-        select_experts(hand_metrics({"reap": TIED_ROWS}), compression_ratio=ratio)
+        select_experts(hand_metrics({"reap": TIED_ROWS}), PruneConfig(compression_ratio=ratio))
 
 
 def test_count_out_of_range_and_top_k():
     metrics = hand_metrics({"reap": TIED_ROWS})
     with pytest.raises(SelectionError, match="n_experts_to_prune=8 is out of range: the model has 8 experts"):
-        select_experts(metrics, n_experts_to_prune=8)
+        select_experts(metrics, PruneConfig(n_experts_to_prune=8))
     with pytest.raises(SelectionError, match="leaves 1 per layer, fewer than the model's top-k of 2"):
-        select_experts(metrics, n_experts_to_prune=7, top_k=2)
+        select_experts(metrics, PruneConfig(n_experts_to_prune=7), top_k=2)
     with pytest.raises(SelectionError, match="leaves 2 per layer, fewer than min_experts_per_layer=3"):
-        select_experts(metrics, n_experts_to_prune=6, min_experts_per_layer=3)
+        select_experts(metrics, PruneConfig(n_experts_to_prune=6, min_experts_per_layer=3))
     with pytest.raises(SelectionError, match="not both"):
-        select_experts(metrics, compression_ratio=0.5, n_experts_to_prune=2)
-    with pytest.raises(SelectionError, match="must be set"):
-        select_experts(metrics)
-    assert select_experts(metrics, n_experts_to_prune=6, top_k=2)[0].numel() == 2
+        select_experts(metrics, PruneConfig(compression_ratio=0.5, n_experts_to_prune=2))
+    assert select_experts(metrics, PruneConfig())[0].numel() == E // 2  # the config's default ratio, 0.5
+    assert select_experts(metrics, PruneConfig(n_experts_to_prune=6), top_k=2)[0].numel() == 2
 
 
 # --- group-limited routing ------------------------------------------------------------------------
@@ -177,16 +177,16 @@ def test_count_out_of_range_and_top_k():
 def test_groups_remove_the_same_number_per_group(caplog):
     rows = [[5, 1, 2, 3, 9, 8, 7, 0.5], [1, 1, 1, 1, 0, 0, 0, 0]]
     metrics = hand_metrics({"reap": rows})
-    keep = select_experts(metrics, n_experts_to_prune=4, groups=(2, 2), top_k=2)
+    keep = select_experts(metrics, PruneConfig(n_experts_to_prune=4), groups=(2, 2), top_k=2)
     # group 0 = experts 0-3, group 1 = experts 4-7: the two lowest of each group go
     assert keep[0].tolist() == [0, 3, 4, 5]
     assert keep[1].tolist() == [0, 1, 4, 5]
     with caplog.at_level(logging.WARNING):
-        keep = select_experts(metrics, n_experts_to_prune=3, groups=(2, 2), top_k=2)
+        keep = select_experts(metrics, PruneConfig(n_experts_to_prune=3), groups=(2, 2), top_k=2)
     assert "instead of 3" in caplog.text
     assert keep[0].tolist() == [0, 2, 3, 4, 5, 6]  # 2 removed: one per group
     with pytest.raises(SelectionError, match="at least 2 experts per group"):
-        select_experts(metrics, n_experts_to_prune=6, groups=(2, 2), top_k=1)
+        select_experts(metrics, PruneConfig(n_experts_to_prune=6), groups=(2, 2), top_k=1)
 
 
 # --- super experts ---------------------------------------------------------------------------------
@@ -204,14 +204,14 @@ def test_super_experts_match_upstream_definition():
     assert 1.0 < threshold < 400.0
     assert super_expert_mask(metrics).nonzero().tolist() == [[0, 5]]
     assert super_expert_mask(metrics, include_last_layers=True).nonzero().tolist() == [[0, 5], [3, 6]]
-    plain = select_experts(metrics, n_experts_to_prune=8)
+    plain = select_experts(metrics, PruneConfig(n_experts_to_prune=8))
     assert 5 not in plain[0].tolist() and 6 not in plain[3].tolist()
-    kept = select_experts(metrics, n_experts_to_prune=8, preserve_super_experts=True)
+    kept = select_experts(metrics, PruneConfig(n_experts_to_prune=8, preserve_super_experts=True))
     assert 5 in kept[0].tolist() and 6 not in kept[3].tolist() and kept[0].numel() == 56
-    kept = select_experts(metrics, n_experts_to_prune=8, preserve_outliers=True)
+    kept = select_experts(metrics, PruneConfig(n_experts_to_prune=8, preserve_outliers=True))
     assert 5 in kept[0].tolist() and 6 in kept[3].tolist()
     with pytest.raises(SelectionError, match="only one"):
-        select_experts(metrics, n_experts_to_prune=3, preserve_outliers=True, preserve_super_experts=True)
+        select_experts(metrics, PruneConfig(n_experts_to_prune=3, preserve_outliers=True, preserve_super_experts=True))
 
 
 # --- slicing every family --------------------------------------------------------------------------
@@ -290,7 +290,8 @@ def test_pruned_family_loads_generates_and_matches(family, ratio, tmp_path):
     save_checkpoint(model, byte_tokenizer(), tmp_path / "orig")
     save_metrics(metrics_removing(removed), tmp_path / "obs.pt")
 
-    out = prune_checkpoint(tmp_path / "orig", tmp_path / "obs.pt", tmp_path / "pruned", compression_ratio=ratio)
+    out = prune_checkpoint(tmp_path / "orig", tmp_path / "obs.pt", tmp_path / "pruned",
+                           PruneConfig(compression_ratio=ratio))
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
@@ -343,7 +344,7 @@ def test_router_tensor_in_the_checkpoints_own_spelling_is_sliced(tmp_path, caplo
     save_metrics(metrics_removing(removed), tmp_path / "obs.pt")
 
     with caplog.at_level(logging.WARNING):
-        out = prune_checkpoint(source, tmp_path / "obs.pt", tmp_path / "pruned", compression_ratio=0.5)
+        out = prune_checkpoint(source, tmp_path / "obs.pt", tmp_path / "pruned", PruneConfig(compression_ratio=0.5))
     assert "save_pretrained" not in caplog.text  # written from the source's own files, no weight loaded
     written = {}
     for shard in out.glob("*.safetensors"):
@@ -405,9 +406,8 @@ def tiny_checkpoint(tmp_path_factory):
 def test_prunes_from_upstream_observation_file(tiny_checkpoint, tmp_path):
     data = upstream_metrics([0, 1], E, seed=5)  # with upstream's extra merging keys
     torch.save(data, tmp_path / "observations_1024_cosine.pt")
-    out = prune_checkpoint(
-        tiny_checkpoint, tmp_path / "observations_1024_cosine.pt", tmp_path / "out", method="reap", n_experts_to_prune=3
-    )
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "observations_1024_cosine.pt", tmp_path / "out",
+                           PruneConfig(method="reap", n_experts_to_prune=3))
     report = json.loads((out / "pruned_experts.json").read_text())
     for layer in (0, 1):
         expected = argsort_reference(data[layer]["reap"].tolist(), 3)
@@ -422,7 +422,7 @@ def test_upstream_pruning_code_reads_our_file(tmp_path):
     data = torch.load(tmp_path / "obs.pt", weights_only=False)
     assert set(data) == {0, 1, 2}
     for method, key in (("reap", "reap"), ("frequency", "expert_frequency"), ("ean_sum", "ean_sum")):
-        keep = select_experts(load_metrics(tmp_path / "obs.pt"), method, n_experts_to_prune=3)
+        keep = select_experts(load_metrics(tmp_path / "obs.pt"), PruneConfig(method=method, n_experts_to_prune=3))
         for layer in data:
             data[layer]["expert_proba"] = data[layer]["expert_frequency"] / data[layer]["total_tokens"]
             values = data[layer][key]
@@ -434,23 +434,35 @@ def test_upstream_pruning_code_reads_our_file(tmp_path):
 def test_metrics_of_another_model(tiny_checkpoint, tmp_path):
     save_metrics(hand_metrics({"reap": TIED_ROWS}), tmp_path / "layers.pt")  # layers 0, 1, 2
     with pytest.raises(MetricsMismatchError, match="metrics file of another model: it has MoE layers \\[0, 1, 2\\], the model has \\[0, 1\\]"):
-        prune_checkpoint(tiny_checkpoint, tmp_path / "layers.pt", tmp_path / "out", compression_ratio=0.5)
+        prune_checkpoint(tiny_checkpoint, tmp_path / "layers.pt", tmp_path / "out", PruneConfig(compression_ratio=0.5))
     save_metrics(hand_metrics({"reap": [[1.0] * 16] * 2}, num_experts=16), tmp_path / "experts.pt")
     with pytest.raises(MetricsMismatchError, match="layer 0: 16 in the file vs 8 in the model"):
-        prune_checkpoint(tiny_checkpoint, tmp_path / "experts.pt", tmp_path / "out", compression_ratio=0.5)
+        prune_checkpoint(tiny_checkpoint, tmp_path / "experts.pt", tmp_path / "out", PruneConfig(compression_ratio=0.5))
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_checkpoint_reads_the_model_config_once(tiny_checkpoint, tmp_path, monkeypatch):
+    from reap_fast.models import loading
+
+    read, real = [], loading.load_config
+    monkeypatch.setattr(loading, "load_config", lambda path: read.append(str(path)) or real(path))
+    save_metrics(hand_metrics({"reap": TIED_ROWS[:2]}), tmp_path / "obs.pt")
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "out", PruneConfig(compression_ratio=0.25))
+    assert read == [str(tiny_checkpoint)]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_experts == 6
 
 
 def test_output_directory_holding_a_model(tiny_checkpoint, tmp_path):
     save_metrics(hand_metrics({"reap": TIED_ROWS[:2]}), tmp_path / "obs.pt")
-    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "out", compression_ratio=0.25)
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "out", PruneConfig(compression_ratio=0.25))
     with pytest.raises(OutputExistsError, match="already holds a model"):
-        prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", out, compression_ratio=0.5)
+        prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", out, PruneConfig(compression_ratio=0.5))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="not empty"):
-        prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "busy", compression_ratio=0.5)
-    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", out, compression_ratio=0.5, overwrite=True)
+        prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", tmp_path / "busy", PruneConfig(compression_ratio=0.5))
+    out = prune_checkpoint(tiny_checkpoint, tmp_path / "obs.pt", out,
+                           PruneConfig(compression_ratio=0.5, overwrite=True))
     assert json.loads((out / "pruned_experts.json").read_text())["compression_ratio"] == 0.5
     assert AutoModelForCausalLM.from_pretrained(out).config.num_experts == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "obs.pt", "out"]

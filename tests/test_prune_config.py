@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reap_fast.cli import build_parser
-from reap_fast.config import ConfigError, PruneConfig, SelectionError, resolve
+from reap_fast.config import ConfigError, PruneConfig, SelectionError
 from reap_fast.config.prune import DEFAULT_COMPRESSION_RATIO
 from reap_fast.prune import select_experts
 from reap_fast.prune.select import experts_to_prune
@@ -82,13 +82,13 @@ def test_select_experts_takes_a_config_or_its_fields():
     }
     # lowest two reap scores removed: layer 0 drops experts 1 and 3, layer 1 drops 3 and 0
     expected = {0: [0, 2], 1: [1, 2]}
-    by_config = select_experts(metrics, config=PruneConfig(n_experts_to_prune=2))
-    by_keywords = select_experts(metrics, "reap", n_experts_to_prune=2)
-    by_ratio = select_experts(metrics, config=PruneConfig())  # the config's default ratio: int(4 * 0.5) = 2
-    for keep in (by_config, by_keywords, by_ratio):
+    by_count = select_experts(metrics, PruneConfig(n_experts_to_prune=2))
+    by_method = select_experts(metrics, PruneConfig(method="reap", n_experts_to_prune=2))
+    by_ratio = select_experts(metrics, PruneConfig())  # the config's default ratio: int(4 * 0.5) = 2
+    for keep in (by_count, by_method, by_ratio):
         assert {layer: kept.tolist() for layer, kept in keep.items()} == expected
-    # keywords on top of a config
-    keep = select_experts(metrics, config=PruneConfig(compression_ratio=0.25), method="frequency")
+    # a setting changed on top of a config
+    keep = select_experts(metrics, dataclasses.replace(PruneConfig(compression_ratio=0.25), method="frequency"))
     assert {layer: kept.tolist() for layer, kept in keep.items()} == {0: [0, 1, 2], 1: [0, 1, 2]}  # ties: highest index goes
 
 

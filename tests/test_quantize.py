@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from reap_fast import quantize as q
+from reap_fast.config import QuantConfig
 from reap_fast.fileio import sha256_file
 from reap_fast.models.memory_plan import MemoryPlanError
 from reap_fast.outputs import OutputError, write_marker
@@ -109,20 +110,8 @@ def quantized(tmp_path_factory):
     model = build_grid_model()
     source = save_checkpoint(model, byte_tokenizer(), root / "source")
     output = root / "out" / "w4a16"
-    result = q.run_quantize_subprocess(
-        source,
-        output,
-        calibration_texts(),
-        iters=0,
-        nsamples=8,
-        seqlen=SEQLEN,
-        batch_size=4,
-        device="cpu",
-        group_size=GROUP,
-        bits=4,
-        capture_output=True,
-        timeout=240,
-    )
+    config = QuantConfig(iters=0, nsamples=8, seqlen=SEQLEN, batch_size=4, device="cpu", group_size=GROUP, bits=4)
+    result = q.run_quantize_subprocess(source, output, calibration_texts(), config, capture_output=True, timeout=240)
     return {"model": model, "source": source, "output": result, "root": root}
 
 
@@ -347,7 +336,7 @@ def test_error_group_size_names_sizes(tmp_path, monkeypatch):
         build_model(grid_config(hidden_size=128, moe_intermediate_size=96), seed=2), byte_tokenizer(), tmp_path / "m"
     )
     with pytest.raises(q.QuantizationError, match=r"group_size 128 .*moe_intermediate_size=96"):
-        q.quantize_w4a16(source, tmp_path / "out", calibration_texts(), seqlen=SEQLEN)
+        q.quantize_w4a16(source, tmp_path / "out", calibration_texts(), QuantConfig(seqlen=SEQLEN))
     with pytest.raises(q.QuantizationError, match=r"hidden_size=192"):
         q.check_group_size(grid_config(hidden_size=192), 128)
     q.check_group_size(grid_config(hidden_size=192, moe_intermediate_size=96, head_dim=48), 32)  # divisible: ok
@@ -358,14 +347,14 @@ def test_error_texts_too_short(small_source, tmp_path, monkeypatch):
     _no_auto_round(monkeypatch)
     texts = ["short text"] * 3 + ["x" * 100]
     with pytest.raises(q.QuantizationError) as info:
-        q.quantize_w4a16(small_source, tmp_path / "out", texts, seqlen=512)
+        q.quantize_w4a16(small_source, tmp_path / "out", texts, QuantConfig(seqlen=512))
     message = str(info.value)
     assert "only 0 of 4 calibration texts are at least seqlen=512 tokens long" in message
     assert "--seqlen 100" in message and "\n" not in message
     with pytest.raises(q.QuantizationError, match=r"only 1 of 4 .*need 2.*--seqlen 10\b"):
-        q.quantize_w4a16(small_source, tmp_path / "out", texts, seqlen=64, min_samples=2)
+        q.quantize_w4a16(small_source, tmp_path / "out", texts, QuantConfig(seqlen=64, min_samples=2))
     with pytest.raises(q.QuantizationError, match="no calibration texts"):
-        q.quantize_w4a16(small_source, tmp_path / "out", [], seqlen=64)
+        q.quantize_w4a16(small_source, tmp_path / "out", [], QuantConfig(seqlen=64))
     assert not (tmp_path / "out").exists()
 
 
@@ -376,7 +365,7 @@ def test_error_not_enough_memory_for_the_whole_model(small_source, tmp_path, mon
     _no_auto_round(monkeypatch)
     monkeypatch.setattr(autoround, "free_memory", lambda device: MemoryBudget(host_free=1 << 20))
     with pytest.raises(MemoryPlanError, match=r"AutoRound \(the whole model on the host\) needs about") as info:
-        q.quantize_w4a16(small_source, tmp_path / "out", calibration_texts(), seqlen=SEQLEN)
+        q.quantize_w4a16(small_source, tmp_path / "out", calibration_texts(), QuantConfig(seqlen=SEQLEN))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -395,16 +384,16 @@ def test_error_existing_output(small_source, tmp_path, monkeypatch):
     existing = save_checkpoint(build_model(grid_config(), seed=3), byte_tokenizer(), tmp_path / "done")
     # a model reap-fast did not write is never replaced, not even with overwrite
     with pytest.raises(OutputError, match="not written by reap-fast"):
-        q.quantize_w4a16(small_source, existing, calibration_texts(), seqlen=SEQLEN, overwrite=True)
+        q.quantize_w4a16(small_source, existing, calibration_texts(), QuantConfig(seqlen=SEQLEN, overwrite=True))
     write_marker(existing, "w4a16")
     with pytest.raises(OutputError, match="output folder .* already holds a model; pass --overwrite"):
-        q.quantize_w4a16(small_source, existing, calibration_texts(), seqlen=SEQLEN)
+        q.quantize_w4a16(small_source, existing, calibration_texts(), QuantConfig(seqlen=SEQLEN))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
     with pytest.raises(OutputError, match="not empty"):
-        q.quantize_w4a16(small_source, tmp_path / "junk", calibration_texts(), seqlen=SEQLEN)
+        q.quantize_w4a16(small_source, tmp_path / "junk", calibration_texts(), QuantConfig(seqlen=SEQLEN))
     with pytest.raises(OutputError, match="is the model folder"):
-        q.quantize_w4a16(small_source, small_source, calibration_texts(), seqlen=SEQLEN, overwrite=True)
+        q.quantize_w4a16(small_source, small_source, calibration_texts(), QuantConfig(seqlen=SEQLEN, overwrite=True))
     assert (existing / "config.json").exists()
 
 
@@ -419,7 +408,8 @@ def test_error_auto_round_missing(small_source, tmp_path, monkeypatch):
 def test_subprocess_reports_precheck_error(small_source, tmp_path):
     # The child's QuantizationError comes back with its message (and exit code 2 from main).
     with pytest.raises(q.QuantizationError, match="only 0 of 2 calibration texts"):
-        q.run_quantize_subprocess(small_source, tmp_path / "out", ["a", "b"], seqlen=SEQLEN, capture_output=True)
+        q.run_quantize_subprocess(small_source, tmp_path / "out", ["a", "b"],
+                                  QuantConfig(seqlen=SEQLEN), capture_output=True)
     texts_file = tmp_path / "texts.json"
     texts_file.write_text(json.dumps({"texts": ["a"]}))
     request = tmp_path / "request.json"
@@ -463,13 +453,14 @@ def test_interrupted_run_leaves_nothing_and_keeps_old_output(small_source, tmp_p
     workspace_before = os.environ.get("AR_WORK_SPACE")
     monkeypatch.setattr(autoround, "_run_auto_round", _fake_auto_round(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        q.quantize_w4a16(small_source, old, calibration_texts(), seqlen=SEQLEN, overwrite=True, device="cpu")
+        q.quantize_w4a16(small_source, old, calibration_texts(),
+                         QuantConfig(seqlen=SEQLEN, overwrite=True, device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial / scratch folders
     assert sorted(p.name for p in old.iterdir()) == before
     assert not q.is_complete_output(old)
     # a run that completes replaces the old folder in one rename, marker included
     monkeypatch.setattr(autoround, "_run_auto_round", _fake_auto_round())
-    q.quantize_w4a16(small_source, old, calibration_texts(), seqlen=SEQLEN, overwrite=True, device="cpu")
+    q.quantize_w4a16(small_source, old, calibration_texts(), QuantConfig(seqlen=SEQLEN, overwrite=True, device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert q.is_complete_output(old)
     assert os.environ.get("AR_WORK_SPACE") == workspace_before  # restored after the run

@@ -120,6 +120,10 @@ def test_case1_overwrite_never_deletes_inputs_or_foreign_folders(setup, tmp_path
     assert flags <= prune_options
     assert _prune(model, obs, out, "--compression-ratio", "0.5", "--overwrite") == 0
     assert json.loads((out / "pruned_experts.json").read_text())["compression_ratio"] == 0.5
+    (out / MARKER_FILE).unlink()  # only the marker says reap-fast wrote a folder, not its metadata files
+    assert _prune(model, obs, out, "--overwrite") == 2
+    assert "not written by reap-fast" in _one_line(capsys.readouterr().err)
+    assert json.loads((out / "pruned_experts.json").read_text())["compression_ratio"] == 0.5
 
     # observe --overwrite replaces an observation file, not any file that happens to be there
     precious = tmp_path / "thesis.pt"
@@ -575,6 +579,10 @@ def test_i24_case2_eval_output_never_overwrites_inputs_or_user_files(setup, tmp_
     with pytest.raises(OutputError, match="pass --overwrite"):
         claim_output(ours, "eval json", {"model folder": model})
     assert claim_output(ours, "eval json", {"model folder": model}, overwrite=True) == ours
+    untagged = tmp_path / "report.json"  # a report's keys without the tag: not recognised
+    untagged.write_text(json.dumps({"settings": {}, "models": [], "results": {}, "comparison": []}))
+    with pytest.raises(OutputError, match="is not a results file reap-fast wrote"):
+        claim_output(untagged, "eval json", {"model folder": model}, overwrite=True)
 
 
 def test_i24_case3_the_picture_never_replaces_a_user_file_and_is_checked_first(setup, tmp_path, capsys, monkeypatch):

@@ -5,18 +5,20 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from reap_fast.cli import main
+from reap_fast.config import ObserveConfig
 from reap_fast.metrics import METRIC_DTYPES, load_metrics
 from reap_fast.observe import observe_checkpoint
 from reap_fast.observe.checkpointing import STATE_FILE, TEST_SIGNAL_ENV, CheckpointMismatchError
 from reap_lab.tiny import make_tiny_checkpoint
 
-SETTINGS = dict(samples_per_category=6, model_max_length=48, batch_size=2, seed=5, engine="reference",
-                device="cpu", dtype="float32", progress=False)
+BASE = ObserveConfig(samples_per_category=6, model_max_length=48, batch_size=2, seed=5, engine="reference",
+                     device="cpu", dtype="float32", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +45,13 @@ def _equal(a, b):
 def test_sigterm_then_resume_equals_uninterrupted(checkpoint, dataset, tmp_path, monkeypatch, layerwise,
                                                   interrupt_after):
     """3 batches per pass: in memory stop after batch 2; streaming stop in layer 1 after its 2nd batch."""
-    uninterrupted = observe_checkpoint(str(checkpoint), dataset, layerwise=layerwise, **SETTINGS)
+    uninterrupted = observe_checkpoint(str(checkpoint), dataset, config=replace(BASE, layerwise=layerwise))
     folder = tmp_path / "partial"
     monkeypatch.setenv(TEST_SIGNAL_ENV, str(interrupt_after))
     with pytest.raises(SystemExit) as stopped:
-        observe_checkpoint(str(checkpoint), dataset, layerwise=layerwise, checkpoint_dir=str(folder),
-                           checkpoint_every=1e9, **SETTINGS)  # only the signal writes a checkpoint
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, layerwise=layerwise, checkpoint_dir=str(folder),
+                                          checkpoint_every=1e9))  # only the signal writes a checkpoint
     assert stopped.value.code == 128 + signal.SIGTERM
     state = torch.load(folder / STATE_FILE, weights_only=True)
     if layerwise:
@@ -57,26 +60,27 @@ def test_sigterm_then_resume_equals_uninterrupted(checkpoint, dataset, tmp_path,
     else:
         assert state["batches_done"] == 2
     monkeypatch.delenv(TEST_SIGNAL_ENV)
-    resumed = observe_checkpoint(str(checkpoint), dataset, layerwise=layerwise, resume=True,
-                                 checkpoint_dir=str(folder), **SETTINGS)
+    resumed = observe_checkpoint(str(checkpoint), dataset,
+                                 config=replace(BASE, layerwise=layerwise, resume=True, checkpoint_dir=str(folder)))
     _equal(uninterrupted, resumed)
     assert not folder.exists()  # removed after success
 
 
 def test_periodic_checkpoints_and_resume_from_each_point(checkpoint, dataset, tmp_path, monkeypatch):
     """checkpoint_every=0 writes after every batch; resuming from a layer boundary also works."""
-    uninterrupted = observe_checkpoint(str(checkpoint), dataset, layerwise=True, **SETTINGS)
+    uninterrupted = observe_checkpoint(str(checkpoint), dataset, config=replace(BASE, layerwise=True))
     folder = tmp_path / "partial"
     monkeypatch.setenv(TEST_SIGNAL_ENV, "3")  # the end of layer 0
     with pytest.raises(SystemExit):
-        observe_checkpoint(str(checkpoint), dataset, layerwise=True, checkpoint_dir=str(folder), checkpoint_every=0,
-                           **SETTINGS)
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, layerwise=True, checkpoint_dir=str(folder), checkpoint_every=0))
     state = torch.load(folder / STATE_FILE, weights_only=True)
     assert (state["layer"], state["batches_done"]) == (1, 0)
     assert len(list(folder.glob("hidden-*.bin"))) == 1  # older snapshots are deleted
     monkeypatch.delenv(TEST_SIGNAL_ENV)
-    resumed = observe_checkpoint(str(checkpoint), dataset, layerwise=True, resume=True, checkpoint_dir=str(folder),
-                                 checkpoint_every=0, **SETTINGS)
+    resumed = observe_checkpoint(str(checkpoint), dataset,
+                                 config=replace(BASE, layerwise=True, resume=True, checkpoint_dir=str(folder),
+                                                checkpoint_every=0))
     _equal(uninterrupted, resumed)
 
 
@@ -84,16 +88,17 @@ def test_a_different_run_is_refused(checkpoint, dataset, tmp_path, monkeypatch):
     folder = tmp_path / "partial"
     monkeypatch.setenv(TEST_SIGNAL_ENV, "1")
     with pytest.raises(SystemExit):
-        observe_checkpoint(str(checkpoint), dataset, checkpoint_dir=str(folder), checkpoint_every=1e9, **SETTINGS)
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, checkpoint_dir=str(folder), checkpoint_every=1e9))
     monkeypatch.delenv(TEST_SIGNAL_ENV)
-    other = dict(SETTINGS, seed=6)
     with pytest.raises(CheckpointMismatchError, match=r"different run \(.*seed 5 -> 6"):
-        observe_checkpoint(str(checkpoint), dataset, resume=True, checkpoint_dir=str(folder), **other)
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, resume=True, checkpoint_dir=str(folder), seed=6))
     with pytest.raises(CheckpointMismatchError, match="layerwise False -> True"):
-        observe_checkpoint(str(checkpoint), dataset, resume=True, layerwise=True, checkpoint_dir=str(folder),
-                           **SETTINGS)
+        observe_checkpoint(str(checkpoint), dataset,
+                           config=replace(BASE, resume=True, layerwise=True, checkpoint_dir=str(folder)))
     with pytest.raises(CheckpointMismatchError, match="pass --resume"):
-        observe_checkpoint(str(checkpoint), dataset, checkpoint_dir=str(folder), **SETTINGS)
+        observe_checkpoint(str(checkpoint), dataset, config=replace(BASE, checkpoint_dir=str(folder)))
     assert (folder / STATE_FILE).is_file()  # a refused run leaves the checkpoint alone
 
 

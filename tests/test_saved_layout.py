@@ -27,7 +27,7 @@ import transformers
 from safetensors import safe_open
 
 from reap_fast.metrics import save_metrics
-from reap_fast.prune import prune_checkpoint, prune_model
+from reap_fast.prune import PruneConfig, prune_checkpoint, prune_model
 from reap_fast.prune.__main__ import main as prune_main
 from reap_fast.prune.checkpoint import COUNT_KEYS
 
@@ -167,7 +167,8 @@ def prune_with_cli(source: Path, work: Path) -> tuple[Path, dict[int, list[int]]
     scores = kept_by_score(moe_layers(source))
     metrics_path = work / f"{source.name}-obs.pt"
     save_metrics(metrics_for(scores), metrics_path)
-    pruned = prune_checkpoint(source, metrics_path, work / f"{source.name}-pruned", n_experts_to_prune=PRUNED)
+    pruned = prune_checkpoint(source, metrics_path, work / f"{source.name}-pruned",
+                              PruneConfig(n_experts_to_prune=PRUNED))
     keep = reported_keep(pruned)
     assert set(keep) == set(scores) and all(len(kept) == EXPERTS - PRUNED for kept in keep.values())
     return pruned, keep

@@ -150,9 +150,9 @@ def test_multimodal_llama4_config_uses_its_text_config():
     from transformers import Llama4Config
 
     from reap_fast.models import get_adapter
-    from reap_fast.prune import check_prune_budget
+    from reap_fast.prune import PruneConfig, check_prune_budget
 
     config = Llama4Config(text_config=tiny_family_config("llama4", num_experts=16, top_k=1).to_dict())
     adapter = get_adapter(config)
     assert adapter.family == "llama4" and text_config(config).num_local_experts == 16
-    assert check_prune_budget(config, compression_ratio=0.5) == 8
+    assert check_prune_budget(config, PruneConfig(compression_ratio=0.5)) == 8

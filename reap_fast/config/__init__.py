@@ -10,13 +10,13 @@ nothing of reap_fast above ``errors``.
 
 from __future__ import annotations
 
-from .checks import ConfigError, check_choice, check_integer, check_range, resolve
+from .checks import ConfigError, check_choice, check_integer, check_range
 from .evaluate import EvalConfig, HarnessError, HarnessSettings
 from .observe import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig
 from .prune import DEFAULT_COMPRESSION_RATIO, PruneConfig, SelectionError
 from .quantize import QuantConfig
 
-__all__ = ["ConfigError", "check_choice", "check_integer", "check_range", "resolve"]
+__all__ = ["ConfigError", "check_choice", "check_integer", "check_range"]
 __all__ += ["DEFAULT_MODEL_MAX_LENGTH", "ObserveConfig"]
 __all__ += ["DEFAULT_COMPRESSION_RATIO", "PruneConfig", "SelectionError"]
 __all__ += ["QuantConfig"]

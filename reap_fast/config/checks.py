@@ -1,14 +1,11 @@
-"""The building blocks of the stage configs: range and choice checks, and keyword overrides."""
+"""The building blocks of the stage configs: range, integer and choice checks."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..errors import UsageError
-
-Config = TypeVar("Config")
 
 DEFAULT_SEED = 42  # upstream ReapArgs.seed; every stage that draws random numbers (calibration sampling, "random" pruning, AutoRound)
 
@@ -80,22 +77,3 @@ def check_choice(
     allowed = tuple(choices)
     if value not in allowed:
         raise error(f"{{0}} must be one of {', '.join(map(shown, allowed))}; got {shown(value)}", name, owner=owner)
-
-
-def resolve(config_type: type[Config], config: Config | None, overrides: Mapping[str, Any]) -> Config:
-    """The config a stage runs with: ``config`` (or the defaults) with keyword ``overrides`` applied.
-
-    Unknown keywords are refused with the list of known fields; the result is validated by the config's
-    own ``__post_init__`` like any other instance.
-    """
-    if config is not None and not isinstance(config, config_type):
-        raise ConfigError(f"expected a {config_type.__name__}, got {type(config).__name__}")
-    known = {field.name for field in dataclasses.fields(config_type)}  # type: ignore[arg-type]
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown {config_type.__name__} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    if config is None:
-        return config_type(**overrides)
-    return dataclasses.replace(config, **overrides) if overrides else config  # type: ignore[type-var]

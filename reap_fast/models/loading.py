@@ -71,13 +71,14 @@ def load_config(path: str):
     return config
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto"):
+def load_model(path: str, device: str = "auto", dtype: str = "auto", *, config=None):
     """Load a supported MoE checkpoint and its tokenizer for observation; returns (model, tokenizer).
 
     A local safetensors checkpoint on one device is read by the fast loader (:mod:`reap_fast.models.fast_load`:
     straight into the fused layout, mmap-backed where the dtype matches); anything else by ``from_pretrained``.
+    ``config``: the checkpoint's :func:`load_config`, when the caller has it already.
     """
-    config = load_config(path)
+    config = load_config(path) if config is None else config
     check_model_folder(path, need_tokenizer=True)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config)
@@ -93,13 +94,14 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
-def load_skeleton(path: str, dtype: str = "auto"):
+def load_skeleton(path: str, dtype: str = "auto", *, config=None):
     """The checkpoint's model with every weight on the meta device (no weight read) and its tokenizer.
 
     Enough to select and slice experts when the pruned folder is written from the source's own files
     (:mod:`reap_fast.prune.checkpoint`): module structure, expert counts and shapes, nothing else.
+    ``config``: the checkpoint's :func:`load_config`, when the caller has it already.
     """
-    config = load_config(path)
+    config = load_config(path) if config is None else config
     check_model_folder(path, need_tokenizer=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, config))

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..config import ConfigError, ObserveConfig, resolve
+from ..config import ConfigError, ObserveConfig
 from ..data import CalibrationSet, build_calibration_set
 from ..identity import attach_identity, model_identity
 from ..metrics import LayerMetrics, save_metrics
@@ -42,12 +42,11 @@ def observe_checkpoint(
     dataset: str | CalibrationSet,
     output: str | os.PathLike | None = None,
     config: ObserveConfig | None = None,
-    **overrides,
 ) -> dict[int, LayerMetrics]:
     """Observe the checkpoint at ``model_path``; return its REAP statistics {layer: {upstream keys}}.
 
-    ``config`` (default: :class:`ObserveConfig`'s defaults) with keyword ``overrides`` of its fields
-    says how (see :class:`~reap_fast.config.ObserveConfig`): batch size, engine, device, dtype,
+    ``config`` (default: :class:`ObserveConfig`'s defaults) says how
+    (see :class:`~reap_fast.config.ObserveConfig`): batch size, engine, device, dtype,
     ``layerwise`` streaming (default 'auto': the memory plan decides), torchrun sharding (``distributed``),
     ``checkpoint_dir`` / ``resume``.
 
@@ -58,7 +57,7 @@ def observe_checkpoint(
     * With ``checkpoint_dir``, a resumed run gives the numbers of an uninterrupted one; the folder is removed
       after success. With several processes each rank uses ``checkpoint_dir/rank<r>-of-<n>``.
     """
-    config = resolve(ObserveConfig, config, overrides)
+    config = ObserveConfig() if config is None else config
     if output is not None and not isinstance(output, (str, os.PathLike)):
         raise ConfigError(f"output must be a file path or None, got {output!r} (settings go in the ObserveConfig)")
     model_config = load_config(model_path)

@@ -3,12 +3,10 @@
 Public API::
 
     config = PruneConfig(method="reap", compression_ratio=0.5)                      # reap_fast.config.PruneConfig
-    keep = select_experts(metrics, config=config, top_k=8)                          # {layer: kept indices}
+    keep = select_experts(metrics, config, top_k=8)                                 # {layer: kept indices}
     prune_model(model, keep)                                                        # in place
     save_pruned(model, tokenizer, "out/", keep, {"method": "reap"})                 # atomic
     prune_checkpoint("model/", "observations.pt", "out/", config)                   # all of the above
-
-The config's fields may also be given as keywords (``prune_checkpoint(..., compression_ratio=0.5)``).
 
 Drop-in command lines: ``python -m reap_fast.prune`` and ``python -m reap_fast.layerwise_prune`` accept
 upstream REAP's flags (see :mod:`reap_fast.upstream`).
@@ -21,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config.checks import resolve
 from ..config.prune import METHOD_CHOICES, PruneConfig
 from ..errors import ReapFastError
 from ..identity import check_identity
@@ -100,13 +97,14 @@ def model_routing(model_or_config) -> dict[str, Any]:
     return {"top_k": int(top_k) if top_k is not None else None, "groups": groups}
 
 
-def check_prune_budget(config, pruning: PruneConfig | None = None, **overrides: Any) -> int:
+def check_prune_budget(config, pruning: PruneConfig | None = None) -> int:
     """Check a pruning budget against a model config before any calibration work; returns experts removed per layer.
 
-    ``pruning`` (or its fields as keywords) holds the budget. Catches a ratio that leaves fewer experts than
-    the top-k (or than a routing group needs) while it costs nothing, instead of after a long observation.
+    ``pruning`` (default: :class:`PruneConfig`'s, a ratio of 0.5) holds the budget. Catches a ratio that
+    leaves fewer experts than the top-k (or than a routing group needs) while it costs nothing, instead of
+    after a long observation.
     """
-    pruning = resolve(PruneConfig, pruning, overrides)
+    pruning = PruneConfig() if pruning is None else pruning
     adapter = get_adapter(config)
     num_experts = int(getattr(text_config(config), adapter.num_experts_key))
     routing = model_routing(config)
@@ -146,16 +144,15 @@ def prune_checkpoint(
     config: PruneConfig | None = None,
     *,
     metadata: dict[str, Any] | None = None,
-    **overrides: Any,
 ) -> Path:
     """Load a checkpoint and an observation file, select, slice and save the pruned model; returns the folder.
 
-    ``config`` (or its fields as keywords) says how; without a budget the ratio is 0.5 (upstream's
+    ``config`` (default: :class:`PruneConfig`'s) says how; without a budget the ratio is 0.5 (upstream's
     default). ``metadata`` is added to the settings recorded in ``pruned_experts.json``/``reap_args.yaml``.
     """
     from ..models.loading import load_config, load_model, load_skeleton
 
-    config = resolve(PruneConfig, config, overrides)
+    config = PruneConfig() if config is None else config
     with OutputLock(output_dir):
         clean_leftovers(output_dir)
         # everything is checked before the model is loaded
@@ -170,17 +167,12 @@ def prune_checkpoint(
         from_source = source_checkpoint(model_path) is not None
         check_prune_memory(model_path, model_config, config, from_source)
         if from_source:
-            model, tokenizer = load_skeleton(str(model_path), dtype=config.dtype)
+            model, tokenizer = load_skeleton(str(model_path), dtype=config.dtype, config=model_config)
         else:
-            model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype)
+            model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype, config=model_config)
         check_metrics_match(model, metrics, str(metrics_path))
         routing = model_routing(model)
-        keep = select_experts(
-            metrics,
-            config=config,
-            top_k=routing["top_k"],
-            groups=routing["groups"],
-        )
+        keep = select_experts(metrics, config, top_k=routing["top_k"], groups=routing["groups"])
         prune_model(model, keep)
         info = {
             "method": config.method,
@@ -200,6 +192,7 @@ def prune_checkpoint(
             if not from_source:
                 raise
             logger.warning("%s; loading the weights to save with save_pretrained", exc)
+            # the config again from disk: the skeleton shares model_config, and prune_model edited it
             model, tokenizer = load_model(str(model_path), device=config.device, dtype=config.dtype)
             prune_model(model, keep)
             return save_pruned(model, tokenizer, output_dir, keep, info, overwrite=config.overwrite)

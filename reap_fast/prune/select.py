@@ -22,11 +22,10 @@ Rules (where upstream REAP is silent, the choice made here is stated):
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from ..config.checks import resolve
 from ..config.prune import PruneConfig, SelectionError
 from ..metrics import LayerMetrics
 from .scores import layer_scores, num_experts_of, sorted_layers, super_expert_mask
@@ -153,25 +152,16 @@ def uniform_prune_count(
 
 def select_experts(
     metrics: dict[int, LayerMetrics],
-    method: str | None = None,
-    config: PruneConfig | None = None,
+    config: PruneConfig,
     *,
     top_k: int | None = None,
     groups: int | Sequence[int] | None = None,
-    **overrides: Any,
 ) -> dict[int, torch.Tensor]:
     """The experts to keep in every layer: ``{layer: sorted int64 indices}``. See the module docstring.
 
-    ``config`` holds the budget, method, seed, floor and super-expert settings (its fields may
-    also be given as keywords; ``method`` may be given second, as before); ``top_k`` and ``groups``
-    are the model's routing (:func:`reap_fast.prune.model_routing`). Without a config the budget must
-    be given: in memory there is no default ratio.
+    ``config`` holds the budget, method, seed, floor and super-expert settings; ``top_k`` and
+    ``groups`` are the model's routing (:func:`reap_fast.prune.model_routing`).
     """
-    if method is not None:
-        overrides["method"] = method
-    if config is None and overrides.get("compression_ratio") is None and overrides.get("n_experts_to_prune") is None:
-        raise SelectionError("either compression_ratio or n_experts_to_prune must be set for pruning")
-    config = resolve(PruneConfig, config, overrides)
     layers = sorted_layers(metrics)
     if not layers:
         raise SelectionError("the observation has no layers")

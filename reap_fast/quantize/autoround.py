@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config.checks import resolve
 from ..config.quantize import QuantConfig
 from ..devices import resolve_device
 from ..fileio import publish_folder, sha256_file
@@ -47,7 +46,6 @@ def quantize_w4a16(
     output_dir: str | os.PathLike,
     texts: Sequence[str],
     config: QuantConfig | None = None,
-    **overrides: Any,
 ) -> Path:
     """Quantize the checkpoint in ``model_dir`` to W4A16 with AutoRound and save it to ``output_dir``.
 
@@ -56,9 +54,9 @@ def quantize_w4a16(
     Saved with ``save_quantized(format="auto_round")`` (GPTQ-compatible ``auto_round:auto_gptq``
     packing), routers and shared-expert gates in 16 bit, the tokenizer alongside, and
     ``reap_fast_quant.json``. The folder appears at ``output_dir`` only once complete.
-    Settings: ``config`` (:class:`~reap_fast.config.QuantConfig`) with its fields as keyword ``overrides``.
+    Settings: ``config`` (default: :class:`~reap_fast.config.QuantConfig`'s defaults).
     """
-    config = resolve(QuantConfig, config, overrides)
+    config = QuantConfig() if config is None else config
     with OutputLock(output_dir):  # one process per output; leftovers of killed runs go first
         clean_leftovers(output_dir)
         version = auto_round_version()

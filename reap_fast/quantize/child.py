@@ -16,10 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from ..children import call_child, child_argv, write_request
-from ..config.checks import resolve
 from ..config.quantize import QuantConfig
 from ..fileio import atomic_write_json
 from ..outputs import work_prefix
@@ -40,18 +38,17 @@ def run_quantize_subprocess(
     python: str | None = None,
     timeout: float | None = None,
     capture_output: bool = False,
-    **overrides: Any,
 ) -> Path:
     """Run :func:`quantize_w4a16` in a child process (see the module docstring).
 
     Give either ``texts`` (a list, written to a temporary JSON file) or ``texts_file`` (a JSON list of
-    strings, or an object with a ``"texts"`` list). Settings: ``config`` (:class:`~reap_fast.config.QuantConfig`)
-    with its fields as keyword ``overrides``, checked here before the child starts. ``python`` is the
+    strings, or an object with a ``"texts"`` list). Settings: ``config`` (default:
+    :class:`~reap_fast.config.QuantConfig`'s defaults), checked when built, before the child starts. ``python`` is the
     interpreter of the child (default: this one). A :class:`QuantizationError` in the child is raised again
     here with its message; any other failure raises :class:`~reap_fast.children.ChildCrashed` (a
     ``RuntimeError``) with the child's exit code and the last lines of its stderr.
     """
-    config = resolve(QuantConfig, config, overrides)
+    config = QuantConfig() if config is None else config
     if (texts is None) == (texts_file is None):
         raise QuantizationError("give exactly one of texts or texts_file")
     output_path = Path(output_dir).expanduser().absolute()
