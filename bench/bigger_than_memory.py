@@ -73,7 +73,7 @@ def run(folder: Path, work: Path, layers: int, free_disk_gb: float | None) -> di
             sys.executable, "-m", "reap_fast.layerwise_prune", "--model_name", str(folder), "--dataset_name", str(data),
             "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "1", "--batch_size", "2",
             "--model_max_length", "256", "--record_pruning_metrics_only", "true", "--do_eval", "false",
-        ], cwd=dropin)  # fmt: skip
+        ], cwd=dropin)
     finally:
         if filler is not None:
             filler.unlink()

@@ -66,7 +66,7 @@ def bench_stream(folder: Path, work: Path) -> dict:
         results[flag.strip("-")] = measure([
             sys.executable, "-m", "reap_fast", "observe", "--model", str(folder), "--dataset", f"{data}:8",
             "--model-max-length", "512", "--batch-size", "1", "--output", str(output), flag,
-        ], cwd=REPO)  # fmt: skip
+        ], cwd=REPO)
         assert results[flag.strip("-")]["returncode"] == 0, results[flag.strip("-")]["tail"]
     results["streamed_over_in_memory"] = round(results["layerwise"]["wall_s"] / results["no-layerwise"]["wall_s"], 3)
     return results
@@ -84,7 +84,7 @@ def bench_dropin(folder: Path, work: Path, warmup: bool = False) -> dict:
         "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "2", "--batch_size", "2",
         "--model_max_length", "256", "--renormalize_router_weights", "true", "--record_pruning_metrics_only", "true",
         "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
-    ]  # fmt: skip
+    ]
     results = {}
     for name, build in (("upstream", lambda cwd: _upstream_command(upstream, cwd, argv, "reap.prune")),
                         ("dropin", lambda cwd: _dropin_command(cwd, argv, layerwise=False))):

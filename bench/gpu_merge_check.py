@@ -43,7 +43,7 @@ from reap_fast.observe import Observer  # noqa: E402
 
 REAL = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
             num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
-            vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)  # fmt: skip
+            vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
 TINY = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
 
 
@@ -59,7 +59,7 @@ def _expected(model, input_ids, mask) -> dict[int, dict[str, torch.Tensor]]:
     layers = find_moe_layers(model)
     hooks = [layer.router.register_forward_hook(
         lambda module, args, output, index=layer.layer_index: captured.__setitem__(index, args[0]))
-        for layer in layers]  # fmt: skip
+        for layer in layers]
     with torch.no_grad():
         model(input_ids=input_ids, attention_mask=mask.long())
     for hook in hooks:
@@ -78,7 +78,7 @@ def _expected(model, input_ids, mask) -> dict[int, dict[str, torch.Tensor]]:
         y = torch.stack(ys, dim=1).double()  # (T, E, H): the layer's own bf16 outputs, then float64
         count, num_experts, _ = y.shape
         dist = torch.stack([1 - F.cosine_similarity(y[t].unsqueeze(1), y[t].unsqueeze(0), dim=-1)
-                            for t in range(count)])  # (T, E, E)  # fmt: skip
+                            for t in range(count)])  # (T, E, E)
         freq = torch.bincount(top.reshape(-1), minlength=num_experts).double()
         ttm = torch.zeros(num_experts, num_experts, dtype=torch.float64, device=y.device)
         routed = torch.zeros(num_experts, y.shape[-1], dtype=torch.float64, device=y.device)
@@ -137,7 +137,7 @@ def time_observation(shape: dict, device: str, samples: int, length: int) -> dic
         seconds = time.perf_counter() - began
         name = "with_merging" if merging else "pruning_only"
         timing[name] = {"seconds": seconds, "tokens_per_s": samples * length / seconds,
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None}  # fmt: skip
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None}
     timing["merging_cost_ratio"] = timing["with_merging"]["seconds"] / timing["pruning_only"]["seconds"]
     return timing
 
@@ -155,7 +155,7 @@ def main() -> int:
     problems = check_numbers(shape, device, args.check_tokens if not tiny else 16)
     timing = time_observation(shape, device, args.samples if not tiny else 1, length)
     result = {"device": torch.cuda.get_device_name() if CUDA else "cpu (interpreter, not a speed figure)",
-              "shape": "tiny" if tiny else "Qwen3-30B-A3B", "problems": problems, "timing": timing}  # fmt: skip
+              "shape": "tiny" if tiny else "Qwen3-30B-A3B", "problems": problems, "timing": timing}
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as handle:

@@ -30,7 +30,7 @@ def make(folder: Path, layers: int, experts: int, hidden: int, moe_intermediate:
         num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=8, hidden_size=hidden,
         moe_intermediate_size=moe_intermediate, intermediate_size=4 * moe_intermediate, num_attention_heads=16,
         num_key_value_heads=4, head_dim=128, vocab_size=32768,
-    )  # fmt: skip
+    )
     model = build_model(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="400MB")
     byte_tokenizer().save_pretrained(folder)
@@ -54,7 +54,7 @@ def prune(folder: Path, output: Path) -> dict:
         "load_s": round(loaded - began, 2), "slice_s": round(sliced - loaded, 2), "save_s": round(saved - sliced, 2),
         "model_dtype": str(next(model.parameters()).dtype), "source_bytes": size_on_disk(folder),
         "output_bytes": size_on_disk(output),
-    }  # fmt: skip
+    }
 
 
 def prune_whole(folder: Path, output: Path) -> dict:
@@ -77,7 +77,7 @@ def prune_whole(folder: Path, output: Path) -> dict:
             "pairwise_expert_frequency": frequency[:, None] + frequency[None, :], "ean_sum": score.double() * 10,
             "weighted_ean_sum": score.double() * 10, "weighted_expert_frequency_sum": torch.full((count,), 5.0).double(),
             "ean_mean": score, "reap": score, "max_activations": score,
-        }  # fmt: skip
+        }
     metrics_path = output.with_name(output.name + "-obs.pt")
     save_metrics(metrics, metrics_path)
     began = time.perf_counter()

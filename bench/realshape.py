@@ -187,7 +187,7 @@ def measure(argv: list[str], cwd: Path | None = None, env: dict | None = None, t
         "read_gb": round(rchar / 1e9, 2), "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 2),
         "returncode": process.returncode, "tail": "".join(output)[-3000:],
         "plan": [line.strip() for line in output if "memory plan:" in line],
-    }  # fmt: skip
+    }
 
 
 def write_text_dataset(path: Path, documents: int = 400, seed: int = 0) -> Path:

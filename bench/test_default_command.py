@@ -44,10 +44,10 @@ from upstream_oracle import (  # noqa: E402  (tests/ is on the path only from he
 LAYERS = int(os.environ.get("REAP_FAST_BENCH_LAYERS", "2"))
 SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
              num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
-             vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)  # fmt: skip
+             vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
 ARGV = ["--dataset_name", CHAT_DATASET, "--seed", "0", "--prune_method", "reap", "--compression_ratio", "0.5",
         "--batches_per_category", "2", "--batch_size", "2", "--model_max_length", "256",
-        "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false"]  # fmt: skip
+        "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false"]
 
 _BUILD = """
 import sys, torch
@@ -76,7 +76,7 @@ def setup() -> tuple:
     if not (checkpoint / "config.json").is_file():
         env = dict(os.environ, PYTHONPATH=str(REPO))
         subprocess.run([str(upstream.python), "-c", _BUILD, str(checkpoint), str(LAYERS), repr(SHAPE)],
-                       check=True, env=env)  # fmt: skip
+                       check=True, env=env)
     return upstream, checkpoint, root
 
 
@@ -115,7 +115,7 @@ def _info(benchmark, result: dict) -> None:
     from conftest import environment_info
 
     benchmark.extra_info.update(result, layers=LAYERS, tokens="4 x 256", dtype="bfloat16",
-                                shape="Qwen3-30B-A3B", device=environment_info()["device"])  # fmt: skip
+                                shape="Qwen3-30B-A3B", device=environment_info()["device"])
 
 
 def test_upstream_default_command(benchmark):
@@ -134,4 +134,4 @@ def test_dropin_default_command(benchmark):
         print(f"\nupstream {upstream['seconds']:.1f} s, {upstream['peak_rss_gib']:.2f} GiB; drop-in "
               f"{result['seconds']:.1f} s, {result['peak_rss_gib']:.2f} GiB; "
               f"{upstream['seconds'] / result['seconds']:.1f}x faster in wall time, "
-              f"{upstream['cpu_seconds'] / result['cpu_seconds']:.1f}x less CPU time")  # fmt: skip
+              f"{upstream['cpu_seconds'] / result['cpu_seconds']:.1f}x less CPU time")

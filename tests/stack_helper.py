@@ -27,7 +27,7 @@ SHARD_SIZE = "60KB"  # several shards and an index, as real checkpoints have
 _COMMON = dict(
     vocab_size=264, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=256, pad_token_id=257, bos_token_id=None,
-)  # fmt: skip
+)
 _NO_HEAD_DIM = {key: value for key, value in _COMMON.items() if key != "head_dim"}
 
 # family -> (config class name, keyword arguments): the sizes of reap_lab.families_tiny, 8 experts, top-2
@@ -62,7 +62,7 @@ FAMILIES = {
         first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=16.0, norm_topk_prob=False,
         q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
-}  # fmt: skip
+}
 
 
 def make_source(folder: Path, family: str, seed: int = 0) -> None:
@@ -88,7 +88,7 @@ def make_source(folder: Path, family: str, seed: int = 0) -> None:
 def generate(folder: Path) -> dict:
     """Greedy tokens and last-position logits of ``folder`` loaded in float32 (same arithmetic in every version)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32) if _V5 else \
-        transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)  # fmt: skip
+        transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     model.eval()
     prompt = torch.tensor([PROMPT_IDS])
     logits = model(prompt).logits[0, -1]

@@ -47,7 +47,7 @@ CASES = {
                 {"role": "user", "content": [{"type": "text", "text": "fix"}, {"type": "image", "url": "x"}]},
                 {"role": "assistant", "content": None,
                  "tool_calls": [{"function": {"name": "bash", "arguments": "{\"command\": \"ls\"}"}}]},
-            ])  # fmt: skip
+            ])
         },
         'TOOLS:str_replace_editor,_state_anthropic,submit,bash,\nuser:fix\n{"type": "image", "url": "x"}\n'
         'assistant:[bash{"command": "ls"}]\n',

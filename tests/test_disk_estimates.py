@@ -30,7 +30,7 @@ def _observation(path, counts: dict[int, int]):
             "pairwise_expert_frequency": frequency[:, None] + frequency[None, :], "ean_sum": score.double() * 10,
             "weighted_ean_sum": score.double() * 10, "weighted_expert_frequency_sum": torch.full((count,), 5.0).double(),
             "ean_mean": score, "reap": score, "max_activations": score,
-        }  # fmt: skip
+        }
     save_metrics(metrics, path)
     return path
 

@@ -116,7 +116,7 @@ def test_observe_and_run_flag_records_fourteen_keys(checkpoint, dataset, tmp_pat
     common = ["--dataset", f"{dataset}:3", "--model-max-length", "40", "--batch-size", "2", "--device", "cpu"]
     assert main(["observe", "--model", str(checkpoint), *common, "--output", str(tmp_path / "plain.pt")]) == 0
     assert main(["observe", "--model", str(checkpoint), *common, "--output", str(tmp_path / "merge.pt"),
-                 "--merging-statistics"]) == 0  # fmt: skip
+                 "--merging-statistics"]) == 0
     plain, merged = load_metrics(tmp_path / "plain.pt"), load_metrics(tmp_path / "merge.pt")
     assert all(sorted(values) == sorted(METRIC_DTYPES) for values in plain.values())
     assert all(sorted(values) == sorted(KEYS) for values in merged.values())
@@ -125,7 +125,7 @@ def test_observe_and_run_flag_records_fourteen_keys(checkpoint, dataset, tmp_pat
             torch.testing.assert_close(merged[layer][key], plain[layer][key], rtol=1e-6, atol=0)
     output = tmp_path / "run"
     assert main(["run", "--model", str(checkpoint), *common, "--output", str(output), "--merging-statistics",
-                 "--compression-ratio", "0.5"]) == 0  # fmt: skip
+                 "--compression-ratio", "0.5"]) == 0
     ran = load_metrics(output / "observation.pt")
     assert all(sorted(values) == sorted(KEYS) for values in ran.values())
 
@@ -138,7 +138,7 @@ def test_dropin_honours_record_pruning_metrics_only(checkpoint, dataset, tmp_pat
     monkeypatch.chdir(tmp_path)
     argv = ["--model_name", str(checkpoint), "--dataset_name", dataset, "--batches_per_category", "2",
             "--batch_size", "2", "--model_max_length", "40", "--compression_ratio", "0.25", "--do_eval", "false",
-            "--output_file_name", "obs.pt", "--device", "cpu", "--run_observer_only", "true"]  # fmt: skip
+            "--output_file_name", "obs.pt", "--device", "cpu", "--run_observer_only", "true"]
     if pruning_only:
         argv += ["--record_pruning_metrics_only", "true"]
     expected = sorted(METRIC_DTYPES) if pruning_only else sorted(KEYS)

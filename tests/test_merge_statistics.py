@@ -80,7 +80,7 @@ def assert_merge_close(ours, expected, context: str, rtol: float = 1e-5, atol: f
             got = ours[layer][key]
             assert got.dtype == torch.float32, f"{context} layer {layer} {key}: {got.dtype}"
             torch.testing.assert_close(got.double(), expected[layer][key], rtol=rtol, atol=atol,
-                                       msg=f"{context} layer {layer} {key}")  # fmt: skip
+                                       msg=f"{context} layer {layer} {key}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -158,14 +158,14 @@ def test_shards_and_restored_state_combine_to_the_single_run():
         resumed.accumulators[index].load_state_tensors(state)  # what a checkpoint of rank 0 holds
         accumulator.merge(rank1.accumulators[index])
     assert_merge_close(rank0.metrics(), {k: {m: v.double() for m, v in d.items()} for k, d in single.items()},
-                       "merged shards", rtol=1e-6, atol=1e-7)  # fmt: skip
+                       "merged shards", rtol=1e-6, atol=1e-7)
     continued = Observer(model, engine="reference", renormalize=True, merging=True)
     for index, accumulator in resumed.accumulators.items():
         continued.accumulators[index].load_state_tensors(accumulator.state_tensors())
     with continued:
         continued.forward(*second)
     assert_merge_close(continued.metrics(), {k: {m: v.double() for m, v in d.items()} for k, d in single.items()},
-                       "resumed", rtol=1e-6, atol=1e-7)  # fmt: skip
+                       "resumed", rtol=1e-6, atol=1e-7)
 
 
 def test_off_by_default_nine_keys():

@@ -41,7 +41,7 @@ def underscore_argv(inputs):
         "--seed", "7", "--batches_per_category", "4", "--model_max_length", "32", "--batch_size", "2",
         "--record_pruning_metrics_only", "true", "--renormalize_router_weights", "true", "--output_file_name", "obs.pt",
         "--do_eval", "false",
-    ]  # fmt: skip
+    ]
 
 
 def dash_argv(inputs):
@@ -51,7 +51,7 @@ def dash_argv(inputs):
         "--seed", "7", "--batches-per-category", "4", "--model-max-length", "32", "--batch-size", "2",
         "--record-pruning-metrics-only", "--renormalize-router-weights", "True", "--output-file-name", "obs.pt",
         "--do-eval", "false",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_ignored_flags_give_one_warning(inputs, underscore_run, monkeypatch, cap
     argv = underscore_argv(inputs) + [
         "--do_eval", "false", "--smoke-test", "false", "--merge_method", "ties", "--distance_measure", "cosine",
         "--lm_eval_tasks", "mmlu", "boolq", "--no_frequency_penalty", "--run_observer_only",
-    ]  # fmt: skip
+    ]
     _, ignored = parse_args(argv)
     assert ignored == sorted(
         ["--smoke-test", "--merge_method", "--distance_measure", "--no_frequency_penalty"]

@@ -47,7 +47,7 @@ def upstream_python() -> tuple[str | None, str]:
     if not os.access(python, os.X_OK):
         return None, f"no transformers 4.55 venv at {python} (run `make venv-upstream` or set REAP_UPSTREAM_PYTHON)"
     probe = subprocess.run([python, "-c", "import transformers; print(transformers.__version__)"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+                           capture_output=True, text=True, timeout=120)
     if probe.returncode != 0 or not probe.stdout.startswith("4.55"):
         return None, f"{python} does not import transformers 4.55 ({(probe.stdout or probe.stderr).strip()[-200:]})"
     return python, ""
@@ -76,14 +76,14 @@ def metrics_for(scores: dict[int, list[int]]) -> dict:
             "ean_sum": reap.double() * 25, "weighted_ean_sum": reap.double() * 25,
             "weighted_expert_frequency_sum": torch.full((EXPERTS,), 12.5, dtype=torch.float64),
             "ean_mean": reap.clone(), "reap": reap, "max_activations": reap.clone(),
-        }  # fmt: skip
+        }
     return metrics
 
 
 def moe_layers(source: Path) -> list[int]:
     names = weight_dtypes(source)
     return sorted({int(m.group(1)) for name in names if (m := re.search(r"layers\.(\d+)\..*experts\.", name))
-                   and "shared_expert" not in name})  # fmt: skip
+                   and "shared_expert" not in name})
 
 
 def weight_dtypes(folder: Path) -> dict[str, str]:
@@ -125,7 +125,7 @@ def in_memory_pruned(source: Path, keep: dict[int, list[int]]) -> dict:
     prompt = torch.tensor([stack_helper.PROMPT_IDS])
     logits = model(prompt).logits[0, -1]
     output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=stack_helper.NEW_TOKENS,
-                            min_new_tokens=stack_helper.NEW_TOKENS, do_sample=False, pad_token_id=257)  # fmt: skip
+                            min_new_tokens=stack_helper.NEW_TOKENS, do_sample=False, pad_token_id=257)
     return {"tokens": output[0, len(stack_helper.PROMPT_IDS):].tolist(), "logits": logits.tolist()}
 
 
@@ -224,7 +224,7 @@ def test_drop_in_output_loads_in_455_and_5x(stack, layerwise, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     argv = ["--model_name", str(source), "--dataset_name", str(data), "--prune_method", "reap",
             "--compression_ratio", "0.25", "--seed", "7", "--model_max_length", "32", "--batch_size", "2",
-            "--batches_per_category", "2", "--do_eval", "false"]  # fmt: skip
+            "--batches_per_category", "2", "--do_eval", "false"]
     if layerwise:
         from reap_fast.layerwise_prune import main as layerwise_main
 

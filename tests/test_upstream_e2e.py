@@ -53,7 +53,7 @@ def _argv(checkpoint: Path, dataset: str, seed: int) -> list[str]:
         "--prune_method", "reap", "--compression_ratio", "0.5", "--batches_per_category", "2", "--batch_size", "2",
         "--model_max_length", "128", "--renormalize_router_weights", "true",
         "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
-    ]  # fmt: skip
+    ]
 
 
 def _workdir(root: Path, name: str) -> Path:

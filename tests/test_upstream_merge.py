@@ -41,7 +41,7 @@ def _common(checkpoint: Path) -> list[str]:
         "--model_name", str(checkpoint), "--dataset_name", CHAT_DATASET, "--seed", str(SEED),
         "--batches_per_category", "2", "--batch_size", "2", "--model_max_length", "128",
         "--output_file_name", "obs.pt", "--do_eval", "false", "--smoke_test", "false", "--profile", "false",
-    ]  # fmt: skip
+    ]
 
 
 def _workdir(root: Path, name: str) -> Path:
@@ -84,7 +84,7 @@ def test_upstream_merging_on_the_dropin_file_equals_upstream_alone(folders, expe
     argv = _common(checkpoint) + [
         "--expert_sim", expert_sim, "--cluster_method", "agglomerative", "--linkage_method", "average",
         "--merge_method", "frequency_weighted_average", "--compression_ratio", "0.5", "--plot_clusters", "false",
-    ]  # fmt: skip
+    ]
     commands = [_upstream_command(upstream, folder, argv, "reap.main") for folder in (ours, theirs)]
     on_ours, alone = _run_together(commands, (ours, theirs))
     assert on_ours.returncode == 0, on_ours.stderr[-3000:]

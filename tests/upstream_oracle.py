@@ -123,7 +123,7 @@ def find_upstream(workdir: Path) -> Upstream | str:
     check = subprocess.run(
         [str(python), "-c", "import transformers, datasets, accelerate, yaml; print(transformers.__version__)"],
         capture_output=True, text=True,
-    )  # fmt: skip
+    )
     if check.returncode != 0:
         return f"the upstream interpreter {python} lacks transformers/datasets/accelerate"
     snapshot = Path(os.environ.get("REAP_UPSTREAM_SRC") or DEFAULT_SNAPSHOT)
@@ -170,7 +170,7 @@ def build_checkpoint(upstream: Upstream, folder: Path, seed: int = 0) -> Path:
     env = _offline_env(folder.parent, "build")
     env["PYTHONPATH"] = str(REPO)
     subprocess.run([str(upstream.python), str(upstream.stubs / "build_tiny.py"), str(folder), str(seed)], env=env,
-                   check=True, capture_output=True)  # fmt: skip
+                   check=True, capture_output=True)
     return folder
 
 

@@ -88,7 +88,7 @@ def observe_checkpoint(
                 scratch_dir=None if checkpointer is None else checkpointer.directory,
             )
         else:
-            model, _ = load_model(model_path, device=settings.device, dtype=settings.dtype)
+            model, _ = load_model(model_path, device=settings.device, dtype=settings.dtype, config=model_config)
             accumulators = _observe_loaded(model, calibration, settings, checkpointer, resume_state)
     all_reduce_accumulators(accumulators)
     metrics = {index: acc.to_upstream() for index, acc in sorted(accumulators.items())}
@@ -117,7 +117,7 @@ def _calibration_set(model_path: str, dataset: str | CalibrationSet, settings: O
     calibration = build_calibration_set(
         dataset, tokenizer, samples_per_category=settings.samples_per_category,
         model_max_length=settings.model_max_length, seed=settings.seed,
-    )  # fmt: skip
+    )
     return calibration, dataset
 
 
