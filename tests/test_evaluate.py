@@ -170,8 +170,9 @@ def test_eval_config_defaults_and_range_checks():
     config = EvalConfig()
     assert (config.dataset, config.samples, config.max_length, config.batch_size, config.harness) == (
         None, 16, 512, 8, None)
-    for overrides, message in [(dict(samples=0), "--eval-samples"), (dict(max_length=1), "--eval-max-length"),
-                               (dict(batch_size=0), "batch_size"), (dict(harness="arc_easy"), "HarnessSettings")]:
+    for overrides, message in [(dict(samples=0), r"^samples must be in \[1, inf\)"),
+                               (dict(max_length=1), r"^max_length must be in \[2, inf\)"),
+                               (dict(batch_size=0), "^batch_size"), (dict(harness="arc_easy"), "HarnessSettings")]:
         with pytest.raises(ConfigError, match=message):
             EvalConfig(**overrides)
     with pytest.raises(FrozenInstanceError):
