@@ -63,21 +63,12 @@ def prune_whole(folder: Path, output: Path) -> dict:
 
     from reap_fast.metrics import save_metrics
     from reap_fast.prune import PruneConfig, expert_counts, prune_checkpoint
+    from reap_lab.tiny import random_observation
 
     shutil.rmtree(output, ignore_errors=True)
     with torch.device("meta"):
         counts = expert_counts(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)))
-    generator = torch.Generator().manual_seed(0)
-    metrics = {}
-    for layer, count in counts.items():
-        score = torch.rand(count, generator=generator)
-        frequency = torch.full((count,), 10, dtype=torch.int64)
-        metrics[layer] = {
-            "total_tokens": torch.tensor(10 * count), "expert_frequency": frequency,
-            "pairwise_expert_frequency": frequency[:, None] + frequency[None, :], "ean_sum": score.double() * 10,
-            "weighted_ean_sum": score.double() * 10, "weighted_expert_frequency_sum": torch.full((count,), 5.0).double(),
-            "ean_mean": score, "reap": score, "max_activations": score,
-        }
+    metrics = random_observation(counts)
     metrics_path = output.with_name(output.name + "-obs.pt")
     save_metrics(metrics, metrics_path)
     began = time.perf_counter()

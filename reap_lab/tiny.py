@@ -112,3 +112,20 @@ def make_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, **config_over
     """Build and save the built-in tiny Qwen3-MoE checkpoint into ``folder``."""
     model = build_model(tiny_qwen3_moe_config(**config_overrides), seed=seed)
     return save_checkpoint(model, byte_tokenizer(), folder)
+
+
+def random_observation(counts: dict[int, int], seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """An observation with every pruning key for ``{layer: experts}``: random scores (seeded), 10 tokens per
+    expert; for pruning and disk measurements where the scores' values do not matter."""
+    generator = torch.Generator().manual_seed(seed)
+    metrics = {}
+    for layer, count in counts.items():
+        score = torch.rand(count, generator=generator)
+        frequency = torch.full((count,), 10, dtype=torch.int64)
+        metrics[layer] = {
+            "total_tokens": torch.tensor(10 * count), "expert_frequency": frequency,
+            "pairwise_expert_frequency": frequency[:, None] + frequency[None, :], "ean_sum": score.double() * 10,
+            "weighted_ean_sum": score.double() * 10, "weighted_expert_frequency_sum": torch.full((count,), 5.0).double(),
+            "ean_mean": score, "reap": score, "max_activations": score,
+        }
+    return metrics

@@ -8,7 +8,7 @@ import pytest
 import torch
 from reap_fast.fileio import size_on_disk
 from reap_lab.families_tiny import tiny_family_config
-from reap_lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, save_checkpoint
+from reap_lab.tiny import build_model, byte_tokenizer, make_tiny_checkpoint, random_observation, save_checkpoint
 from reap_fast.metrics import save_metrics
 from reap_fast.models.disk_estimate import HEADER_BYTES, side_files_bytes, written_bytes
 from reap_fast.models.loading import load_config
@@ -20,18 +20,7 @@ SHAPE = dict(hidden_size=128, moe_intermediate_size=128, num_experts=8, num_expe
 
 
 def _observation(path, counts: dict[int, int]):
-    generator = torch.Generator().manual_seed(0)
-    metrics = {}
-    for layer, count in counts.items():
-        score = torch.rand(count, generator=generator)
-        frequency = torch.full((count,), 10, dtype=torch.int64)
-        metrics[layer] = {
-            "total_tokens": torch.tensor(10 * count), "expert_frequency": frequency,
-            "pairwise_expert_frequency": frequency[:, None] + frequency[None, :], "ean_sum": score.double() * 10,
-            "weighted_ean_sum": score.double() * 10, "weighted_expert_frequency_sum": torch.full((count,), 5.0).double(),
-            "ean_mean": score, "reap": score, "max_activations": score,
-        }
-    save_metrics(metrics, path)
+    save_metrics(random_observation(counts), path)
     return path
 
 
