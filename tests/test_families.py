@@ -30,11 +30,18 @@ def test_triton_engine_matches_float64_oracle_on_every_family(family):
 def test_budget_leaving_fewer_experts_than_top_k_is_refused(family):
     config = tiny_family_config(family, num_experts=8, top_k=2)
     assert check_prune_budget(config, PruneConfig(compression_ratio=0.5)) == 4
-    with pytest.raises(SelectionError, match="must be between 1 and 6: pruning more leaves fewer than the model's top-k of 2"):
-        check_prune_budget(config, PruneConfig(n_experts_to_prune=7))
-    if family in ("deepseek_v3", "deepseek_v2"):  # two routing groups: 6 of 8 leaves one expert per group
-        with pytest.raises(SelectionError, match="at least 2 experts per group"):
-            check_prune_budget(config, PruneConfig(n_experts_to_prune=6))
+    if family in ("deepseek_v3", "deepseek_v2"):  # two routing groups: 6 of 8 would leave one expert per group
+        for count in (7, 6):  # the range named is the range the group rule accepts
+            with pytest.raises(SelectionError, match="must be between 2 and 4: with 2 routing groups every group "
+                                                     "must keep at least 2 experts"):
+                check_prune_budget(config, PruneConfig(n_experts_to_prune=count))
+        assert check_prune_budget(config, PruneConfig(n_experts_to_prune=4)) == 4
+        with pytest.raises(SelectionError, match="at least 2 experts per group"):  # a ratio's count: the group rule
+            check_prune_budget(config, PruneConfig(compression_ratio=0.75))
+    else:
+        with pytest.raises(SelectionError,
+                           match="must be between 1 and 6: pruning more leaves fewer than the model's top-k of 2"):
+            check_prune_budget(config, PruneConfig(n_experts_to_prune=7))
 
 
 def test_group_limited_routing_rounds_to_whole_groups(caplog):
@@ -42,8 +49,10 @@ def test_group_limited_routing_rounds_to_whole_groups(caplog):
     with caplog.at_level(logging.WARNING):
         assert check_prune_budget(config, PruneConfig(n_experts_to_prune=3)) == 2
     assert "every group loses the same number" in caplog.text
-    with pytest.raises(SelectionError, match="at least 2 experts per group"):
+    with pytest.raises(SelectionError, match="must be between 2 and 4"):
         check_prune_budget(config, PruneConfig(n_experts_to_prune=6))
+    with pytest.raises(SelectionError, match="at least 2 experts per group"):
+        check_prune_budget(config, PruneConfig(compression_ratio=0.75))
 
 
 def _save(tmp_path, config, name):

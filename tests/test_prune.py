@@ -16,6 +16,7 @@ from reap_lab.families_tiny import TINY_CONFIGS, tiny_family_config
 from reap_fast.metrics import METRIC_DTYPES, load_metrics, save_metrics
 from reap_fast.models import find_moe_layers, get_adapter, text_config
 from reap_fast.models.base import router_tensor
+from reap_fast.prune.select import experts_to_prune
 from reap_fast.prune import (
     KeepIndexError,
     MetricsMismatchError,
@@ -161,8 +162,10 @@ def test_count_out_of_range_and_top_k():
     metrics = hand_metrics({"reap": TIED_ROWS})
     with pytest.raises(SelectionError, match="n_experts_to_prune=8 is out of range: the model has 8 experts"):
         select_experts(metrics, PruneConfig(n_experts_to_prune=8))
-    with pytest.raises(SelectionError, match="leaves 1 per layer, fewer than the model's top-k of 2"):
+    with pytest.raises(SelectionError, match="n_experts_to_prune=7 is out of range.*must be between 1 and 6"):
         select_experts(metrics, PruneConfig(n_experts_to_prune=7), top_k=2)
+    with pytest.raises(SelectionError, match="leaves 1 per layer, fewer than the model's top-k of 2"):
+        select_experts(metrics, PruneConfig(compression_ratio=0.875), top_k=2)  # int(8 * 0.875) = 7
     with pytest.raises(SelectionError, match="leaves 2 per layer, fewer than min_experts_per_layer=3"):
         select_experts(metrics, PruneConfig(n_experts_to_prune=6, min_experts_per_layer=3))
     with pytest.raises(SelectionError, match="not both"):
@@ -185,8 +188,33 @@ def test_groups_remove_the_same_number_per_group(caplog):
         keep = select_experts(metrics, PruneConfig(n_experts_to_prune=3), groups=(2, 2), top_k=2)
     assert "instead of 3" in caplog.text
     assert keep[0].tolist() == [0, 2, 3, 4, 5, 6]  # 2 removed: one per group
-    with pytest.raises(SelectionError, match="at least 2 experts per group"):
+    with pytest.raises(SelectionError, match="must be between 2 and 4: with 2 routing groups"):
         select_experts(metrics, PruneConfig(n_experts_to_prune=6), groups=(2, 2), top_k=1)
+
+
+@pytest.mark.parametrize("num_experts, top_k, groups", [
+    (8, 2, None), (8, 2, (2, 2)), (8, 2, (2, 1)), (16, 4, (4, 2)), (16, 8, (4, 1)), (64, 6, (8, 3)), (6, 6, None),
+])
+def test_the_count_range_named_is_the_range_accepted(num_experts, top_k, groups):
+    """Every count the refusal names as allowed passes the group and top-k rules, and the counts just outside are
+    refused: a user who follows the message is never refused again."""
+    from reap_fast.prune.select import uniform_prune_count
+
+    accepted, message = [], ""
+    for count in range(1, num_experts + 2):
+        try:
+            experts_to_prune(num_experts, PruneConfig(n_experts_to_prune=count), top_k, groups)
+            uniform_prune_count(num_experts, count, top_k, groups)
+        except SelectionError as refused:
+            assert "out of range" in str(refused), refused  # only the range check refuses a count
+            message = str(refused)
+            continue
+        accepted.append(count)
+    if not accepted:
+        assert "none (it cannot be pruned)" in message
+        return
+    assert accepted == list(range(accepted[0], accepted[-1] + 1))  # one interval
+    assert f"must be between {accepted[0]} and {accepted[-1]}" in message
 
 
 # --- super experts ---------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def check_prune_budget(config, pruning: PruneConfig | None = None) -> int:
     adapter = get_adapter(config)
     num_experts = int(getattr(text_config(config), adapter.num_experts_key))
     routing = model_routing(config)
-    count = experts_to_prune(num_experts, pruning, routing["top_k"])
+    count = experts_to_prune(num_experts, pruning, routing["top_k"], routing["groups"])
     return uniform_prune_count(num_experts, count, routing["top_k"], routing["groups"], pruning.min_experts_per_layer)
 
 

@@ -40,22 +40,24 @@ def removal_order(scores: torch.Tensor) -> torch.Tensor:
     return (num_experts - 1) - flipped_order
 
 
-def experts_to_prune(num_experts: int, config: PruneConfig, top_k: int | None = None) -> int:
+def experts_to_prune(
+    num_experts: int, config: PruneConfig, top_k: int | None = None, groups: int | Sequence[int] | None = None
+) -> int:
     """The per-layer number of experts to remove: ``int(E * r)`` from the ratio (as upstream), or the count.
 
-    The config has checked the budget on its own; here it is checked against the model's ``E`` (and its
-    ``top_k``, when given: at least that many experts must stay), with the range the model allows.
+    The config has checked the budget on its own; here a count is checked against the model's ``E`` (its
+    ``top_k`` and routing ``groups``, when given), and a refusal names the range the model accepts: every count
+    in it passes :func:`uniform_prune_count`.
     """
-    highest = num_experts - max(int(top_k or 1), 1)
-    allowed = f"between 1 and {highest}" if highest >= 1 else "none (it cannot be pruned)"
+    lowest, highest, reason = _count_range(num_experts, top_k, groups)
+    allowed = f"between {lowest} and {highest}" if highest >= lowest else "none (it cannot be pruned)"
     routing = f" and routes each token to {top_k}" if top_k else ""
-    why = f": pruning more leaves fewer than the model's top-k of {top_k} experts per token" if top_k else ""
     if config.n_experts_to_prune is not None:
         count = config.n_experts_to_prune
-        if not 1 <= count <= highest:
+        if not lowest <= count <= highest:
             raise SelectionError(
                 f"{{0}}={count} is out of range: the model has {num_experts} experts per layer{routing}, "
-                f"so it must be {allowed}{why}", "n_experts_to_prune", owner="PruneConfig"
+                f"so it must be {allowed}{reason}", "n_experts_to_prune", owner="PruneConfig"
             )
         return count
     count = int(num_experts * config.compression_ratio)
@@ -66,6 +68,25 @@ def experts_to_prune(num_experts: int, config: PruneConfig, top_k: int | None = 
             "compression_ratio", owner="PruneConfig"
         )
     return count
+
+
+def _count_range(num_experts: int, top_k: int | None, groups: int | Sequence[int] | None) -> tuple[int, int, str]:
+    """(lowest, highest, why) experts a layer may lose: the top-k must stay; with routing groups the count is a
+    multiple of n_group (smaller counts would round down to nothing) and every group keeps at least 2 experts and
+    enough for the routed groups to hold the top-k."""
+    top = max(int(top_k or 1), 1)
+    highest = num_experts - top
+    reason = f": pruning more leaves fewer than the model's top-k of {top_k} experts per token" if top_k else ""
+    num_groups, topk_group = _group_settings(groups)
+    if num_groups > 1 and num_experts % num_groups == 0:
+        per_group = max(2, -(-top // topk_group) if top_k and topk_group else 2)
+        by_groups = num_experts - num_groups * per_group
+        if by_groups < highest:
+            highest = by_groups
+            reason = (f": with {num_groups} routing groups every group must keep at least {per_group} experts "
+                      f"(counts between multiples of {num_groups} are rounded down)")
+        return num_groups, highest, reason
+    return 1, highest, reason
 
 
 def _group_settings(groups: int | Sequence[int] | None) -> tuple[int, int | None]:
@@ -166,7 +187,7 @@ def select_experts(
     if not layers:
         raise SelectionError("the observation has no layers")
     num_experts = num_experts_of(metrics)
-    count = experts_to_prune(num_experts, config)
+    count = experts_to_prune(num_experts, config, top_k, groups)
     num_groups, topk_group = _group_settings(groups)
     scores = layer_scores(metrics, config.method, config.seed)
 
