@@ -17,6 +17,11 @@ from typing import Any, Sequence
 from .declare import Setting, declared
 
 
+def typed_flags(flags: Sequence[str], argv: Sequence[str]) -> list[str]:
+    """The spellings of ``flags`` that ``argv`` holds (``--flag value`` or ``--flag=value``), in ``flags``' order."""
+    return [flag for flag in flags if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
+
+
 def flag_type(config_type: type, name: str) -> Any:
     """The Python type a flag of field ``name`` parses to: the field's annotation without ``None``."""
     hint = typing.get_type_hints(config_type)[name]
@@ -95,6 +100,5 @@ class SettingFlags:
         spelling; None for a setting without a flag in this command."""
         for (config_name, field_name), flags in self.spellings.items():
             if field_name == name and owner in (None, config_name):
-                typed = [flag for flag in flags if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
-                return (typed or flags)[0]
+                return (typed_flags(flags, argv) or flags)[0]
         return None

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from ..config import DEFAULT_MODEL_MAX_LENGTH, ObserveConfig, PruneConfig
 from ..config.checks import DEFAULT_SEED
 from ..config.declare import declared
+from ..config.flags import typed_flags
 from ..config.prune import METHOD_CHOICES
 from ..data import DEFAULT_SAMPLES_PER_CATEGORY
 from ..errors import ReapFastError
@@ -291,38 +292,30 @@ def parse_args(argv: Sequence[str] | None = None, layerwise: bool = False):
     ignored_flags = []
     for dest in ignored:
         options = [opt for action in parser._actions if action.dest == dest for opt in action.option_strings]
-        written = [opt for opt in options if any(arg == opt or arg.startswith(opt + "=") for arg in argv)]
-        ignored_flags.extend(written or options[:1])  # options[:1]: an abbreviated flag
+        ignored_flags.extend(typed_flags(options, argv) or options[:1])  # options[:1]: an abbreviated flag
     return parsed, sorted(set(ignored_flags))
 
 
-def _dropin_name(config_name: str | None, name: str) -> str | None:
-    """The drop-in argument (upstream's or reap-fast's) that sets field ``name`` of stage config ``config_name``."""
-    for config_type in STAGE_CONFIGS:
-        if config_name in (None, config_type.__name__):
-            for item, spec in declared(config_type):
-                if item.name == name and (spec.upstream or spec.dropin):
-                    return spec.upstream or spec.dropin
-    return None
+def _sources(config_type: type) -> dict[str, str]:
+    """{field: the drop-in argument (upstream's or reap-fast's own) that sets it} of a stage config."""
+    sources = {item.name: spec.upstream or spec.dropin for item, spec in declared(config_type)}
+    return {name: source for name, source in sources.items() if source is not None}
 
 
 def stage_config(config_type: type, parsed: dict[str, Any], **fixed: Any) -> Any:
     """``config_type`` from the drop-in's parsed arguments (each declared ``upstream``/``dropin`` name feeds its
     setting), plus ``fixed``: the settings the drop-in decides itself."""
     values = {name: value for args in parsed.values() for name, value in vars(args).items()}
-    given = {}
-    for item, spec in declared(config_type):
-        source = spec.upstream or spec.dropin
-        if source in values:
-            given[item.name] = values[source]
+    given = {name: values[source] for name, source in _sources(config_type).items() if source in values}
     return config_type(**{**given, **fixed})
 
 
 def spell(config_name: str | None, name: str, argv: Sequence[str]) -> str | None:
     """The flag of a stage setting as the user typed it (``--batch_size`` or ``--batch-size``; None: no flag)."""
-    source = _dropin_name(config_name, name)
+    sources = [_sources(config_type).get(name) for config_type in STAGE_CONFIGS
+               if config_name in (None, config_type.__name__)]
+    source = next((found for found in sources if found is not None), None)
     if source is None:
         return None
     spellings = ("--" + source, "--" + source.replace("_", "-"))
-    typed = [flag for flag in spellings if any(arg == flag or arg.startswith(flag + "=") for arg in argv)]
-    return (typed or spellings)[0]
+    return (typed_flags(spellings, argv) or spellings)[0]
